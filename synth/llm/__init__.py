@@ -1,0 +1,48 @@
+"""The LLM layer every family uses: one request/response model, backends, cache, judges."""
+
+from synth.llm.backends import (
+    BACKENDS,
+    EmbeddedBackend,
+    OpenAICompatBackend,
+    VLLMBackend,
+    embedded_model_path,
+)
+from synth.llm.cache import ResponseCache, cache_key
+from synth.llm.client import LLMClient, LLMStats
+from synth.llm.judge import YES_NO, JudgeScore, judge, score_response
+from synth.llm.structured import InvalidSchemaError, check_schema, parse_structured
+from synth.llm.types import (
+    BackendError,
+    GenerationParams,
+    LLMRequest,
+    LLMResponse,
+    Message,
+    Sample,
+    Usage,
+)
+
+__all__ = [
+    "BACKENDS",
+    "BackendError",
+    "EmbeddedBackend",
+    "GenerationParams",
+    "InvalidSchemaError",
+    "JudgeScore",
+    "LLMClient",
+    "LLMRequest",
+    "LLMResponse",
+    "LLMStats",
+    "Message",
+    "OpenAICompatBackend",
+    "ResponseCache",
+    "Sample",
+    "Usage",
+    "VLLMBackend",
+    "YES_NO",
+    "cache_key",
+    "check_schema",
+    "embedded_model_path",
+    "judge",
+    "parse_structured",
+    "score_response",
+]
