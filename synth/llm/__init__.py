@@ -46,3 +46,7 @@ __all__ = [
     "parse_structured",
     "score_response",
 ]
+
+from synth.llm.factory import make_backend, probe_server  # noqa: E402
+
+__all__ += ["make_backend", "probe_server"]

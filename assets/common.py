@@ -1,0 +1,84 @@
+"""What every dataset asset reports, and the checks every dataset asset gets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import polars as pl
+from dagster import (
+    AssetCheckExecutionContext,
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetKey,
+    MetadataValue,
+)
+
+from quality.accounting import Accounting, duplicate_ids
+from synth.records import drop_counts
+
+
+def dataset_metadata(kept: pl.DataFrame, rejected: pl.DataFrame, n_in: int, **extra: Any) -> dict[str, Any]:
+    md: dict[str, Any] = {"rows_in": n_in, "kept": kept.height, "rejected": rejected.height}
+    md.update(drop_counts(rejected))
+    md.update(extra)
+    if kept.height:
+        preview = kept.drop([c for c in ("provenance", "parent_ids") if c in kept.columns]).head(5)
+        md["preview"] = MetadataValue.md(_markdown_table(preview))
+    return md
+
+
+def rejected_metadata(rejected: pl.DataFrame) -> dict[str, Any]:
+    md: dict[str, Any] = {"rejected": rejected.height, **drop_counts(rejected)}
+    if rejected.height:
+        md["examples"] = MetadataValue.md(_markdown_table(rejected.select("reason", "detail").head(10)))
+    return md
+
+
+def _markdown_table(df: pl.DataFrame, width: int = 80) -> str:
+    def cell(v: Any) -> str:
+        s = str(v).replace("\n", " ").replace("|", "\\|")
+        return s if len(s) <= width else s[: width - 1] + "…"
+
+    head = "| " + " | ".join(df.columns) + " |"
+    rule = "|" + "---|" * len(df.columns)
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.iter_rows()]
+    return "\n".join([head, rule, *body])
+
+
+def rows_in(context: AssetCheckExecutionContext, asset: str) -> int | None:
+    """`rows_in` that the asset reported when it was materialized."""
+    event = context.instance.get_latest_materialization_event(AssetKey(asset))
+    if event is None or event.asset_materialization is None:
+        return None
+    value = event.asset_materialization.metadata.get("rows_in")
+    return None if value is None else int(value.value)
+
+
+def accounting_result(acc: Accounting, reported_rows_in: int | None) -> AssetCheckResult:
+    passed = acc.ok and (reported_rows_in is None or reported_rows_in == acc.n_in)
+    return AssetCheckResult(
+        passed=passed,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={**acc.metadata(), "reported_rows_in": -1 if reported_rows_in is None else reported_rows_in,
+                  "rule": "rows_in == kept + rejected, each input exactly once"},
+    )
+
+
+def unique_ids_result(df: pl.DataFrame) -> AssetCheckResult:
+    dupes = duplicate_ids(df["record_id"].to_list())
+    return AssetCheckResult(
+        passed=not dupes,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={"observed_duplicates": len(dupes), "threshold": 0, "examples": dupes[:10]},
+    )
+
+
+def rate_result(observed: float, threshold: float, at_least: bool) -> AssetCheckResult:
+    """A drift-like rate check: WARN severity, observed value and threshold reported."""
+    passed = observed >= threshold if at_least else observed <= threshold
+    return AssetCheckResult(
+        passed=passed,
+        severity=AssetCheckSeverity.WARN,
+        metadata={"observed": round(observed, 4), "threshold": threshold,
+                  "rule": ">= threshold" if at_least else "<= threshold"},
+    )

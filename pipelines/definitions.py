@@ -1,0 +1,48 @@
+"""The alignfoundry Dagster code location."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dagster import Definitions, EnvVar
+
+from assets import responses, seeds
+from pipelines.jobs import jobs
+from pipelines.resources import LLMResource, ParquetIOManager
+
+DEFAULT_HOME = ".alignfoundry"
+
+
+def home_dir(home: str | Path | None = None) -> Path:
+    """Where Parquet, the LLM cache, LanceDB and the Dagster instance live."""
+    return Path(home or os.environ.get("ALIGNFOUNDRY_HOME") or DEFAULT_HOME).expanduser().resolve()
+
+
+def llm_from_env(home: Path) -> LLMResource:
+    """The LLM resource from ALIGNFOUNDRY_LLM_* variables; the key only through EnvVar."""
+    env = os.environ
+    return LLMResource(
+        backend=env.get("ALIGNFOUNDRY_LLM_BACKEND", "embedded"),
+        model=env.get("ALIGNFOUNDRY_LLM_MODEL", ""),
+        base_url=env.get("ALIGNFOUNDRY_LLM_BASE_URL", ""),
+        api_key=EnvVar("OPENAI_API_KEY") if env.get("OPENAI_API_KEY") else None,
+        max_concurrency=int(env.get("ALIGNFOUNDRY_LLM_CONCURRENCY", "8")),
+        cache_path=str(home / "llm_cache.sqlite"),
+    )
+
+
+def build_definitions(home: str | Path | None = None, llm: LLMResource | None = None) -> Definitions:
+    home = home_dir(home)
+    return Definitions(
+        assets=[*seeds.assets, *responses.assets],
+        asset_checks=[*seeds.checks, *responses.checks],
+        jobs=jobs,
+        resources={
+            "io_manager": ParquetIOManager(base_dir=str(home / "storage")),
+            "llm": llm or llm_from_env(home),
+        },
+    )
+
+
+defs = build_definitions()

@@ -1,0 +1,15 @@
+"""Jobs: one per group, and the demo (everything the embedded defaults can run)."""
+
+from dagster import AssetSelection, define_asset_job
+
+seeds_job = define_asset_job("seeds", selection=AssetSelection.groups("seeds"),
+                             description="Load and validate every seed source.")
+responses_job = define_asset_job(
+    "responses",
+    selection=AssetSelection.groups("responses").upstream().required_multi_asset_neighbors(),
+    description="Judged responses to the seed instructions.",
+)
+demo_job = define_asset_job("demo", selection=AssetSelection.groups("seeds", "responses"),
+                            description="The README demo: seeds and the judged-response slice on the embedded model.")
+
+jobs = [seeds_job, responses_job, demo_job]

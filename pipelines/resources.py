@@ -1,0 +1,66 @@
+"""One Dagster resource per external system."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import polars as pl
+from dagster import ConfigurableResource, InitResourceContext, InputContext
+from dagster_polars import PolarsParquetIOManager
+from dagster_polars.io_managers.parquet import _remap_fsspec_storage_options
+from pydantic import PrivateAttr
+
+from synth.llm import LLMClient, ResponseCache, make_backend
+
+
+class LLMResource(ConfigurableResource):
+    """The LLM every asset talks to: embedded SmolLM2 (default), an OpenAI-compatible server, or vLLM."""
+
+    backend: str = "embedded"
+    model: str = ""  # openai: model name; vllm: model path or id; embedded: optional GGUF path
+    base_url: str = ""  # openai: e.g. http://127.0.0.1:8000/v1
+    api_key: Optional[str] = None  # set through EnvVar("OPENAI_API_KEY")
+    max_concurrency: int = 8
+    timeout_s: float = 60.0
+    max_retries: int = 4
+    response_format: str = "auto"  # auto | json_schema | none
+    cache_path: str = ".alignfoundry/llm_cache.sqlite"
+    embedded_n_parallel: int = 8
+    check_server: bool = True  # probe base_url when a run starts, so a dead server fails fast
+
+    _backend: object = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        # Fails before any asset body runs, naming the setting that is wrong.
+        try:
+            self._backend = make_backend(
+                self.backend,
+                model=self.model,
+                base_url=self.base_url,
+                api_key=self.api_key,
+                timeout_s=self.timeout_s,
+                max_retries=self.max_retries,
+                response_format=self.response_format,
+                n_parallel=self.embedded_n_parallel,
+                check_server=self.check_server,
+            )
+        except (ValueError, ConnectionError, FileNotFoundError, ImportError) as e:
+            raise type(e)(f"resource 'llm': {e}") from None
+
+    def client(self) -> LLMClient:
+        """A client with its own statistics, sharing the backend and the cache file."""
+        if self._backend is None:
+            raise RuntimeError("resource 'llm' used before setup")
+        return LLMClient(self._backend, ResponseCache(self.cache_path), self.max_concurrency)
+
+
+class ParquetIOManager(PolarsParquetIOManager):
+    """dagster-polars' Parquet IO manager, reading with the polars 2 API.
+
+    dagster-polars 0.27.12 (the newest release) passes `rechunk=` to `pl.scan_parquet`,
+    which polars 2.0 removed; writing is unchanged. Drop this once dagster-polars catches up.
+    """
+
+    def scan_df_from_path(self, path: Any, context: InputContext, partition_key: str | None = None) -> pl.LazyFrame:
+        options = _remap_fsspec_storage_options(self.storage_options or getattr(path, "storage_options", None))
+        return pl.scan_parquet(str(path), storage_options=options)
