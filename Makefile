@@ -6,6 +6,8 @@ PIP := $(PY) -m pip
 export DAGSTER_DISABLE_TELEMETRY := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+export ALIGNFOUNDRY_HOME ?= $(CURDIR)/.alignfoundry
+export DAGSTER_HOME ?= $(ALIGNFOUNDRY_HOME)/dagster
 
 .PHONY: venv demo test test-fast lint format dev bench clean
 
@@ -23,6 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: venv
+	mkdir -p $(DAGSTER_HOME)
 	$(PY) -m pipelines.demo
 
 test: venv
@@ -40,6 +43,7 @@ format: venv
 	$(VENV)/bin/ruff check --fix .
 
 dev: venv
+	mkdir -p $(DAGSTER_HOME)
 	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 bench: venv
