@@ -17,7 +17,9 @@ from quality.accounting import Accounting, duplicate_ids
 from synth.records import drop_counts
 
 
-def dataset_metadata(kept: pl.DataFrame, rejected: pl.DataFrame, n_in: int, **extra: Any) -> dict[str, Any]:
+def dataset_metadata(
+    kept: pl.DataFrame, rejected: pl.DataFrame, n_in: int, **extra: Any
+) -> dict[str, Any]:
     md: dict[str, Any] = {"rows_in": n_in, "kept": kept.height, "rejected": rejected.height}
     md.update(drop_counts(rejected))
     md.update(extra)
@@ -30,7 +32,9 @@ def dataset_metadata(kept: pl.DataFrame, rejected: pl.DataFrame, n_in: int, **ex
 def rejected_metadata(rejected: pl.DataFrame) -> dict[str, Any]:
     md: dict[str, Any] = {"rejected": rejected.height, **drop_counts(rejected)}
     if rejected.height:
-        md["examples"] = MetadataValue.md(_markdown_table(rejected.select("reason", "detail").head(10)))
+        md["examples"] = MetadataValue.md(
+            _markdown_table(rejected.select("reason", "detail").head(10))
+        )
     return md
 
 
@@ -59,8 +63,11 @@ def accounting_result(acc: Accounting, reported_rows_in: int | None) -> AssetChe
     return AssetCheckResult(
         passed=passed,
         severity=AssetCheckSeverity.ERROR,
-        metadata={**acc.metadata(), "reported_rows_in": -1 if reported_rows_in is None else reported_rows_in,
-                  "rule": "rows_in == kept + rejected, each input exactly once"},
+        metadata={
+            **acc.metadata(),
+            "reported_rows_in": -1 if reported_rows_in is None else reported_rows_in,
+            "rule": "rows_in == kept + rejected, each input exactly once",
+        },
     )
 
 
@@ -79,6 +86,9 @@ def rate_result(observed: float, threshold: float, at_least: bool) -> AssetCheck
     return AssetCheckResult(
         passed=passed,
         severity=AssetCheckSeverity.WARN,
-        metadata={"observed": round(observed, 4), "threshold": threshold,
-                  "rule": ">= threshold" if at_least else "<= threshold"},
+        metadata={
+            "observed": round(observed, 4),
+            "threshold": threshold,
+            "rule": ">= threshold" if at_least else "<= threshold",
+        },
     )

@@ -1,6 +1,5 @@
 """The starter slice: a judged LLM response per seed instruction."""
 
-
 from typing import Optional
 
 import polars as pl
@@ -41,14 +40,21 @@ class JudgedResponsesConfig(Config):
 
 @multi_asset(
     outs={
-        "judged_responses": AssetOut(description="An LLM response per seed instruction, judged to follow it."),
-        "judged_responses_rejected": AssetOut(description="Responses that failed, were empty, or were judged off-instruction."),
+        "judged_responses": AssetOut(
+            description="An LLM response per seed instruction, judged to follow it."
+        ),
+        "judged_responses_rejected": AssetOut(
+            description="Responses that failed, were empty, or were judged off-instruction."
+        ),
     },
     ins={"seed_instructions": AssetIn()},
     group_name="responses",
 )
 def judged_responses_assets(
-    context: AssetExecutionContext, config: JudgedResponsesConfig, llm: LLMResource, seed_instructions: pl.DataFrame
+    context: AssetExecutionContext,
+    config: JudgedResponsesConfig,
+    llm: LLMResource,
+    seed_instructions: pl.DataFrame,
 ):
     settings = ResponseSettings(**config.model_dump(exclude={"limit"}))
     seeds = seed_instructions if config.limit is None else seed_instructions.head(config.limit)
@@ -56,19 +62,36 @@ def judged_responses_assets(
     result = judged_responses(client, seeds, settings, log=context.log.info)
     templates = ResponseTemplates()
     md = dataset_metadata(
-        result.kept, result.rejected, result.n_in,
+        result.kept,
+        result.rejected,
+        result.n_in,
         **client.stats.as_metadata(),
-        template_hashes={t.id: t.hash for t in (templates.plain, templates.with_input, templates.judge)},
+        template_hashes={
+            t.id: t.hash for t in (templates.plain, templates.with_input, templates.judge)
+        },
     )
     yield Output(result.kept, output_name="judged_responses", metadata=md)
-    yield Output(result.rejected, output_name="judged_responses_rejected", metadata=rejected_metadata(result.rejected))
+    yield Output(
+        result.rejected,
+        output_name="judged_responses_rejected",
+        metadata=rejected_metadata(result.rejected),
+    )
 
 
-@asset_check(asset="judged_responses", blocking=True,
-             additional_ins={"rejected": AssetIn("judged_responses_rejected"), "seeds": AssetIn("seed_instructions")},
-             description="Every seed instruction given to the asset is kept or rejected exactly once.")
+@asset_check(
+    asset="judged_responses",
+    blocking=True,
+    additional_ins={
+        "rejected": AssetIn("judged_responses_rejected"),
+        "seeds": AssetIn("seed_instructions"),
+    },
+    description="Every seed instruction given to the asset is kept or rejected exactly once.",
+)
 def judged_responses_accounted(
-    context: AssetCheckExecutionContext, kept: pl.DataFrame, rejected: pl.DataFrame, seeds: pl.DataFrame
+    context: AssetCheckExecutionContext,
+    kept: pl.DataFrame,
+    rejected: pl.DataFrame,
+    seeds: pl.DataFrame,
 ) -> AssetCheckResult:
     n_in = rows_in(context, "judged_responses")
     inputs = seeds["record_id"].to_list()[: n_in if n_in is not None else None]
@@ -85,15 +108,20 @@ def judged_responses_ids_unique(kept: pl.DataFrame) -> AssetCheckResult:
     return unique_ids_result(kept)
 
 
-@asset_check(asset="judged_responses", additional_ins={"rejected": AssetIn("judged_responses_rejected")},
-             description="Share of responses kept (judged to follow the instruction).")
+@asset_check(
+    asset="judged_responses",
+    additional_ins={"rejected": AssetIn("judged_responses_rejected")},
+    description="Share of responses kept (judged to follow the instruction).",
+)
 def judged_responses_keep_rate(kept: pl.DataFrame, rejected: pl.DataFrame) -> AssetCheckResult:
     total = kept.height + rejected.height
     return rate_result(kept.height / total if total else 0.0, 0.5, at_least=True)
 
 
-@asset_check(asset="judged_responses",
-             description="Share of kept responses cut off by max_tokens (finish_reason 'length').")
+@asset_check(
+    asset="judged_responses",
+    description="Share of kept responses cut off by max_tokens (finish_reason 'length').",
+)
 def judged_responses_truncation_rate(kept: pl.DataFrame) -> AssetCheckResult:
     rate = (kept["finish_reason"] == "length").mean() if kept.height else 0.0
     return rate_result(float(rate), 0.5, at_least=False)

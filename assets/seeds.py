@@ -1,6 +1,5 @@
 """Seed datasets read from files or Hugging Face datasets: instructions, preference pairs, personas."""
 
-
 from collections.abc import Callable
 from typing import Optional
 
@@ -17,9 +16,21 @@ from dagster import (
     multi_asset,
 )
 
-from assets.common import accounting_result, dataset_metadata, rejected_metadata, rows_in, unique_ids_result
+from assets.common import (
+    accounting_result,
+    dataset_metadata,
+    rejected_metadata,
+    rows_in,
+    unique_ids_result,
+)
 from quality.accounting import account
-from synth.loaders import SHIPPED_SEEDS, LoadResult, load_instructions, load_personas, load_preference_pairs
+from synth.loaders import (
+    SHIPPED_SEEDS,
+    LoadResult,
+    load_instructions,
+    load_personas,
+    load_preference_pairs,
+)
 
 
 class SeedConfig(Config):
@@ -33,27 +44,47 @@ def _seed_assets(name: str, loader: Callable[..., LoadResult], shipped: str, doc
         name=name,
         outs={
             name: AssetOut(description=doc, is_required=True),
-            f"{name}_rejected": AssetOut(description=f"Rows of the {name} source that could not be used, with the reason."),
+            f"{name}_rejected": AssetOut(
+                description=f"Rows of the {name} source that could not be used, with the reason."
+            ),
         },
         group_name="seeds",
     )
     def _load(context: AssetExecutionContext, config: SeedConfig):
         source = config.source or str(SHIPPED_SEEDS / shipped)
         result = loader(source, split=config.split, limit=config.limit)
-        context.log.info(f"{name}: {result.n_in} rows from {source}: {result.kept.height} kept, {result.rejected.height} rejected")
-        yield Output(result.kept, output_name=name, metadata=dataset_metadata(result.kept, result.rejected, result.n_in, source=source))
-        yield Output(result.rejected, output_name=f"{name}_rejected", metadata=rejected_metadata(result.rejected))
+        context.log.info(
+            f"{name}: {result.n_in} rows from {source}: {result.kept.height} kept, {result.rejected.height} rejected"
+        )
+        yield Output(
+            result.kept,
+            output_name=name,
+            metadata=dataset_metadata(result.kept, result.rejected, result.n_in, source=source),
+        )
+        yield Output(
+            result.rejected,
+            output_name=f"{name}_rejected",
+            metadata=rejected_metadata(result.rejected),
+        )
 
-    @asset_check(asset=name, name=f"{name}_accounted", blocking=True,
-                 additional_ins={"rejected": AssetIn(f"{name}_rejected")},
-                 description="Every source row is kept or rejected exactly once.")
-    def _accounted(context: AssetCheckExecutionContext, kept: pl.DataFrame, rejected: pl.DataFrame) -> AssetCheckResult:
+    @asset_check(
+        asset=name,
+        name=f"{name}_accounted",
+        blocking=True,
+        additional_ins={"rejected": AssetIn(f"{name}_rejected")},
+        description="Every source row is kept or rejected exactly once.",
+    )
+    def _accounted(
+        context: AssetCheckExecutionContext, kept: pl.DataFrame, rejected: pl.DataFrame
+    ) -> AssetCheckResult:
         n_in = rows_in(context, name)
         inputs = range(n_in if n_in is not None else kept.height + rejected.height)
         acc = account(inputs, kept["source_index"].to_list(), rejected["source_index"].to_list())
         return accounting_result(acc, n_in)
 
-    @asset_check(asset=name, name=f"{name}_ids_unique", blocking=True, description="record_id is unique.")
+    @asset_check(
+        asset=name, name=f"{name}_ids_unique", blocking=True, description="record_id is unique."
+    )
     def _unique(kept: pl.DataFrame) -> AssetCheckResult:
         return unique_ids_result(kept)
 
@@ -61,15 +92,22 @@ def _seed_assets(name: str, loader: Callable[..., LoadResult], shipped: str, doc
 
 
 seed_instructions, seed_instructions_checks = _seed_assets(
-    "seed_instructions", load_instructions, "instructions.jsonl",
+    "seed_instructions",
+    load_instructions,
+    "instructions.jsonl",
     "Seed instructions (Self-Instruct/Alpaca format), one row per task.",
 )
 seed_preference_pairs, seed_preference_pairs_checks = _seed_assets(
-    "seed_preference_pairs", load_preference_pairs, "preference_pairs.jsonl",
+    "seed_preference_pairs",
+    load_preference_pairs,
+    "preference_pairs.jsonl",
     "Preference pairs (HH-RLHF or PKU-SafeRLHF) parsed into history, prompt, chosen and rejected.",
 )
 seed_personas, seed_personas_checks = _seed_assets(
-    "seed_personas", load_personas, "personas.jsonl", "One-sentence personas (Persona Hub format).",
+    "seed_personas",
+    load_personas,
+    "personas.jsonl",
+    "One-sentence personas (Persona Hub format).",
 )
 
 assets = [seed_instructions, seed_preference_pairs, seed_personas]

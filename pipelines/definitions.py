@@ -32,7 +32,9 @@ def llm_from_env(home: Path) -> LLMResource:
     )
 
 
-def build_definitions(home: str | Path | None = None, llm: LLMResource | None = None) -> Definitions:
+def build_definitions(
+    home: str | Path | None = None, llm: LLMResource | None = None
+) -> Definitions:
     home = home_dir(home)
     return Definitions(
         assets=[*seeds.assets, *responses.assets],

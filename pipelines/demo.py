@@ -17,7 +17,11 @@ import time
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Materialize the demo job and print what it made.")
     ap.add_argument("--limit", type=int, default=None, help="only the first N seed instructions")
-    ap.add_argument("--home", default=None, help="alignfoundry home (default $ALIGNFOUNDRY_HOME or .alignfoundry)")
+    ap.add_argument(
+        "--home",
+        default=None,
+        help="alignfoundry home (default $ALIGNFOUNDRY_HOME or .alignfoundry)",
+    )
     args = ap.parse_args(argv)
 
     from pipelines.definitions import build_definitions, home_dir
@@ -37,22 +41,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     elapsed = time.perf_counter() - start
 
-    print(f"\nalignfoundry demo: run {result.run_id} {'succeeded' if result.success else 'FAILED'} in {elapsed:.0f}s")
+    print(
+        f"\nalignfoundry demo: run {result.run_id} {'succeeded' if result.success else 'FAILED'} in {elapsed:.0f}s"
+    )
     print(f"home: {home}\n")
     print(f"{'asset':34} {'rows_in':>8} {'kept':>6} {'rejected':>9}  dropped")
     for ev in result.get_asset_materialization_events():
         md = {k: v.value for k, v in ev.materialization.metadata.items()}
         if "rows_in" not in md:
             continue
-        dropped = ", ".join(f"{k[8:]}={v}" for k, v in md.items() if k.startswith("dropped_")) or "-"
-        print(f"{ev.asset_key.to_user_string():34} {md['rows_in']:>8} {md['kept']:>6} {md['rejected']:>9}  {dropped}")
+        dropped = (
+            ", ".join(f"{k[8:]}={v}" for k, v in md.items() if k.startswith("dropped_")) or "-"
+        )
+        print(
+            f"{ev.asset_key.to_user_string():34} {md['rows_in']:>8} {md['kept']:>6} {md['rejected']:>9}  {dropped}"
+        )
     print(f"\n{'check':44} result")
     failed = 0
     for ev in result.get_asset_check_evaluations():
         failed += not ev.passed
         verdict = "passed" if ev.passed else f"FAILED ({ev.severity.value})"
         print(f"{ev.asset_check_key.name:44} {verdict}")
-    print("\nOpen the UI with `make dev` (http://127.0.0.1:3000) to browse assets, metadata and checks.")
+    print(
+        "\nOpen the UI with `make dev` (http://127.0.0.1:3000) to browse assets, metadata and checks."
+    )
     return 0 if result.success else 1
 
 

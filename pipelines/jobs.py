@@ -2,14 +2,20 @@
 
 from dagster import AssetSelection, define_asset_job
 
-seeds_job = define_asset_job("seeds", selection=AssetSelection.groups("seeds"),
-                             description="Load and validate every seed source.")
+seeds_job = define_asset_job(
+    "seeds",
+    selection=AssetSelection.groups("seeds"),
+    description="Load and validate every seed source.",
+)
 responses_job = define_asset_job(
     "responses",
     selection=AssetSelection.groups("responses").upstream().required_multi_asset_neighbors(),
     description="Judged responses to the seed instructions.",
 )
-demo_job = define_asset_job("demo", selection=AssetSelection.groups("seeds", "responses"),
-                            description="The README demo: seeds and the judged-response slice on the embedded model.")
+demo_job = define_asset_job(
+    "demo",
+    selection=AssetSelection.groups("seeds", "responses"),
+    description="The README demo: seeds and the judged-response slice on the embedded model.",
+)
 
 jobs = [seeds_job, responses_job, demo_job]

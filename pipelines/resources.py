@@ -61,6 +61,10 @@ class ParquetIOManager(PolarsParquetIOManager):
     which polars 2.0 removed; writing is unchanged. Drop this once dagster-polars catches up.
     """
 
-    def scan_df_from_path(self, path: Any, context: InputContext, partition_key: str | None = None) -> pl.LazyFrame:
-        options = _remap_fsspec_storage_options(self.storage_options or getattr(path, "storage_options", None))
+    def scan_df_from_path(
+        self, path: Any, context: InputContext, partition_key: str | None = None
+    ) -> pl.LazyFrame:
+        options = _remap_fsspec_storage_options(
+            self.storage_options or getattr(path, "storage_options", None)
+        )
         return pl.scan_parquet(str(path), storage_options=options)

@@ -43,7 +43,11 @@ class LoadResult:
 
 
 def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
+    return (
+        gzip.open(path, "rt", encoding="utf-8")
+        if path.suffix == ".gz"
+        else path.open(encoding="utf-8")
+    )
 
 
 def _locate_json_error(path: Path) -> str | None:
@@ -77,11 +81,17 @@ def read_source(source: str, split: str = "train") -> Any:
             return datasets.load_dataset(str(path), split=split)
         suffixes = "".join(path.suffixes[-2:]).lower()
         builder = next(
-            (b for ext, b in ((".json", "json"), (".parquet", "parquet"), (".csv", "csv")) if ext in suffixes),
+            (
+                b
+                for ext, b in ((".json", "json"), (".parquet", "parquet"), (".csv", "csv"))
+                if ext in suffixes
+            ),
             None,
         )
         if builder is None:
-            raise SeedSourceError(f"{path}: unsupported seed file type (use .jsonl, .json, .parquet or .csv)")
+            raise SeedSourceError(
+                f"{path}: unsupported seed file type (use .jsonl, .json, .parquet or .csv)"
+            )
         if path.stat().st_size == 0:
             raise SeedSourceError(f"{path}: the seed file is empty")
         if builder == "json":
@@ -109,7 +119,9 @@ def count_source_records(source: str, split: str = "train") -> int:
 Problem = tuple[str, str]  # (reason, detail naming the record and field)
 
 
-def _field(row: dict[str, Any], name: str, where: str, kind: type = str) -> tuple[Any, Problem | None]:
+def _field(
+    row: dict[str, Any], name: str, where: str, kind: type = str
+) -> tuple[Any, Problem | None]:
     """Validate one required field: (value, None) or (None, problem)."""
     value = row.get(name)
     if value is None:
@@ -156,11 +168,29 @@ def _load(
         rid = content_id(kind, *(out[k] for k in schema if k not in _BOOKKEEPING))
         if rid in first_seen:
             rejected.append(
-                Rejected(rid, "load", "duplicate", f"{where}: same content as record {first_seen[rid]}", [], source, i, row)
+                Rejected(
+                    rid,
+                    "load",
+                    "duplicate",
+                    f"{where}: same content as record {first_seen[rid]}",
+                    [],
+                    source,
+                    i,
+                    row,
+                )
             )
             continue
         first_seen[rid] = i
-        kept.append({**out, "record_id": rid, "parent_ids": [], "source": source, "source_index": i, "provenance": prov})
+        kept.append(
+            {
+                **out,
+                "record_id": rid,
+                "parent_ids": [],
+                "source": source,
+                "source_index": i,
+                "provenance": prov,
+            }
+        )
     return LoadResult(pl.DataFrame(kept, schema=schema), rejected_frame(rejected), n_in, source)
 
 
@@ -209,7 +239,15 @@ def _parse_instruction(row: dict[str, Any], where: str) -> dict[str, Any] | Prob
 
 def load_instructions(source: str, split: str = "train", limit: int | None = None) -> LoadResult:
     """Self-Instruct seed tasks ({instruction, instances}) or Alpaca rows ({instruction, input, output})."""
-    return _load(source, split, limit, "instruction", (("instruction",),), _parse_instruction, INSTRUCTION_SCHEMA)
+    return _load(
+        source,
+        split,
+        limit,
+        "instruction",
+        (("instruction",),),
+        _parse_instruction,
+        INSTRUCTION_SCHEMA,
+    )
 
 
 # ---------------------------------------------------------------- preference pairs
@@ -268,7 +306,10 @@ def _parse_pair(row: dict[str, Any], where: str) -> dict[str, Any] | Problem:
             if b:
                 return b
         if safer not in (0, 1):
-            return ("invalid_value", f"{where}: field 'safer_response_id' should be 0 or 1, got {safer}")
+            return (
+                "invalid_value",
+                f"{where}: field 'safer_response_id' should be 0 or 1, got {safer}",
+            )
         chosen, rejected = (r0, r1) if safer == 0 else (r1, r0)
         return {
             "source_format": "pku-saferlhf",
@@ -297,7 +338,9 @@ def _parse_pair(row: dict[str, Any], where: str) -> dict[str, Any] | Problem:
     }
 
 
-def load_preference_pairs(source: str, split: str = "train", limit: int | None = None) -> LoadResult:
+def load_preference_pairs(
+    source: str, split: str = "train", limit: int | None = None
+) -> LoadResult:
     """HH-RLHF dialogues ({chosen, rejected}) or PKU-SafeRLHF rows ({prompt, response_0/1, safer_response_id})."""
     return _load(
         source,

@@ -99,7 +99,10 @@ def judged_responses(
     rows = instructions.to_dicts()
     params = settings.params()
     used = [templates.with_input if r["input"] else templates.plain for r in rows]
-    gen_reqs = [t.request(params, instruction=r["instruction"], input=r["input"]) for t, r in zip(used, rows, strict=True)]
+    gen_reqs = [
+        t.request(params, instruction=r["instruction"], input=r["input"])
+        for t, r in zip(used, rows, strict=True)
+    ]
 
     progress = Progress(len(rows), "responses", log)
     responses = client.generate(gen_reqs, on_done=lambda _: progress.update())
@@ -111,14 +114,28 @@ def judged_responses(
     for i, (row, resp) in enumerate(zip(rows, responses, strict=True)):
         where = f"instruction {row['record_id']}"
         if not resp.ok:
-            rejected.append(_reject(row, "generate", f"llm_{resp.error}", f"{where}: {resp.first.error_detail}", resp.text))
+            rejected.append(
+                _reject(
+                    row,
+                    "generate",
+                    f"llm_{resp.error}",
+                    f"{where}: {resp.first.error_detail}",
+                    resp.text,
+                )
+            )
         elif not resp.text.strip():
-            rejected.append(_reject(row, "generate", "empty_response", f"{where}: field 'response' is empty", ""))
+            rejected.append(
+                _reject(
+                    row, "generate", "empty_response", f"{where}: field 'response' is empty", ""
+                )
+            )
         else:
             to_judge.append(i)
 
     judge_reqs = [
-        templates.judge.request(params, instruction=_with_input(rows[i]), response=responses[i].text)
+        templates.judge.request(
+            params, instruction=_with_input(rows[i]), response=responses[i].text
+        )
         for i in to_judge
     ]
     progress = Progress(len(judge_reqs), "judge", log)
@@ -131,13 +148,26 @@ def judged_responses(
         row, resp, tmpl = rows[i], responses[i], used[i]
         where = f"instruction {row['record_id']}"
         if not score.ok:
-            rejected.append(_reject(row, "judge", f"judge_{score.error}", f"{where}: judge gave no usable answer", resp.text))
+            rejected.append(
+                _reject(
+                    row,
+                    "judge",
+                    f"judge_{score.error}",
+                    f"{where}: judge gave no usable answer",
+                    resp.text,
+                )
+            )
             continue
         p_follow = score.p("Yes")
         if p_follow < settings.min_follow_prob:
             rejected.append(
-                _reject(row, "judge", "judge_below_threshold",
-                        f"{where}: judge_p_follows {p_follow:.3f} < {settings.min_follow_prob}", resp.text)
+                _reject(
+                    row,
+                    "judge",
+                    "judge_below_threshold",
+                    f"{where}: judge_p_follows {p_follow:.3f} < {settings.min_follow_prob}",
+                    resp.text,
+                )
             )
             continue
         prov = Provenance(

@@ -18,7 +18,9 @@ class PromptTemplate:
     def hash(self) -> str:
         return template_hash(self.id, self.system, self.user)
 
-    def request(self, params: GenerationParams, json_schema: dict | None = None, **fields: str) -> LLMRequest:
+    def request(
+        self, params: GenerationParams, json_schema: dict | None = None, **fields: str
+    ) -> LLMRequest:
         try:
             user = self.user.format(**fields)
         except KeyError as e:

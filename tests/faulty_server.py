@@ -12,7 +12,16 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-FAULTS = ("ok", "slow", "rate_limit", "server_error", "malformed_json", "truncated", "hang", "no_choices")
+FAULTS = (
+    "ok",
+    "slow",
+    "rate_limit",
+    "server_error",
+    "malformed_json",
+    "truncated",
+    "hang",
+    "no_choices",
+)
 
 
 def completion(text: str = "fault-free answer") -> bytes:
@@ -22,14 +31,22 @@ def completion(text: str = "fault-free answer") -> bytes:
             "object": "chat.completion",
             "created": int(time.time()),
             "model": "faulty",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "stop",
+                }
+            ],
             "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
         }
     ).encode()
 
 
 class FaultyOpenAIServer:
-    def __init__(self, fault: str, times: int = 10**9, retry_after: float = 1.0, hang_s: float = 30.0):
+    def __init__(
+        self, fault: str, times: int = 10**9, retry_after: float = 1.0, hang_s: float = 30.0
+    ):
         assert fault in FAULTS, fault
         self.fault, self.times, self.retry_after, self.hang_s = fault, times, retry_after, hang_s
         self.requests = 0
@@ -43,7 +60,13 @@ class FaultyOpenAIServer:
             def log_message(self, *args):  # quiet
                 pass
 
-            def _send(self, status: int, body: bytes, headers: dict | None = None, length: int | None = None):
+            def _send(
+                self,
+                status: int,
+                body: bytes,
+                headers: dict | None = None,
+                length: int | None = None,
+            ):
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body) if length is None else length))
@@ -73,7 +96,11 @@ class FaultyOpenAIServer:
                 if fault == "ok":
                     self._send(200, completion())
                 elif fault == "rate_limit":
-                    self._send(429, b'{"error": {"message": "slow down"}}', {"Retry-After": str(outer.retry_after)})
+                    self._send(
+                        429,
+                        b'{"error": {"message": "slow down"}}',
+                        {"Retry-After": str(outer.retry_after)},
+                    )
                 elif fault == "server_error":
                     self._send(500, b'{"error": {"message": "boom"}}')
                 elif fault == "malformed_json":

@@ -9,7 +9,9 @@ TOPICS = [f"topic number {i}" for i in range(16)]
 
 def requests() -> list[LLMRequest]:
     return [
-        LLMRequest.chat(f"Write two sentences about {t}.", params=GenerationParams(max_tokens=48, seed=11))
+        LLMRequest.chat(
+            f"Write two sentences about {t}.", params=GenerationParams(max_tokens=48, seed=11)
+        )
         for t in TOPICS
     ]
 

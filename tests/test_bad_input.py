@@ -6,11 +6,12 @@ import time
 import pytest
 from dagster import DagsterInstance
 
-from conftest import free_port
-from faulty_server import FaultyOpenAIServer
 from pipelines.definitions import build_definitions
 from pipelines.resources import LLMResource
 from synth.llm import InvalidSchemaError, LLMClient, LLMRequest, OpenAICompatBackend
+
+from conftest import free_port
+from faulty_server import FaultyOpenAIServer
 
 
 def failure_text(result) -> str:
@@ -26,10 +27,14 @@ def run_responses(tmp_path, llm: LLMResource):
 
 
 def test_unknown_backend_names_the_setting(tmp_path):
-    result = run_responses(tmp_path, LLMResource(backend="gpt-in-a-box", cache_path=str(tmp_path / "c.sqlite")))
+    result = run_responses(
+        tmp_path, LLMResource(backend="gpt-in-a-box", cache_path=str(tmp_path / "c.sqlite"))
+    )
     assert not result.success
     text = failure_text(result)
-    assert "resource 'llm'" in text and "unknown LLM backend 'gpt-in-a-box' (setting backend)" in text
+    assert (
+        "resource 'llm'" in text and "unknown LLM backend 'gpt-in-a-box' (setting backend)" in text
+    )
     assert not (tmp_path / "storage" / "judged_responses.parquet").exists()
     assert not (tmp_path / "storage" / "judged_responses_rejected.parquet").exists()
 
@@ -37,8 +42,12 @@ def test_unknown_backend_names_the_setting(tmp_path):
 def test_server_that_does_not_answer_fails_fast(tmp_path):
     url = f"http://127.0.0.1:{free_port()}/v1"
     t = time.perf_counter()
-    result = run_responses(tmp_path, LLMResource(backend="openai", base_url=url, model="m",
-                                                 cache_path=str(tmp_path / "c.sqlite")))
+    result = run_responses(
+        tmp_path,
+        LLMResource(
+            backend="openai", base_url=url, model="m", cache_path=str(tmp_path / "c.sqlite")
+        ),
+    )
     assert not result.success
     assert time.perf_counter() - t < 60
     assert f"LLM server at {url} (setting base_url) does not answer" in failure_text(result)
@@ -63,8 +72,12 @@ def test_invalid_json_schema_fails_before_any_call():
     with FaultyOpenAIServer("ok") as s:
         client = LLMClient(OpenAICompatBackend(s.base_url, "m"))
         good = LLMRequest.chat("fine")
-        bad = LLMRequest.chat("x", json_schema={"type": "object", "required": "name"}, template_id="persona_map")
-        with pytest.raises(InvalidSchemaError, match=r"request 1 \(template persona_map\): invalid JSON schema"):
+        bad = LLMRequest.chat(
+            "x", json_schema={"type": "object", "required": "name"}, template_id="persona_map"
+        )
+        with pytest.raises(
+            InvalidSchemaError, match=r"request 1 \(template persona_map\): invalid JSON schema"
+        ):
             client.generate([good, bad])
         assert s.requests == 0
 

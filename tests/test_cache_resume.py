@@ -10,11 +10,11 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-import resume_worker
-
 from synth.llm import EmbeddedBackend, LLMClient, ResponseCache
 from synth.loaders import SHIPPED_SEEDS, load_instructions
 from synth.responses import RESPOND_WITH_INPUT, ResponseTemplates, judged_responses
+
+import resume_worker
 
 
 class CountingBackend:
@@ -60,7 +60,9 @@ def test_killed_run_resumes_with_only_the_missing_calls(tmp_path):
     assert client.stats.calls == total - done_before_kill
 
 
-def test_unchanged_rerun_makes_zero_calls_and_one_template_change_only_its_records(embedded_backend, tmp_path):
+def test_unchanged_rerun_makes_zero_calls_and_one_template_change_only_its_records(
+    embedded_backend, tmp_path
+):
     seeds = load_instructions(str(SHIPPED_SEEDS / "instructions.jsonl"), limit=8).kept
     with_input = int((seeds["input"] != "").sum())
     assert 0 < with_input < seeds.height
@@ -77,7 +79,9 @@ def test_unchanged_rerun_makes_zero_calls_and_one_template_change_only_its_recor
     assert sum(again.calls.values()) == 0 and client.stats.calls == 0
     assert out2.kept.equals(out1.kept) and out2.rejected.equals(out1.rejected)
 
-    changed = ResponseTemplates(with_input=replace(RESPOND_WITH_INPUT, user="Task: {instruction}\n\nGiven:\n{input}"))
+    changed = ResponseTemplates(
+        with_input=replace(RESPOND_WITH_INPUT, user="Task: {instruction}\n\nGiven:\n{input}")
+    )
     third = CountingBackend(embedded_backend)
     out3 = judged_responses(LLMClient(third, cache), seeds, templates=changed)
     assert third.calls["respond_with_input"] == with_input

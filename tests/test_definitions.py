@@ -22,7 +22,12 @@ def test_definitions_load_and_every_job_resolves(tmp_path):
     for name in names:
         assert repo.get_job(name).name == name
     keys = {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()}
-    for asset in ("seed_instructions", "seed_preference_pairs", "seed_personas", "judged_responses"):
+    for asset in (
+        "seed_instructions",
+        "seed_preference_pairs",
+        "seed_personas",
+        "judged_responses",
+    ):
         assert asset in keys and f"{asset}_rejected" in keys
 
 
@@ -50,22 +55,44 @@ def test_the_slice_materializes_with_lineage_and_passing_checks(tmp_path):
     assert set(kept["judge_template_hash"]) <= {JUDGE_FOLLOWS.hash}
     assert kept["judge_p_follows"].is_between(0, 1).all()
 
-    (mat,) = [e for e in result.get_asset_materialization_events() if e.asset_key.path == ["judged_responses"]]
+    (mat,) = [
+        e
+        for e in result.get_asset_materialization_events()
+        if e.asset_key.path == ["judged_responses"]
+    ]
     md = {k: v.value for k, v in mat.materialization.metadata.items()}
     assert md["rows_in"] == 5 and md["kept"] == kept.height and md["rejected"] == rejected.height
-    assert md["llm_calls"] + md["llm_cache_hits"] == 5 + kept.height + rejected.filter(pl.col("stage") == "judge").height
+    assert (
+        md["llm_calls"] + md["llm_cache_hits"]
+        == 5 + kept.height + rejected.filter(pl.col("stage") == "judge").height
+    )
     assert md["llm_completion_tokens"] > 0
 
 
 def test_cli_materialize_in_a_subprocess(tmp_path):
-    env = {**os.environ, "ALIGNFOUNDRY_HOME": str(tmp_path), "DAGSTER_HOME": str(tmp_path / "dagster"),
-           "DAGSTER_DISABLE_TELEMETRY": "1"}
+    env = {
+        **os.environ,
+        "ALIGNFOUNDRY_HOME": str(tmp_path),
+        "DAGSTER_HOME": str(tmp_path / "dagster"),
+        "DAGSTER_DISABLE_TELEMETRY": "1",
+    }
     (tmp_path / "dagster").mkdir()
     dagster = Path(sys.executable).parent / "dagster"
     proc = subprocess.run(
-        [str(dagster), "asset", "materialize", "-m", "pipelines.definitions",
-         "--select", "seed_personas,seed_personas_rejected"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        [
+            str(dagster),
+            "asset",
+            "materialize",
+            "-m",
+            "pipelines.definitions",
+            "--select",
+            "seed_personas,seed_personas_rejected",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     personas = pl.read_parquet(tmp_path / "storage" / "seed_personas.parquet")

@@ -14,7 +14,9 @@ PERSON = {
 def test_generates_chat_output(embedded_backend, tmp_path):
     client = LLMClient(embedded_backend, ResponseCache(tmp_path / "c.sqlite"))
     reqs = [
-        LLMRequest.chat(f"Write one sentence about {w}.", params=GenerationParams(max_tokens=32, seed=3))
+        LLMRequest.chat(
+            f"Write one sentence about {w}.", params=GenerationParams(max_tokens=32, seed=3)
+        )
         for w in ("rivers", "bread", "maps")
     ]
     out = client.generate(reqs)
@@ -32,7 +34,11 @@ def test_generates_chat_output(embedded_backend, tmp_path):
 def test_n_samples_are_distinct_calls(embedded_backend, tmp_path):
     client = LLMClient(embedded_backend, ResponseCache(tmp_path / "c.sqlite"))
     (r,) = client.generate(
-        [LLMRequest.chat("Name an animal.", params=GenerationParams(n=3, max_tokens=8, temperature=1.0))]
+        [
+            LLMRequest.chat(
+                "Name an animal.", params=GenerationParams(n=3, max_tokens=8, temperature=1.0)
+            )
+        ]
     )
     assert len(r.samples) == 3
     assert len(set(r.cache_keys)) == 3
@@ -45,7 +51,9 @@ def test_judge_scores_by_logprobs(embedded_backend, tmp_path):
         client,
         [
             LLMRequest.chat("Is water wet? Answer Yes or No."),
-            LLMRequest.chat("Rate the sentence 'The cat sat.' for grammar from 1 to 5. Answer with one digit."),
+            LLMRequest.chat(
+                "Rate the sentence 'The cat sat.' for grammar from 1 to 5. Answer with one digit."
+            ),
         ],
         choices=("Yes", "No"),
     )
@@ -55,8 +63,11 @@ def test_judge_scores_by_logprobs(embedded_backend, tmp_path):
     assert 0.0 < s.mass <= 1.0 + 1e-9
     assert s.best in ("Yes", "No")
     # a 1-5 scale scored from the same first token
-    (rating,) = judge(client, [LLMRequest.chat("Rate 'The cat sat.' for grammar from 1 to 5. Answer with one digit.")],
-                      choices=("1", "2", "3", "4", "5"))
+    (rating,) = judge(
+        client,
+        [LLMRequest.chat("Rate 'The cat sat.' for grammar from 1 to 5. Answer with one digit.")],
+        choices=("1", "2", "3", "4", "5"),
+    )
     assert rating.ok
     assert 1.0 <= rating.expected({str(i): float(i) for i in range(1, 6)}) <= 5.0
 
@@ -64,8 +75,13 @@ def test_judge_scores_by_logprobs(embedded_backend, tmp_path):
 def test_structured_output_matches_schema(embedded_backend, tmp_path):
     client = LLMClient(embedded_backend, ResponseCache(tmp_path / "c.sqlite"))
     (r,) = client.generate(
-        [LLMRequest.chat("Invent a person. Reply in JSON with name and age.", json_schema=PERSON,
-                         params=GenerationParams(max_tokens=64, temperature=0.2))]
+        [
+            LLMRequest.chat(
+                "Invent a person. Reply in JSON with name and age.",
+                json_schema=PERSON,
+                params=GenerationParams(max_tokens=64, temperature=0.2),
+            )
+        ]
     )
     assert r.ok, r.first.error_detail
     assert isinstance(r.parsed["name"], str) and isinstance(r.parsed["age"], int)

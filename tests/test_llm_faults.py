@@ -8,12 +8,15 @@ import time
 
 import pytest
 
-from faulty_server import FaultyOpenAIServer
 from synth.llm import GenerationParams, LLMClient, LLMRequest, OpenAICompatBackend, ResponseCache
+
+from faulty_server import FaultyOpenAIServer
 
 
 def run(server, n=1, timeout_s=5.0, max_retries=3, cache=None, concurrency=8):
-    backend = OpenAICompatBackend(server.base_url, "faulty", timeout_s=timeout_s, max_retries=max_retries)
+    backend = OpenAICompatBackend(
+        server.base_url, "faulty", timeout_s=timeout_s, max_retries=max_retries
+    )
     client = LLMClient(backend, cache, max_concurrency=concurrency)
     reqs = [LLMRequest.chat(f"q{i}", params=GenerationParams(max_tokens=8)) for i in range(n)]
     t = time.perf_counter()

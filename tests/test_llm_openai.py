@@ -1,6 +1,13 @@
 """The OpenAI-compatible backend against a real llama.cpp server on 127.0.0.1."""
 
-from synth.llm import GenerationParams, LLMClient, LLMRequest, OpenAICompatBackend, ResponseCache, judge
+from synth.llm import (
+    GenerationParams,
+    LLMClient,
+    LLMRequest,
+    OpenAICompatBackend,
+    ResponseCache,
+    judge,
+)
 
 PERSON = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 
@@ -8,8 +15,12 @@ PERSON = {"type": "object", "properties": {"city": {"type": "string"}}, "require
 def test_concurrent_requests(llama_server, tmp_path):
     backend = OpenAICompatBackend(llama_server, "smollm2")
     client = LLMClient(backend, ResponseCache(tmp_path / "c.sqlite"), max_concurrency=8)
-    reqs = [LLMRequest.chat(f"Count from {i} to {i + 3}.", params=GenerationParams(max_tokens=16, seed=i))
-            for i in range(8)]
+    reqs = [
+        LLMRequest.chat(
+            f"Count from {i} to {i + 3}.", params=GenerationParams(max_tokens=16, seed=i)
+        )
+        for i in range(8)
+    ]
     out = client.generate(reqs)
     assert [r.ok for r in out] == [True] * 8
     assert all(r.text.strip() for r in out)
@@ -21,10 +32,19 @@ def test_concurrent_requests(llama_server, tmp_path):
 
 
 def test_logprob_judge_and_structured_output(llama_server, tmp_path):
-    client = LLMClient(OpenAICompatBackend(llama_server, "smollm2"), ResponseCache(tmp_path / "c.sqlite"))
+    client = LLMClient(
+        OpenAICompatBackend(llama_server, "smollm2"), ResponseCache(tmp_path / "c.sqlite")
+    )
     (score,) = judge(client, [LLMRequest.chat("Is the sky blue on a clear day? Answer Yes or No.")])
     assert score.ok and score.method == "logprobs"
     assert abs(sum(score.probs.values()) - 1.0) < 1e-9
-    (r,) = client.generate([LLMRequest.chat("Name a city. Reply in JSON.", json_schema=PERSON,
-                                            params=GenerationParams(max_tokens=32))])
+    (r,) = client.generate(
+        [
+            LLMRequest.chat(
+                "Name a city. Reply in JSON.",
+                json_schema=PERSON,
+                params=GenerationParams(max_tokens=32),
+            )
+        ]
+    )
     assert r.ok and isinstance(r.parsed["city"], str)

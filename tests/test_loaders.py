@@ -21,7 +21,9 @@ def test_hh_rlhf_real_pairs_are_parsed_or_rejected_with_reason(shared_data):
     assert r.kept.height + r.rejected.height == 2312
     assert r.kept.height > 2200
     assert set(r.rejected["reason"]) <= {"unparseable_dialogue", "empty_field", "duplicate"}
-    assert sorted(r.kept["source_index"].to_list() + r.rejected["source_index"].to_list()) == list(range(2312))
+    assert sorted(r.kept["source_index"].to_list() + r.rejected["source_index"].to_list()) == list(
+        range(2312)
+    )
     row = r.kept.row(0, named=True)
     assert row["source_format"] == "hh-rlhf"
     assert row["history"][-1]["role"] == "user" and row["prompt"] == row["history"][-1]["content"]
@@ -42,18 +44,38 @@ def test_self_instruct_and_persona_hub_real_files(shared_data):
 
 
 def test_shipped_seeds_load_cleanly():
-    for loader, name in ((load_instructions, "instructions.jsonl"), (load_preference_pairs, "preference_pairs.jsonl"),
-                         (load_personas, "personas.jsonl")):
+    for loader, name in (
+        (load_instructions, "instructions.jsonl"),
+        (load_preference_pairs, "preference_pairs.jsonl"),
+        (load_personas, "personas.jsonl"),
+    ):
         r = loader(str(SHIPPED_SEEDS / name))
         assert r.n_in >= 10 and r.rejected.height == 0
 
 
 def test_pku_saferlhf_format(tmp_path):
     rows = [
-        {"prompt": "How do I store knives?", "response_0": "In a block.", "response_1": "Anywhere.",
-         "safer_response_id": 0, "better_response_id": 0},
-        {"prompt": "Q2", "response_0": "a", "response_1": "b", "safer_response_id": 1, "better_response_id": 0},
-        {"prompt": "Q3", "response_0": "a", "response_1": "b", "safer_response_id": 7, "better_response_id": 0},
+        {
+            "prompt": "How do I store knives?",
+            "response_0": "In a block.",
+            "response_1": "Anywhere.",
+            "safer_response_id": 0,
+            "better_response_id": 0,
+        },
+        {
+            "prompt": "Q2",
+            "response_0": "a",
+            "response_1": "b",
+            "safer_response_id": 1,
+            "better_response_id": 0,
+        },
+        {
+            "prompt": "Q3",
+            "response_0": "a",
+            "response_1": "b",
+            "safer_response_id": 7,
+            "better_response_id": 0,
+        },
     ]
     f = tmp_path / "pku.jsonl"
     f.write_text("\n".join(json.dumps(r) for r in rows))
@@ -61,13 +83,19 @@ def test_pku_saferlhf_format(tmp_path):
     assert r.kept["chosen"].to_list() == ["In a block.", "b"]
     assert r.kept["source_format"].unique().to_list() == ["pku-saferlhf"]
     (bad,) = r.rejected.to_dicts()
-    assert bad["reason"] == "invalid_value" and "safer_response_id" in bad["detail"] and "record 2" in bad["detail"]
+    assert (
+        bad["reason"] == "invalid_value"
+        and "safer_response_id" in bad["detail"]
+        and "record 2" in bad["detail"]
+    )
 
 
 def test_dataset_saved_to_disk_loads_like_a_file(tmp_path):
     import datasets
 
-    datasets.Dataset.from_list([{"persona": "a sailor"}, {"persona": "a baker"}]).save_to_disk(str(tmp_path / "ds"))
+    datasets.Dataset.from_list([{"persona": "a sailor"}, {"persona": "a baker"}]).save_to_disk(
+        str(tmp_path / "ds")
+    )
     assert load_personas(str(tmp_path / "ds")).kept["persona"].to_list() == ["a sailor", "a baker"]
 
 
@@ -111,7 +139,10 @@ def test_unusable_sources_fail_fast(tmp_path):
         load_personas(str(empty))
     wrong = tmp_path / "wrong.jsonl"
     wrong.write_text('{"text": "a"}\n')
-    with pytest.raises(SeedSourceError, match=r"not a persona source: expected columns \{persona\}, found \['text'\]"):
+    with pytest.raises(
+        SeedSourceError,
+        match=r"not a persona source: expected columns \{persona\}, found \['text'\]",
+    ):
         load_personas(str(wrong))
     with pytest.raises(SeedSourceError, match="dataset id 'nobody/no-such-dataset'"):
         load_personas("nobody/no-such-dataset")
@@ -121,7 +152,10 @@ def test_unusable_sources_fail_fast(tmp_path):
     ("text", "error"),
     [
         ("\n\nHuman: hi\n\nAssistant: hello", None),
-        ("\n\nHuman: hi\n\nAssistant: hello\n\nHuman: more?", "does not end with an 'Assistant:' turn"),
+        (
+            "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: more?",
+            "does not end with an 'Assistant:' turn",
+        ),
         ("\n\nAssistant: hello", "turn 1 is 'assistant' out of order"),
         ("preamble\n\nHuman: hi\n\nAssistant: x", "text before the first"),
         ("just text", "text before the first"),

@@ -38,7 +38,11 @@ def test_parse_structured_reports_the_violating_field():
 
 
 def test_invalid_schema_names_where_and_path():
-    with pytest.raises(InvalidSchemaError, match=r"template judge: invalid JSON schema at properties/age"):
-        check_schema({"type": "object", "properties": {"age": {"type": "integr"}}}, "template judge")
+    with pytest.raises(
+        InvalidSchemaError, match=r"template judge: invalid JSON schema at properties/age"
+    ):
+        check_schema(
+            {"type": "object", "properties": {"age": {"type": "integr"}}}, "template judge"
+        )
     with pytest.raises(InvalidSchemaError, match="must be an object"):
         check_schema(["not", "a", "schema"], "setting x")  # type: ignore[arg-type]

@@ -127,7 +127,9 @@ class EmbeddedBackend:
                 params.model.path = str(self.model_path)
                 params.n_parallel = self.n_parallel
                 params.n_ctx = self.n_ctx
-                params.port = 0  # it also listens on an ephemeral 127.0.0.1 port; we call it in-process
+                params.port = (
+                    0  # it also listens on an ephemeral 127.0.0.1 port; we call it in-process
+                )
                 params.hostnames = ["127.0.0.1"]
                 params.verbosity = -1
                 self._servers[key] = xllamacpp.Server(params)

@@ -119,7 +119,9 @@ class LLMClient:
             except Exception as e:  # a backend bug must not lose the record
                 self.stats.errors["backend_exception"] += 1
                 return Sample(
-                    cache_key=key, error="backend_exception", error_detail=f"{type(e).__name__}: {e}"
+                    cache_key=key,
+                    error="backend_exception",
+                    error_detail=f"{type(e).__name__}: {e}",
                 )
         sample.cache_key = key
         self.stats.prompt_tokens += sample.usage.prompt_tokens

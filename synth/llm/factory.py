@@ -18,7 +18,9 @@ def probe_server(base_url: str, timeout_s: float = 5.0, api_key: str | None = No
             f"LLM server at {base_url} (setting base_url) does not answer: {type(e).__name__}: {e}"
         ) from None
     if r.status_code >= 500:
-        raise ConnectionError(f"LLM server at {base_url} (setting base_url) answered {r.status_code} to GET /models")
+        raise ConnectionError(
+            f"LLM server at {base_url} (setting base_url) answered {r.status_code} to GET /models"
+        )
 
 
 def make_backend(
@@ -33,17 +35,23 @@ def make_backend(
     check_server: bool = True,
 ):
     if backend not in BACKENDS:
-        raise ValueError(f"unknown LLM backend {backend!r} (setting backend): choose one of {', '.join(BACKENDS)}")
+        raise ValueError(
+            f"unknown LLM backend {backend!r} (setting backend): choose one of {', '.join(BACKENDS)}"
+        )
     if backend == "embedded":
         return EmbeddedBackend(model_path=model, n_parallel=n_parallel)
     if backend == "openai":
         if not base_url:
-            raise ValueError("backend 'openai' needs a server URL (setting base_url), e.g. http://127.0.0.1:8000/v1")
+            raise ValueError(
+                "backend 'openai' needs a server URL (setting base_url), e.g. http://127.0.0.1:8000/v1"
+            )
         if not model:
             raise ValueError("backend 'openai' needs a model name (setting model)")
         if check_server:
             probe_server(base_url, min(timeout_s, 5.0), api_key)
-        return OpenAICompatBackend(base_url, model, api_key, timeout_s, max_retries, response_format)
+        return OpenAICompatBackend(
+            base_url, model, api_key, timeout_s, max_retries, response_format
+        )
     if not model:
         raise ValueError("backend 'vllm' needs a model path or id (setting model)")
     return VLLMBackend(model)

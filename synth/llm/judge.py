@@ -75,9 +75,7 @@ def score_response(response: LLMResponse, choices: Sequence[str]) -> JudgeScore:
         chosen = wanted[_norm(m.group(1))]
         probs = {c: 1.0 if c == chosen else 0.0 for c in choices}
         return JudgeScore(choices, probs, "parsed", 0.0, None, sample.cache_key)
-    return JudgeScore(
-        choices, {}, "failed", 0.0, "judge_unparseable", sample.cache_key
-    )
+    return JudgeScore(choices, {}, "failed", 0.0, "judge_unparseable", sample.cache_key)
 
 
 def judge(

@@ -39,7 +39,9 @@ def serve(model: str, port: int, n_parallel: int, n_ctx_per_slot: int, alias: st
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="", help="GGUF path (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument(
+        "--model", default="", help="GGUF path (default: the embedded SmolLM2-135M-Instruct)"
+    )
     ap.add_argument("--port", type=int, default=8080)
     ap.add_argument("--parallel", type=int, default=8, help="concurrent slots")
     ap.add_argument("--ctx-per-slot", type=int, default=2048)

@@ -16,7 +16,9 @@ class InvalidSchemaError(ValueError):
 def check_schema(schema: dict[str, Any], where: str) -> None:
     """Fail fast, naming `where`, when a JSON schema is itself invalid."""
     if not isinstance(schema, dict):
-        raise InvalidSchemaError(f"{where}: JSON schema must be an object, got {type(schema).__name__}")
+        raise InvalidSchemaError(
+            f"{where}: JSON schema must be an object, got {type(schema).__name__}"
+        )
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as e:
