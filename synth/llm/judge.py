@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from synth.llm.client import LLMClient
@@ -82,7 +82,8 @@ def judge(
     client: LLMClient,
     requests: Sequence[LLMRequest],
     choices: Sequence[str] = YES_NO,
+    on_done: Callable[[int], None] | None = None,
 ) -> list[JudgeScore]:
     """Score each request's reply over `choices` (requests get judge decoding params)."""
     reqs = [replace(r, params=JUDGE_PARAMS) for r in requests]
-    return [score_response(resp, choices) for resp in client.generate(reqs)]
+    return [score_response(resp, choices) for resp in client.generate(reqs, on_done)]
