@@ -28,13 +28,7 @@ from quality.accounting import account
 from synth.responses import ResponseSettings, ResponseTemplates, judged_responses
 
 
-class JudgedResponsesConfig(Config):
-    max_tokens: int = 96
-    temperature: float = 0.7
-    top_p: float = 0.95
-    seed: int = 0
-    repeat_penalty: float = 1.1
-    min_follow_prob: float = 0.2
+class JudgedResponsesConfig(Config, ResponseSettings):
     limit: Optional[int] = None  # only the first N seed instructions
 
 
@@ -56,10 +50,9 @@ def judged_responses_assets(
     llm: LLMResource,
     seed_instructions: pl.DataFrame,
 ):
-    settings = ResponseSettings(**config.model_dump(exclude={"limit"}))
     seeds = seed_instructions if config.limit is None else seed_instructions.head(config.limit)
     client = llm.client()
-    result = judged_responses(client, seeds, settings, log=context.log.info)
+    result = judged_responses(client, seeds, config, log=context.log.info)
     templates = ResponseTemplates()
     md = dataset_metadata(
         result.kept,

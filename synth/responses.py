@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import polars as pl
+from pydantic import BaseModel, ConfigDict
 
 from synth.llm import GenerationParams, LLMClient, judge
 from synth.progress import Progress
@@ -46,8 +47,11 @@ class ResponseTemplates:
     judge: PromptTemplate = JUDGE_FOLLOWS
 
 
-@dataclass(frozen=True, slots=True)
-class ResponseSettings:
+class ResponseSettings(BaseModel):
+    """Knobs of the slice; a pydantic model so the Dagster run config can extend it as is."""
+
+    model_config = ConfigDict(frozen=True)
+
     max_tokens: int = 96
     temperature: float = 0.7
     top_p: float = 0.95

@@ -33,6 +33,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+DAGSTER_CLI = Path(sys.executable).parent / "dagster"
+
+
+@pytest.fixture
+def cli_env(tmp_path) -> dict[str, str]:
+    """Environment for a `dagster` CLI subprocess whose home and instance live in tmp_path."""
+    (tmp_path / "dagster").mkdir()
+    return {
+        **os.environ,
+        "ALIGNFOUNDRY_HOME": str(tmp_path),
+        "DAGSTER_HOME": str(tmp_path / "dagster"),
+        "DAGSTER_DISABLE_TELEMETRY": "1",
+    }
+
+
 @pytest.fixture(scope="session")
 def embedded_backend():
     from synth.llm import EmbeddedBackend

@@ -1,8 +1,6 @@
 """The code location loads, every job resolves, the slice materializes in-process and from the CLI."""
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import polars as pl
@@ -10,6 +8,8 @@ from dagster import DagsterInstance
 
 from pipelines.definitions import build_definitions
 from synth.responses import JUDGE_FOLLOWS, RESPOND_PLAIN, RESPOND_WITH_INPUT
+
+from conftest import DAGSTER_CLI
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -69,18 +69,10 @@ def test_the_slice_materializes_with_lineage_and_passing_checks(tmp_path):
     assert md["llm_completion_tokens"] > 0
 
 
-def test_cli_materialize_in_a_subprocess(tmp_path):
-    env = {
-        **os.environ,
-        "ALIGNFOUNDRY_HOME": str(tmp_path),
-        "DAGSTER_HOME": str(tmp_path / "dagster"),
-        "DAGSTER_DISABLE_TELEMETRY": "1",
-    }
-    (tmp_path / "dagster").mkdir()
-    dagster = Path(sys.executable).parent / "dagster"
+def test_cli_materialize_in_a_subprocess(tmp_path, cli_env):
     proc = subprocess.run(
         [
-            str(dagster),
+            str(DAGSTER_CLI),
             "asset",
             "materialize",
             "-m",
@@ -89,7 +81,7 @@ def test_cli_materialize_in_a_subprocess(tmp_path):
             "seed_personas,seed_personas_rejected",
         ],
         cwd=REPO,
-        env=env,
+        env=cli_env,
         capture_output=True,
         text=True,
         timeout=300,

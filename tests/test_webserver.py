@@ -3,33 +3,24 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
-from conftest import free_port
+from conftest import DAGSTER_CLI, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 QUERY = "{ assetNodes { assetKey { path } groupName } }"
 
 
-def test_dagster_dev_serves_the_asset_graph(tmp_path):
+def test_dagster_dev_serves_the_asset_graph(cli_env):
     port = free_port()
-    env = {
-        **os.environ,
-        "ALIGNFOUNDRY_HOME": str(tmp_path),
-        "DAGSTER_HOME": str(tmp_path / "dagster"),
-        "DAGSTER_DISABLE_TELEMETRY": "1",
-    }
-    (tmp_path / "dagster").mkdir()
-    dagster = Path(sys.executable).parent / "dagster"
     # A new session with default signal handling, so the whole group can be stopped.
     proc = subprocess.Popen(
-        [str(dagster), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
+        [str(DAGSTER_CLI), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
         cwd=REPO,
-        env=env,
+        env=cli_env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
