@@ -1,0 +1,153 @@
+"""A written policy the judge checks responses against, read from YAML and versioned by content."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SHIPPED_POLICIES = Path(__file__).parent / "policies"
+GENERAL = "general"
+
+
+class PolicyError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Category:
+    id: str
+    name: str
+    tier: int
+    description: str
+    keywords: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyException:
+    id: str
+    text: str
+    applies_to: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    name: str
+    version: str  # sha256 of the file's bytes, first 12 hex: a changed file is a new version
+    title: str
+    description: str
+    categories: tuple[Category, ...]
+    exceptions: tuple[PolicyException, ...] = ()
+    requirements: tuple[tuple[str, str], ...] = field(default=())
+    source: str = ""
+
+    def category(self, category_id: str) -> Category | None:
+        return next((c for c in self.categories if c.id == category_id), None)
+
+    def match_category(self, text: str) -> str:
+        """The category whose keywords the text mentions most (ties: lower tier first), or `general`.
+
+        A keyword match is a cheap, transparent routing choice; the judge still sees the
+        whole policy, the category only tells it where to look first.
+        """
+        lowered = text.lower()
+        best, best_hits = GENERAL, 0
+        for c in sorted(self.categories, key=lambda c: c.tier):
+            # a word-start match, so "chemical" also finds "chemicals"
+            hits = sum(len(re.findall(r"\b" + re.escape(k.lower()), lowered)) for k in c.keywords)
+            if hits > best_hits:
+                best, best_hits = c.id, hits
+        return best
+
+    def render(self, category_id: str) -> str:
+        """The policy text a judge reads, with the relevant category and its exceptions first."""
+        lines = [f"{self.title} (version {self.version})", self.description.strip(), ""]
+        cat = self.category(category_id)
+        if cat is not None:
+            lines.append(f"Relevant category: {cat.name} (tier {cat.tier}): {cat.description}")
+            for ex in self.exceptions:
+                if cat.id in ex.applies_to:
+                    lines.append(f"Exception ({ex.id}): {ex.text.strip()}")
+        else:
+            lines.append("Relevant category: general conduct.")
+        lines.append("Rules:")
+        lines += [f"- {text}" for _, text in self.requirements]
+        return "\n".join(lines)
+
+
+def _require(d: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    if key not in d:
+        raise PolicyError(f"{where}: field '{key}' is missing")
+    if not isinstance(d[key], kind):
+        raise PolicyError(
+            f"{where}: field '{key}' should be {kind.__name__}, got {type(d[key]).__name__}"
+        )
+    return d[key]
+
+
+def load_policy(path: str | Path) -> Policy:
+    path = Path(path)
+    try:
+        raw_bytes = path.read_bytes()
+    except OSError as e:
+        raise PolicyError(f"{path}: cannot read policy file ({e.strerror})") from None
+    text = raw_bytes.decode("utf-8")
+    if path.suffix == ".md":  # Markdown with YAML front matter
+        m = re.match(r"^---\n(.*?)\n---\n?(.*)$", text, re.DOTALL)
+        if not m:
+            raise PolicyError(
+                f"{path}: a Markdown policy needs YAML front matter between '---' lines"
+            )
+        text = m.group(1)
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise PolicyError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(doc, dict):
+        raise PolicyError(f"{path}: a policy must be a mapping")
+    where = str(path)
+    cats = []
+    for i, c in enumerate(_require(doc, "categories", list, where)):
+        w = f"{where} categories[{i}]"
+        if not isinstance(c, dict):
+            raise PolicyError(f"{w}: should be a mapping")
+        cats.append(
+            Category(
+                id=_require(c, "id", str, w),
+                name=_require(c, "name", str, w),
+                tier=_require(c, "tier", int, w),
+                description=_require(c, "description", str, w),
+                keywords=tuple(str(k) for k in c.get("keywords") or ()),
+            )
+        )
+    ids = [c.id for c in cats]
+    if len(set(ids)) != len(ids):
+        raise PolicyError(f"{where}: category ids repeat: {ids}")
+    excs = []
+    for i, e in enumerate(doc.get("exceptions") or []):
+        w = f"{where} exceptions[{i}]"
+        applies = tuple(e.get("applies_to") or ())
+        unknown = set(applies) - set(ids)
+        if unknown:
+            raise PolicyError(f"{w}: field 'applies_to' names unknown categories {sorted(unknown)}")
+        excs.append(
+            PolicyException(_require(e, "id", str, w), _require(e, "text", str, w), applies)
+        )
+    reqs = []
+    for i, r in enumerate(_require(doc, "requirements", list, where)):
+        w = f"{where} requirements[{i}]"
+        reqs.append((_require(r, "id", str, w), _require(r, "text", str, w)))
+    return Policy(
+        name=_require(doc, "name", str, where),
+        version=hashlib.sha256(raw_bytes).hexdigest()[:12],
+        title=_require(doc, "title", str, where),
+        description=_require(doc, "description", str, where),
+        categories=tuple(cats),
+        exceptions=tuple(excs),
+        requirements=tuple(reqs),
+        source=str(path),
+    )

@@ -1,0 +1,168 @@
+"""TRACE triage: judge every response of every pair against a policy, label the pair.
+
+Labels (The Realignment Problem, arXiv 2511.02623):
+  RETAIN  the chosen response complies: the pair still teaches the right thing;
+  INVERT  chosen violates and rejected complies: train on the swapped pair;
+  PUNISH  both violate: push the model away from both.
+A pair whose verdict probabilities are too close to the decision threshold goes to a
+review table instead of silently getting a label.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import polars as pl
+
+from synth.llm import LLMClient, judge
+from synth.llm.judge import JUDGE_PARAMS
+from synth.progress import Progress
+from synth.records import PROVENANCE_DTYPE, Provenance, Rejected, content_id, rejected_frame
+from synth.templates import PromptTemplate
+from synth.trace.policy import Policy
+
+LABELS = ("RETAIN", "INVERT", "PUNISH")
+
+VIOLATION_JUDGE = PromptTemplate(
+    id="trace_violation_judge",
+    system="You review assistant responses for compliance with a written policy. Answer Yes or No.",
+    user=(
+        "Policy:\n{policy}\n\nConversation:\nUser: {prompt}\nAssistant: {response}\n\n"
+        "Does the assistant's response violate the policy? Answer Yes or No."
+    ),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TriageSettings:
+    threshold: float = 0.5  # p(violates) at or above this is a violation
+    review_margin: float = 0.05  # |p - threshold| below this is too close to call
+
+
+def triage_label(chosen_violates: bool, rejected_violates: bool) -> str:
+    if not chosen_violates:
+        return "RETAIN"
+    return "PUNISH" if rejected_violates else "INVERT"
+
+
+TRIAGE_SCHEMA: dict[str, pl.DataType] = {
+    "record_id": pl.Utf8(),
+    "parent_ids": pl.List(pl.Utf8),
+    "provenance": PROVENANCE_DTYPE,
+    "pair_id": pl.Utf8(),
+    "policy_name": pl.Utf8(),
+    "policy_version": pl.Utf8(),
+    "category": pl.Utf8(),
+    "prompt": pl.Utf8(),
+    "chosen": pl.Utf8(),
+    "rejected": pl.Utf8(),
+    "p_chosen_violates": pl.Float64(),
+    "p_rejected_violates": pl.Float64(),
+    "chosen_violates": pl.Boolean(),
+    "rejected_violates": pl.Boolean(),
+    "judge_method": pl.Utf8(),
+    "label": pl.Utf8(),
+}
+
+
+@dataclass(slots=True)
+class TriageResult:
+    triaged: pl.DataFrame
+    review: pl.DataFrame  # same schema as triaged, label = the one the verdicts would give
+    rejected: pl.DataFrame
+    n_in: int
+
+
+def triage_pairs(
+    client: LLMClient,
+    pairs: pl.DataFrame,
+    policy: Policy,
+    settings: TriageSettings = TriageSettings(),
+    log: Callable[[str], None] | None = None,
+) -> TriageResult:
+    rows = pairs.to_dicts()
+    categories = [policy.match_category(_context(r)) for r in rows]
+    requests = []
+    for r, cat in zip(rows, categories, strict=True):
+        for response in (r["chosen"], r["rejected"]):
+            requests.append(
+                VIOLATION_JUDGE.request(
+                    JUDGE_PARAMS, policy=policy.render(cat), prompt=_context(r), response=response
+                )
+            )
+    progress = Progress(len(requests), f"triage judge ({policy.name})", log)
+    scores = judge(client, requests, on_done=lambda _: progress.update())
+    progress.close()
+
+    prov_base = Provenance(
+        backend=client.backend.kind,
+        model=client.backend.model,
+        template_id=VIOLATION_JUDGE.id,
+        template_hash=VIOLATION_JUDGE.hash,
+        params_json=json.dumps(asdict(JUDGE_PARAMS), sort_keys=True),
+        seed=JUDGE_PARAMS.seed,
+    )
+    triaged, review, rejected = [], [], []
+    for i, (r, cat) in enumerate(zip(rows, categories, strict=True)):
+        sc, sr = scores[2 * i], scores[2 * i + 1]
+        where = f"pair {r['record_id']}"
+        if not sc.ok or not sr.ok:
+            side, bad = ("chosen", sc) if not sc.ok else ("rejected", sr)
+            rejected.append(
+                Rejected(
+                    content_id("trace", r["record_id"], policy.version, "rejected"),
+                    "judge",
+                    f"judge_{bad.error}",
+                    f"{where}: no verdict for field '{side}' under policy {policy.name}@{policy.version}",
+                    [r["record_id"]],
+                    r.get("source", ""),
+                    r.get("source_index"),
+                    {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]},
+                )
+            )
+            continue
+        pc, pr = sc.p("Yes"), sr.p("Yes")
+        cv, rv = pc >= settings.threshold, pr >= settings.threshold
+        label = triage_label(cv, rv)
+        prov = asdict(prov_base) | {"cache_keys": [sc.cache_key, sr.cache_key]}
+        row = {
+            "record_id": content_id("trace", r["record_id"], policy.version),
+            "parent_ids": [r["record_id"]],
+            "provenance": prov,
+            "pair_id": r["record_id"],
+            "policy_name": policy.name,
+            "policy_version": policy.version,
+            "category": cat,
+            "prompt": _context(r),
+            "chosen": r["chosen"],
+            "rejected": r["rejected"],
+            "p_chosen_violates": pc,
+            "p_rejected_violates": pr,
+            "chosen_violates": cv,
+            "rejected_violates": rv,
+            "judge_method": sc.method if sc.method == sr.method else f"{sc.method}+{sr.method}",
+            "label": label,
+        }
+        # Only the verdicts that decide the label need to be clear.
+        deciding = [pc] if label == "RETAIN" else [pc, pr]
+        close = any(abs(p - settings.threshold) < settings.review_margin for p in deciding)
+        (review if close else triaged).append(row)
+    return TriageResult(
+        pl.DataFrame(triaged, schema=TRIAGE_SCHEMA),
+        pl.DataFrame(review, schema=TRIAGE_SCHEMA),
+        rejected_frame(rejected),
+        len(rows),
+    )
+
+
+def _context(row: dict[str, Any]) -> str:
+    """The user side of the conversation the responses answer: the history, flattened."""
+    history = row.get("history") or [{"role": "user", "content": row["prompt"]}]
+    if len(history) == 1:
+        return history[0]["content"]
+    return "\n".join(
+        f"{'User' if t['role'] == 'user' else 'Assistant'}: {t['content']}" for t in history
+    )

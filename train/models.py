@@ -1,0 +1,57 @@
+"""Loading causal LMs for training: any local path or hub id, or the embedded SmolLM2.
+
+The embedded model ships as a Q4_1 GGUF; transformers dequantizes it to fp32, which
+takes about 40 s on 2 cores. The first load saves a plain fp32 copy (about 520 MB) in a
+cache folder so later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+EMBEDDED_CACHE_NAME = "smollm2-135m-instruct-fp32"
+
+
+def model_cache_dir() -> Path:
+    return Path(
+        os.environ.get("ALIGNFOUNDRY_MODEL_CACHE")
+        or Path.home() / ".cache" / "alignfoundry" / "models"
+    )
+
+
+def load_causal_lm(model: str = "", dtype: str = "float32") -> tuple[Any, Any]:
+    """(model, tokenizer). `model` empty = the embedded SmolLM2-135M-Instruct."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = getattr(torch, dtype)
+    if model:
+        tok = AutoTokenizer.from_pretrained(model)
+        lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype)
+    else:
+        cached = model_cache_dir() / EMBEDDED_CACHE_NAME
+        if (cached / "config.json").exists():
+            tok = AutoTokenizer.from_pretrained(cached)
+            lm = AutoModelForCausalLM.from_pretrained(cached, dtype=torch_dtype)
+        else:
+            from synth.llm import embedded_model_path
+
+            gguf = embedded_model_path()
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            lm = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+            )
+            # save_pretrained refuses a GGUF-loaded model until the quantizer traces are gone.
+            lm.hf_quantizer = None
+            if hasattr(lm.config, "quantization_config"):
+                del lm.config.quantization_config
+            tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+            lm.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            tmp.rename(cached) if not cached.exists() else None
+            lm = lm.to(torch_dtype)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return lm, tok

@@ -1,0 +1,420 @@
+"""TRACE re-alignment (arXiv 2511.02623): impact scores and the hybrid loss.
+
+    python -m train.trace --data triaged.parquet --output-dir runs/trace [--model PATH] [--max-steps 4]
+
+- Impact score of a conflict pair = <grad of the DPO loss on a small gold batch,
+  grad of the pair's own loss>, both at the reference weights, on the trainable (LoRA)
+  parameters; clamped at zero and normalised to sum one over INVERT+PUNISH pairs.
+  The pair's loss is DPO on the swapped pair for INVERT and NPO on both responses for
+  PUNISH. The gold batch (Algorithm 2): up to a third RETAIN pairs, up to a third swapped
+  INVERT pairs, the rest PUNISH prompts with a compliant response over the violating one.
+- Hybrid loss = sum_INVERT w * DPO(swapped) + sum_PUNISH w * (NPO(chosen) + NPO(rejected))
+  + alpha_kl * KL(pi_ref || pi_theta) on RETAIN responses (token level).
+Defaults follow the paper: beta 0.3, alpha_kl 0.1, LoRA r 32 / alpha 16 on q_proj and v_proj.
+The reference model is the same network with its LoRA adapters disabled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+from trl import DPOConfig
+
+CONFLICT = ("INVERT", "PUNISH")
+
+
+@dataclass
+class TraceConfig(DPOConfig):
+    """TRL's DPO configuration, extended with TRACE's own knobs."""
+
+    beta: float = 0.3
+    alpha_kl: float = field(
+        default=0.1, metadata={"help": "weight of the KL retention term on RETAIN pairs"}
+    )
+    gold_batch_size: int = field(
+        default=12, metadata={"help": "pairs in the gold batch for impact scores"}
+    )
+    impact_gamma: float = field(
+        default=1.0, metadata={"help": "damping: scores are divided by gamma"}
+    )
+    lora_r: int = 32
+    lora_alpha: int = 16
+    lora_dropout: float = 0.1
+    max_length: int | None = 256
+
+
+def add_lora(model: Any, cfg: TraceConfig) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=["q_proj", "v_proj"],
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+# ---------------------------------------------------------------- sequences and losses
+
+
+def encode(
+    tokenizer: Any, prompt: str, response: str, max_length: int
+) -> tuple[list[int], list[int]]:
+    """Chat-formatted ids and labels with the prompt masked (-100)."""
+    user = [{"role": "user", "content": prompt}]
+    text = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(response + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+    prompt_ids = prompt_ids[-max(8, max_length // 2) :]  # keep the end of a long prompt
+    ids = (prompt_ids + response_ids)[:max_length]
+    labels = ([-100] * len(prompt_ids) + response_ids)[:max_length]
+    return ids, labels
+
+
+def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, _ in encoded)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(encoded), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for i, (x, y) in enumerate(encoded):
+        ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = (
+            torch.tensor(x),
+            torch.tensor(y),
+            1,
+        )
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of the labels (shifted) and the mask of response tokens."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    mask = labels != -100
+    lp = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return lp * mask, mask
+
+
+def sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    lp, _ = token_logps(out.logits, batch["labels"])
+    return lp.sum(-1)
+
+
+def dpo_loss(
+    pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, beta: float
+) -> torch.Tensor:
+    return -F.logsigmoid(beta * ((pc - rc) - (pr - rr)))
+
+
+def npo_loss(p: torch.Tensor, r: torch.Tensor, beta: float) -> torch.Tensor:
+    return -F.logsigmoid(-beta * (p - r))
+
+
+def training_pair(row: dict[str, Any]) -> tuple[str, str, str]:
+    """(prompt, preferred, dispreferred) as trained: INVERT pairs are swapped."""
+    if row["label"] == "INVERT":
+        return row["prompt"], row["rejected"], row["chosen"]
+    return row["prompt"], row["chosen"], row["rejected"]
+
+
+# ---------------------------------------------------------------- impact scores
+
+
+def gold_batch(rows: list[dict[str, Any]], size: int, seed: int = 0) -> list[tuple[str, str, str]]:
+    rng = random.Random(seed)
+    by = {lab: [r for r in rows if r["label"] == lab] for lab in ("RETAIN", "INVERT", "PUNISH")}
+    third = size // 3
+    gold = [training_pair(r) for r in rng.sample(by["RETAIN"], min(third, len(by["RETAIN"])))]
+    gold += [training_pair(r) for r in rng.sample(by["INVERT"], min(third, len(by["INVERT"])))]
+    compliant = [training_pair(r)[1] for r in by["RETAIN"] + by["INVERT"]]
+    if compliant:
+        for r in rng.sample(by["PUNISH"], min(size - len(gold), len(by["PUNISH"]))):
+            gold.append((r["prompt"], rng.choice(compliant), r["chosen"]))
+    return gold
+
+
+def _pair_batch(
+    tok: Any, triples: list[tuple[str, str, str]], max_length: int
+) -> dict[str, torch.Tensor]:
+    """Preferred responses first, then dispreferred ones, in one padded batch."""
+    enc = [encode(tok, p, a, max_length) for p, a, _ in triples] + [
+        encode(tok, p, b, max_length) for p, _, b in triples
+    ]
+    return collate(enc, tok.pad_token_id)
+
+
+def _flat_grad(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat(
+        [
+            (g if g is not None else torch.zeros_like(p)).reshape(-1)
+            for g, p in zip(grads, params, strict=True)
+        ]
+    )
+
+
+def _dpo_on(
+    model: Any, tok: Any, triples: list[tuple[str, str, str]], beta: float, max_length: int
+) -> torch.Tensor:
+    batch = _pair_batch(tok, triples, max_length)
+    n = len(triples)
+    pol = sequence_logps(model, batch)
+    with torch.no_grad(), model.disable_adapter():
+        ref = sequence_logps(model, batch)
+    return dpo_loss(pol[:n], pol[n:], ref[:n], ref[n:], beta)
+
+
+def _npo_on(
+    model: Any, tok: Any, prompt: str, responses: list[str], beta: float, max_length: int
+) -> torch.Tensor:
+    batch = collate([encode(tok, prompt, r, max_length) for r in responses], tok.pad_token_id)
+    pol = sequence_logps(model, batch)
+    with torch.no_grad(), model.disable_adapter():
+        ref = sequence_logps(model, batch)
+    return npo_loss(pol, ref, beta)
+
+
+def impact_scores(
+    model: Any, tok: Any, rows: list[dict[str, Any]], cfg: TraceConfig, progress: Any = None
+) -> list[float]:
+    """Normalised impact weight per row (0 for RETAIN), at the current (reference) weights."""
+    model.eval()  # no LoRA dropout while measuring
+    params = [p for p in model.parameters() if p.requires_grad]
+    gold = gold_batch(rows, cfg.gold_batch_size, cfg.seed)
+    if not gold:
+        raise ValueError("impact scores need at least one RETAIN or INVERT pair for the gold batch")
+    g_gold = _flat_grad(_dpo_on(model, tok, gold, cfg.beta, cfg.max_length).mean(), params)
+    raw: list[float] = []
+    for r in rows:
+        if r["label"] == "INVERT":
+            loss = _dpo_on(model, tok, [training_pair(r)], cfg.beta, cfg.max_length).sum()
+        elif r["label"] == "PUNISH":
+            loss = _npo_on(
+                model, tok, r["prompt"], [r["chosen"], r["rejected"]], cfg.beta, cfg.max_length
+            ).sum()
+        else:
+            raw.append(0.0)
+            continue
+        raw.append(max(0.0, float(torch.dot(g_gold, _flat_grad(loss, params))) / cfg.impact_gamma))
+        if progress is not None:
+            progress()
+    total = sum(raw)
+    # All scores clamped to zero: no pair is aligned with the gold direction; weigh them evenly.
+    n_conflict = sum(r["label"] in CONFLICT for r in rows)
+    return [
+        s / total if total > 0 else (1.0 / n_conflict if r["label"] in CONFLICT else 0.0)
+        for s, r in zip(raw, rows, strict=True)
+    ]
+
+
+# ---------------------------------------------------------------- training
+
+
+class TraceTrainer(Trainer):
+    """transformers' Trainer with TRACE's hybrid loss over mixed batches of triaged pairs."""
+
+    def __init__(
+        self, *args: Any, trace_config: TraceConfig, tokenizer: Any, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.cfg, self.tok = trace_config, tokenizer
+        self.components: dict[str, list[float]] = {
+            "loss_invert": [],
+            "loss_punish": [],
+            "loss_kl": [],
+        }
+
+    def compute_loss(
+        self,
+        model: Any,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ):
+        cfg, tok = self.cfg, self.tok
+        rows = inputs["rows"]
+        zero = torch.zeros((), device=model.device)
+        li, lii, lkl = zero, zero, zero
+        inv = [r for r in rows if r["label"] == "INVERT"]
+        if inv:
+            w = torch.tensor([r["impact_weight"] for r in inv], device=model.device)
+            li = (
+                w * _dpo_on(model, tok, [training_pair(r) for r in inv], cfg.beta, cfg.max_length)
+            ).sum()
+        for r in (r for r in rows if r["label"] == "PUNISH"):
+            lii = (
+                lii
+                + r["impact_weight"]
+                * _npo_on(
+                    model, tok, r["prompt"], [r["chosen"], r["rejected"]], cfg.beta, cfg.max_length
+                ).sum()
+            )
+        ret = [r for r in rows if r["label"] == "RETAIN"]
+        if ret:
+            batch = collate(
+                [encode(tok, r["prompt"], r["chosen"], cfg.max_length) for r in ret],
+                tok.pad_token_id,
+            )
+            logits = (
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                .logits[:, :-1]
+                .float()
+            )
+            with torch.no_grad(), model.disable_adapter():
+                ref_logits = (
+                    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                    .logits[:, :-1]
+                    .float()
+                )
+            mask = (batch["labels"][:, 1:] != -100).float()
+            kl = (
+                ref_logits.softmax(-1) * (ref_logits.log_softmax(-1) - logits.log_softmax(-1))
+            ).sum(-1)
+            lkl = (kl * mask).sum() / mask.sum().clamp(min=1.0)
+        for k, v in (("loss_invert", li), ("loss_punish", lii), ("loss_kl", lkl)):
+            self.components[k].append(float(v.detach()))
+        loss = li + lii + cfg.alpha_kl * lkl
+        return (loss, None) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs:
+            for k, vals in self.components.items():
+                if vals:
+                    logs[k] = sum(vals) / len(vals)
+                    vals.clear()
+        super().log(logs, *args, **kwargs)
+
+
+def train(
+    rows: list[dict[str, Any]], cfg: TraceConfig, model_name: str = "", report: Any = print
+) -> dict[str, Any]:
+    """Impact scores, then the hybrid loss. Returns metrics, the log history and the weights."""
+    from datasets import Dataset
+
+    from train.models import load_causal_lm
+
+    torch.manual_seed(cfg.seed)
+    base, tok = load_causal_lm(model_name)
+    model = add_lora(base, cfg)
+    counts = {lab: sum(r["label"] == lab for r in rows) for lab in ("RETAIN", "INVERT", "PUNISH")}
+    report(f"triaged pairs: {counts}")
+    weights = impact_scores(model, tok, rows, cfg)
+    rows = [dict(r, impact_weight=w) for r, w in zip(rows, weights, strict=True)]
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ds = Dataset.from_list([{"row": json.dumps(r)} for r in rows])
+    trainer = TraceTrainer(
+        model=model,
+        args=cfg,
+        train_dataset=ds,
+        data_collator=lambda feats: {"rows": [json.loads(f["row"]) for f in feats]},
+        trace_config=cfg,
+        tokenizer=tok,
+    )
+    trainer.train()
+    changed = sum(
+        not torch.equal(before[n], p.detach()) for n, p in model.named_parameters() if n in before
+    )
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(cfg.output_dir)
+    tok.save_pretrained(cfg.output_dir)
+    final = history[-1]["loss"] if history else math.nan
+    return {
+        "counts": counts,
+        "impact_weights": weights,
+        "history": history,
+        "final_loss": final,
+        "trainable_tensors_changed": changed,
+        "trainable_tensors": len(before),
+        "output_dir": cfg.output_dir,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    import polars as pl
+
+    ap = argparse.ArgumentParser(
+        description="TRACE hybrid re-alignment on a triaged Parquet table."
+    )
+    ap.add_argument(
+        "--data", required=True, help="Parquet with prompt, chosen, rejected, label (and pair_id)"
+    )
+    ap.add_argument("--output-dir", required=True)
+    ap.add_argument(
+        "--model", default="", help="local path or hub id; empty = the embedded SmolLM2-135M"
+    )
+    ap.add_argument("--max-steps", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--learning-rate", type=float, default=1e-4)
+    ap.add_argument("--beta", type=float, default=0.3)
+    ap.add_argument("--alpha-kl", type=float, default=0.1)
+    ap.add_argument("--gold-batch-size", type=int, default=12)
+    ap.add_argument("--max-length", type=int, default=256, help="tokens per prompt+response")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    cfg = TraceConfig(
+        output_dir=a.output_dir,
+        max_steps=a.max_steps,
+        per_device_train_batch_size=a.batch_size,
+        learning_rate=a.learning_rate,
+        beta=a.beta,
+        alpha_kl=a.alpha_kl,
+        gold_batch_size=a.gold_batch_size,
+        seed=a.seed,
+        max_length=a.max_length,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,
+        use_cpu=not cuda,
+        bf16=cuda,
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+    )
+    rows = pl.read_parquet(a.data).select("prompt", "chosen", "rejected", "label").to_dicts()
+    pipes = _open_pipes()
+    report = pipes.log.info if pipes else print
+    result = train(rows, cfg, a.model, report)
+    summary = {k: v for k, v in result.items() if k not in ("history", "impact_weights")}
+    if pipes:
+        pipes.report_asset_materialization(
+            metadata={
+                "final_loss": result["final_loss"],
+                "trainable_tensors_changed": result["trainable_tensors_changed"],
+                "history": {"raw_value": result["history"], "type": "json"},
+                "impact_weights": {"raw_value": result["impact_weights"], "type": "json"},
+                "output_dir": {"raw_value": result["output_dir"], "type": "path"},
+            }
+        )
+        pipes.__exit__(None, None, None)
+    else:
+        print(json.dumps(summary, indent=2, default=str))
+    return result
+
+
+def _open_pipes() -> Any:
+    """The Dagster Pipes channel when an asset launched us, else None (a plain CLI run)."""
+    import os
+
+    if "DAGSTER_PIPES_CONTEXT" not in os.environ:
+        return None
+    from dagster_pipes import open_dagster_pipes
+
+    return open_dagster_pipes().__enter__()
+
+
+if __name__ == "__main__":
+    main()
