@@ -7,9 +7,9 @@ from pathlib import Path
 
 from dagster import Definitions, EnvVar
 
-from assets import responses, seeds
+from assets import responses, seeds, trace
 from pipelines.jobs import jobs
-from pipelines.resources import LLMResource, ParquetIOManager
+from pipelines.resources import LLMResource, ParquetIOManager, TrainerResource
 
 DEFAULT_HOME = ".alignfoundry"
 
@@ -37,12 +37,16 @@ def build_definitions(
 ) -> Definitions:
     home = home_dir(home)
     return Definitions(
-        assets=[*seeds.assets, *responses.assets],
-        asset_checks=[*seeds.checks, *responses.checks],
+        assets=[*seeds.assets, *responses.assets, *trace.assets],
+        asset_checks=[*seeds.checks, *responses.checks, *trace.checks],
         jobs=jobs,
         resources={
             "io_manager": ParquetIOManager(base_dir=str(home / "storage")),
             "llm": llm or llm_from_env(home),
+            "trainer": TrainerResource(
+                runs_dir=str(home / "runs"),
+                base_model=os.environ.get("ALIGNFOUNDRY_BASE_MODEL", ""),
+            ),
         },
     )
 

@@ -12,10 +12,15 @@ responses_job = define_asset_job(
     selection=AssetSelection.groups("responses").upstream().required_multi_asset_neighbors(),
     description="Judged responses to the seed instructions.",
 )
+trace_job = define_asset_job(
+    "trace",
+    selection=AssetSelection.groups("trace").upstream().required_multi_asset_neighbors(),
+    description="TRACE: triage the preference pairs under a policy, weigh them, re-align.",
+)
 demo_job = define_asset_job(
     "demo",
     selection=AssetSelection.groups("seeds", "responses"),
     description="The README demo: seeds and the judged-response slice on the embedded model.",
 )
 
-jobs = [seeds_job, responses_job, demo_job]
+jobs = [seeds_job, responses_job, trace_job, demo_job]

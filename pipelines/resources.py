@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any, Optional
 
 import polars as pl
-from dagster import ConfigurableResource, InitResourceContext, InputContext
+from dagster import (
+    AssetExecutionContext,
+    ConfigurableResource,
+    InitResourceContext,
+    InputContext,
+    PipesSubprocessClient,
+)
 from dagster_polars import PolarsParquetIOManager
 from dagster_polars.io_managers.parquet import _remap_fsspec_storage_options
 from pydantic import PrivateAttr
 
 from synth.llm import LLMClient, ResponseCache, make_backend
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class LLMResource(ConfigurableResource):
@@ -68,3 +78,29 @@ class ParquetIOManager(PolarsParquetIOManager):
             self.storage_options or getattr(path, "storage_options", None)
         )
         return pl.scan_parquet(str(path), storage_options=options)
+
+
+class TrainerResource(ConfigurableResource):
+    """Where training runs: a local subprocess through Dagster Pipes by default.
+
+    On a cluster, swap the client for dagster-k8s' PipesK8sClient with the same command.
+    """
+
+    python: str = sys.executable
+    runs_dir: str = ".alignfoundry/runs"
+    base_model: str = ""  # empty = the embedded SmolLM2-135M; else a local path or hub id
+    extra_env: dict[str, str] = {}
+
+    def run_dir(self, name: str) -> Path:
+        path = Path(self.runs_dir) / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def launch(self, context: AssetExecutionContext, module: str, args: list[str]) -> Any:
+        command = [self.python, "-m", module, *args]
+        if self.base_model:
+            command += ["--model", self.base_model]
+        context.log.info("launching: " + " ".join(command))
+        return PipesSubprocessClient(cwd=str(REPO_ROOT), env=dict(self.extra_env)).run(
+            command=command, context=context
+        )

@@ -7,10 +7,11 @@ import polars as pl
 from synth.trace.triage import LABELS, triage_label
 
 
-def label_mismatches(triaged: pl.DataFrame, threshold: float) -> pl.DataFrame:
+def label_mismatches(triaged: pl.DataFrame) -> pl.DataFrame:
     """Rows whose stored verdicts or label disagree with a recomputation from the probabilities."""
     rows = []
     for r in triaged.iter_rows(named=True):
+        threshold = r["verdict_threshold"]
         cv, rv = r["p_chosen_violates"] >= threshold, r["p_rejected_violates"] >= threshold
         expected = triage_label(cv, rv)
         if (cv, rv) != (r["chosen_violates"], r["rejected_violates"]) or expected != r["label"]:

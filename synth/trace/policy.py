@@ -95,7 +95,16 @@ def load_policy(path: str | Path) -> Policy:
         raw_bytes = path.read_bytes()
     except OSError as e:
         raise PolicyError(f"{path}: cannot read policy file ({e.strerror})") from None
-    text = raw_bytes.decode("utf-8")
+    return parse_policy(raw_bytes, path)
+
+
+def parse_policy(raw_bytes: bytes, path: str | Path) -> Policy:
+    """A policy from its file's bytes (the version is their hash); `path` names it in errors."""
+    path = Path(path)
+    try:
+        text = raw_bytes.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PolicyError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
     if path.suffix == ".md":  # Markdown with YAML front matter
         m = re.match(r"^---\n(.*?)\n---\n?(.*)$", text, re.DOTALL)
         if not m:

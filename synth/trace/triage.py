@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import polars as pl
+from pydantic import BaseModel, ConfigDict
 
 from synth.llm import LLMClient, judge
 from synth.llm.judge import JUDGE_PARAMS
@@ -36,8 +37,9 @@ VIOLATION_JUDGE = PromptTemplate(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class TriageSettings:
+class TriageSettings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
     threshold: float = 0.5  # p(violates) at or above this is a violation
     review_margin: float = 0.05  # |p - threshold| below this is too close to call
 
@@ -65,6 +67,7 @@ TRIAGE_SCHEMA: dict[str, pl.DataType] = {
     "rejected_violates": pl.Boolean(),
     "judge_method": pl.Utf8(),
     "label": pl.Utf8(),
+    "verdict_threshold": pl.Float64(),
 }
 
 
@@ -145,6 +148,7 @@ def triage_pairs(
             "rejected_violates": rv,
             "judge_method": sc.method if sc.method == sr.method else f"{sc.method}+{sr.method}",
             "label": label,
+            "verdict_threshold": settings.threshold,
         }
         # Only the verdicts that decide the label need to be clear.
         deciding = [pc] if label == "RETAIN" else [pc, pr]

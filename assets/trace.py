@@ -1,0 +1,263 @@
+"""TRACE: policy triage of existing preference pairs, impact weights, hybrid re-alignment."""
+
+from typing import Optional
+
+import polars as pl
+from dagster import (
+    AssetCheckExecutionContext,
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetExecutionContext,
+    AssetIn,
+    AssetOut,
+    Config,
+    MetadataValue,
+    Output,
+    asset,
+    asset_check,
+    multi_asset,
+)
+
+from assets.common import (
+    accounting_result,
+    dataset_metadata,
+    rejected_metadata,
+    rows_in,
+    unique_ids_result,
+)
+from assets.plots import bar_plot, histogram, line_plot
+from pipelines.resources import LLMResource, TrainerResource
+from quality.accounting import account
+from quality.trace import label_counts, label_mismatches, weight_sums
+from synth.trace.policy import SHIPPED_POLICIES, load_policy, parse_policy
+from synth.trace.triage import TriageSettings, triage_pairs
+
+# Training on fewer conflict pairs than this teaches nothing: the gate blocks it.
+MIN_CONFLICT_PAIRS = 2
+
+
+class TracePolicyConfig(Config):
+    path: str = (
+        ""  # a YAML (or Markdown with front matter) policy; empty = the shipped new_policy.yaml
+    )
+
+
+@asset(group_name="trace")
+def trace_policy(context: AssetExecutionContext, config: TracePolicyConfig) -> Output[pl.DataFrame]:
+    """The written policy pairs are triaged against; its version is the hash of the file."""
+    path = config.path or str(SHIPPED_POLICIES / "new_policy.yaml")
+    policy = load_policy(path)
+    with open(path, "rb") as f:
+        document = f.read().decode("utf-8")
+    df = pl.DataFrame(
+        [
+            {
+                "name": policy.name,
+                "version": policy.version,
+                "title": policy.title,
+                "source": path,
+                "document": document,
+            }
+        ]
+    )
+    return Output(
+        df,
+        metadata={
+            "policy_name": policy.name,
+            "policy_version": policy.version,
+            "categories": len(policy.categories),
+            "exceptions": len(policy.exceptions),
+            "document": MetadataValue.md(f"```yaml\n{document}\n```"),
+        },
+    )
+
+
+class TraceTriageConfig(Config, TriageSettings):
+    limit: Optional[int] = None  # only the first N preference pairs
+
+
+@multi_asset(
+    outs={
+        "trace_triage": AssetOut(
+            description="Pairs labelled RETAIN/INVERT/PUNISH from per-response policy verdicts."
+        ),
+        "trace_triage_review": AssetOut(
+            description="Pairs whose deciding verdicts were too close to call."
+        ),
+        "trace_triage_rejected": AssetOut(
+            description="Pairs the judge gave no usable verdict for."
+        ),
+    },
+    ins={"seed_preference_pairs": AssetIn(), "trace_policy": AssetIn()},
+    group_name="trace",
+)
+def trace_triage_assets(
+    context: AssetExecutionContext,
+    config: TraceTriageConfig,
+    llm: LLMResource,
+    seed_preference_pairs: pl.DataFrame,
+    trace_policy: pl.DataFrame,
+):
+    doc = trace_policy.row(0, named=True)
+    policy = parse_policy(doc["document"].encode("utf-8"), doc["source"])
+    pairs = (
+        seed_preference_pairs if config.limit is None else seed_preference_pairs.head(config.limit)
+    )
+    client = llm.client()
+    result = triage_pairs(client, pairs, policy, config, log=context.log.info)
+    counts = label_counts(result.triaged)
+    probs = (
+        result.triaged["p_chosen_violates"].to_list()
+        + result.triaged["p_rejected_violates"].to_list()
+    )
+    md = dataset_metadata(
+        result.triaged,
+        result.rejected,
+        result.n_in,
+        review=result.review.height,
+        policy_version=policy.version,
+        **{f"label_{k}": v for k, v in counts.items()},
+        **client.stats.as_metadata(),
+    )
+    md["label_distribution"] = bar_plot(counts, f"labels under {policy.name}", "pairs")
+    if probs:
+        md["verdict_histogram"] = histogram(probs, "p(response violates)", "probability")
+    yield Output(result.triaged, output_name="trace_triage", metadata=md)
+    yield Output(
+        result.review, output_name="trace_triage_review", metadata={"rows": result.review.height}
+    )
+    yield Output(
+        result.rejected,
+        output_name="trace_triage_rejected",
+        metadata=rejected_metadata(result.rejected),
+    )
+
+
+@asset_check(
+    asset="trace_triage",
+    blocking=True,
+    additional_ins={
+        "review": AssetIn("trace_triage_review"),
+        "rejected": AssetIn("trace_triage_rejected"),
+        "pairs": AssetIn("seed_preference_pairs"),
+    },
+    description="No pair lost: in == triaged + review + rejected.",
+)
+def trace_triage_accounted(
+    context: AssetCheckExecutionContext,
+    triaged: pl.DataFrame,
+    review: pl.DataFrame,
+    rejected: pl.DataFrame,
+    pairs: pl.DataFrame,
+) -> AssetCheckResult:
+    n_in = rows_in(context, "trace_triage")
+    inputs = pairs["record_id"].to_list()[: n_in if n_in is not None else None]
+    kept = triaged["pair_id"].to_list() + review["pair_id"].to_list()
+    acc = account(inputs, kept, [p[0] for p in rejected["parent_ids"].to_list()])
+    return accounting_result(acc, n_in)
+
+
+@asset_check(
+    asset="trace_triage", blocking=True, description="Every label recomputes from its verdicts."
+)
+def trace_triage_labels_follow_verdicts(triaged: pl.DataFrame) -> AssetCheckResult:
+    bad = label_mismatches(triaged)
+    return AssetCheckResult(
+        passed=bad.height == 0,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={
+            "observed_mismatches": bad.height,
+            "threshold": 0,
+            "examples": bad.head(10).to_dicts(),
+        },
+    )
+
+
+@asset_check(asset="trace_triage", blocking=True, description="record_id is unique.")
+def trace_triage_ids_unique(triaged: pl.DataFrame) -> AssetCheckResult:
+    return unique_ids_result(triaged)
+
+
+@asset_check(
+    asset="trace_triage",
+    blocking=True,
+    description=f"Gate before training: at least {MIN_CONFLICT_PAIRS} INVERT+PUNISH pairs to re-align on.",
+)
+def trace_triage_enough_conflicts(triaged: pl.DataFrame) -> AssetCheckResult:
+    counts = label_counts(triaged)
+    conflicts = counts["INVERT"] + counts["PUNISH"]
+    return AssetCheckResult(
+        passed=conflicts >= MIN_CONFLICT_PAIRS,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={"observed": conflicts, "threshold": MIN_CONFLICT_PAIRS, **counts},
+    )
+
+
+class TraceModelConfig(Config):
+    max_steps: int = 4
+    batch_size: int = 4
+    learning_rate: float = 1e-4
+    beta: float = 0.3
+    alpha_kl: float = 0.1
+    gold_batch_size: int = 12
+    max_length: int = 256
+    seed: int = 0
+
+
+@asset(group_name="trace", ins={"trace_triage": AssetIn()})
+def trace_model(
+    context: AssetExecutionContext,
+    config: TraceModelConfig,
+    trainer: TrainerResource,
+    trace_triage: pl.DataFrame,
+) -> Output[pl.DataFrame]:
+    """LoRA adapters re-aligned with TRACE's hybrid loss (run out of process through Dagster Pipes)."""
+    run_dir = trainer.run_dir(f"trace-{context.run_id}")
+    data = run_dir / "triage.parquet"
+    trace_triage.write_parquet(data)  # the handoff to the subprocess, named explicitly here
+    args = ["--data", str(data), "--output-dir", str(run_dir / "adapter")]
+    for key, value in config.model_dump().items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    invocation = trainer.launch(context, "train.trace", args)
+    reported = {k: v.value for k, v in invocation.get_materialize_result().metadata.items()}
+    history = reported["history"]
+    weights = reported["impact_weights"]
+    weighted = trace_triage.with_columns(pl.Series("impact_weight", weights, dtype=pl.Float64))
+    sums = weight_sums(weighted)
+    summary = pl.DataFrame(
+        [
+            {
+                "adapter_dir": str(reported["output_dir"]),
+                "policy_version": trace_triage["policy_version"][0],
+                "final_loss": float(reported["final_loss"]),
+                "steps": len(history),
+                "trainable_tensors_changed": int(reported["trainable_tensors_changed"]),
+            }
+        ]
+    )
+    steps = [h["step"] for h in history]
+    metadata = {
+        "final_loss": float(reported["final_loss"]),
+        "trainable_tensors_changed": int(reported["trainable_tensors_changed"]),
+        "impact_weight_sums": {k: round(v, 6) for k, v in sums.items()},
+        "adapter_dir": MetadataValue.path(str(reported["output_dir"])),
+        "loss_curve": line_plot(
+            steps,
+            {
+                k: [h.get(k, 0.0) for h in history]
+                for k in ("loss", "loss_invert", "loss_punish", "loss_kl")
+            },
+            "TRACE training loss",
+            "step",
+        ),
+    }
+    return Output(summary, metadata=metadata)
+
+
+assets = [trace_policy, trace_triage_assets, trace_model]
+checks = [
+    trace_triage_accounted,
+    trace_triage_labels_follow_verdicts,
+    trace_triage_ids_unique,
+    trace_triage_enough_conflicts,
+]
