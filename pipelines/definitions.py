@@ -10,6 +10,8 @@ from dagster import Definitions, EnvVar
 from assets import responses, seeds, trace
 from pipelines.jobs import jobs
 from pipelines.resources import LLMResource, ParquetIOManager, TrainerResource
+from pipelines.sensors import build_policy_sensor
+from synth.trace.policy import SHIPPED_POLICIES
 
 DEFAULT_HOME = ".alignfoundry"
 
@@ -32,6 +34,12 @@ def llm_from_env(home: Path) -> LLMResource:
     )
 
 
+def policy_files() -> list[str]:
+    """Policy files the TRACE sensor watches: ALIGNFOUNDRY_POLICY_FILES (os.pathsep-separated)."""
+    listed = os.environ.get("ALIGNFOUNDRY_POLICY_FILES")
+    return listed.split(os.pathsep) if listed else [str(SHIPPED_POLICIES / "new_policy.yaml")]
+
+
 def build_definitions(
     home: str | Path | None = None, llm: LLMResource | None = None
 ) -> Definitions:
@@ -40,6 +48,7 @@ def build_definitions(
         assets=[*seeds.assets, *responses.assets, *trace.assets],
         asset_checks=[*seeds.checks, *responses.checks, *trace.checks],
         jobs=jobs,
+        sensors=[build_policy_sensor(policy_files())],
         resources={
             "io_manager": ParquetIOManager(base_dir=str(home / "storage")),
             "llm": llm or llm_from_env(home),
