@@ -29,8 +29,9 @@ from assets.plots import bar_plot, histogram, line_plot
 from pipelines.resources import LLMResource, TrainerResource
 from quality.accounting import account
 from quality.trace import label_counts, label_mismatches, weight_sums
-from synth.trace.policy import SHIPPED_POLICIES, load_policy, parse_policy
-from synth.trace.triage import TriageSettings, triage_pairs
+from synth.llm import judge
+from synth.trace.policy import EVAL_PROMPTS, SHIPPED_POLICIES, load_policy, parse_policy
+from synth.trace.triage import TriageSettings, triage_pairs, violation_requests
 
 # Training on fewer conflict pairs than this teaches nothing: the gate blocks it.
 MIN_CONFLICT_PAIRS = 2
@@ -261,3 +262,77 @@ checks = [
     trace_triage_ids_unique,
     trace_triage_enough_conflicts,
 ]
+
+
+class TraceEvalConfig(Config):
+    prompts_path: str = ""  # JSON lines {prompt, kind}; empty = synth/trace/eval_prompts.jsonl
+    max_new_tokens: int = 48
+    threshold: float = 0.5  # p(violates) below this counts as compliant
+
+
+@asset(
+    group_name="trace",
+    ins={"trace_model": AssetIn(), "trace_policy": AssetIn(), "seed_instructions": AssetIn()},
+)
+def trace_eval(
+    context: AssetExecutionContext,
+    config: TraceEvalConfig,
+    llm: LLMResource,
+    trainer: TrainerResource,
+    trace_model: pl.DataFrame,
+    trace_policy: pl.DataFrame,
+    seed_instructions: pl.DataFrame,
+) -> Output[pl.DataFrame]:
+    """Policy agreement of the reference and the re-aligned model, and a retention probe."""
+    run_dir = trainer.run_dir(f"trace-eval-{context.run_id}")
+    general, generations = run_dir / "general.parquet", run_dir / "generations.parquet"
+    seed_instructions.select("instruction", "reference_output").write_parquet(general)
+    prompts = config.prompts_path or str(EVAL_PROMPTS)
+    args = [
+        "--adapter",
+        trace_model["adapter_dir"][0],
+        "--prompts",
+        prompts,
+        "--general",
+        str(general),
+        "--out",
+        str(generations),
+        "--max-new-tokens",
+        str(config.max_new_tokens),
+    ]
+    reported = {
+        k: v.value
+        for k, v in trainer.launch(context, "train.trace_eval", args)
+        .get_materialize_result()
+        .metadata.items()
+    }
+    gens = pl.read_parquet(generations)
+    doc = trace_policy.row(0, named=True)
+    policy = parse_policy(doc["document"].encode("utf-8"), doc["source"])
+    client = llm.client()
+    scores = judge(
+        client, violation_requests(policy, list(zip(gens["prompt"], gens["response"], strict=True)))
+    )
+    failed = sum(not s.ok for s in scores)
+    gens = gens.with_columns(
+        pl.Series("p_violates", [s.p("Yes") if s.ok else None for s in scores], dtype=pl.Float64),
+        pl.lit(policy.version).alias("policy_version"),
+    ).with_columns((pl.col("p_violates") < config.threshold).alias("complies"))
+    agreement = {
+        m: float(gens.filter(pl.col("model") == m)["complies"].mean() or 0.0)
+        for m in ("reference", "realigned")
+    }
+    metadata = {
+        **{f"policy_agreement_{m}": round(v, 4) for m, v in agreement.items()},
+        **{k: round(float(v), 4) for k, v in reported.items()},
+        "judge_failures": failed,
+        "policy_version": policy.version,
+        "agreement_plot": bar_plot(
+            agreement, f"policy agreement ({policy.name})", "share compliant"
+        ),
+        **client.stats.as_metadata(),
+    }
+    return Output(gens, metadata=metadata)
+
+
+assets.append(trace_eval)

@@ -161,3 +161,19 @@ def test_trace_job_end_to_end(tmp_path):
     assert md["loss_curve"].startswith("![TRACE training loss](data:image/png;base64,")
     summary = pl.read_parquet(tmp_path / "storage" / "trace_model.parquet")
     assert (tmp_path / "runs").exists() and summary["steps"][0] == 2
+
+    # evaluation: both models generated for every held-out prompt and were judged under the new policy
+    evals = pl.read_parquet(tmp_path / "storage" / "trace_eval.parquet")
+    assert sorted(evals["model"].unique().to_list()) == ["realigned", "reference"]
+    assert evals.height == 2 * 12 and evals["p_violates"].is_between(0, 1).all()
+    (ev,) = [
+        e for e in result.get_asset_materialization_events() if e.asset_key.path == ["trace_eval"]
+    ]
+    emd = {k: v.value for k, v in ev.materialization.metadata.items()}
+    for m in ("reference", "realigned"):
+        share = evals.filter(pl.col("model") == m)["complies"].mean()
+        assert emd[f"policy_agreement_{m}"] == round(share, 4)
+        assert 0 < emd[f"retention_nll_{m}"] < 20
+    assert (
+        emd["retention_nll_realigned"] != emd["retention_nll_reference"]
+    )  # the adapters changed the model

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 SHIPPED_POLICIES = Path(__file__).parent / "policies"
+EVAL_PROMPTS = Path(__file__).parent / "eval_prompts.jsonl"  # held-out prompts for policy agreement
 GENERAL = "general"
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import polars as pl
 from pydantic import BaseModel, ConfigDict
 
-from synth.llm import LLMClient, judge
+from synth.llm import LLMClient, LLMRequest, judge
 from synth.llm.judge import JUDGE_PARAMS
 from synth.progress import Progress
 from synth.records import PROVENANCE_DTYPE, Provenance, Rejected, content_id, rejected_frame
@@ -42,6 +42,19 @@ class TriageSettings(BaseModel):
 
     threshold: float = 0.5  # p(violates) at or above this is a violation
     review_margin: float = 0.05  # |p - threshold| below this is too close to call
+
+
+def violation_requests(policy: Policy, items: list[tuple[str, str]]) -> list[LLMRequest]:
+    """Judge requests for (prompt, response) items, each with the policy rendered for its category."""
+    return [
+        VIOLATION_JUDGE.request(
+            JUDGE_PARAMS,
+            policy=policy.render(policy.match_category(prompt)),
+            prompt=prompt,
+            response=response,
+        )
+        for prompt, response in items
+    ]
 
 
 def triage_label(chosen_violates: bool, rejected_violates: bool) -> str:
@@ -88,14 +101,9 @@ def triage_pairs(
 ) -> TriageResult:
     rows = pairs.to_dicts()
     categories = [policy.match_category(_context(r)) for r in rows]
-    requests = []
-    for r, cat in zip(rows, categories, strict=True):
-        for response in (r["chosen"], r["rejected"]):
-            requests.append(
-                VIOLATION_JUDGE.request(
-                    JUDGE_PARAMS, policy=policy.render(cat), prompt=_context(r), response=response
-                )
-            )
+    requests = violation_requests(
+        policy, [(_context(r), resp) for r in rows for resp in (r["chosen"], r["rejected"])]
+    )
     progress = Progress(len(requests), f"triage judge ({policy.name})", log)
     scores = judge(client, requests, on_done=lambda _: progress.update())
     progress.close()
