@@ -1,0 +1,129 @@
+"""TRACE costs: triage throughput (pairs/s) with the embedded judge and through a local
+OpenAI-compatible server, and the impact-score cost per conflict pair.
+
+    python -m benchmarks.trace_throughput [--pairs 32] [--impact-pairs 12] [--max-length 128]
+
+Impact cost is also given as a ratio to a forward pass over the same pairs (reference
+log-probs, no gradient), measured in the same process.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import polars as pl
+import torch
+
+from benchmarks.llm_overhead import start_server
+from synth.llm import LLMClient, ResponseCache, make_backend
+from synth.loaders import SHIPPED_SEEDS, load_preference_pairs
+from synth.trace.policy import SHIPPED_POLICIES, load_policy
+from synth.trace.triage import triage_pairs
+from train.trace import (
+    TraceConfig,
+    _pair_batch,
+    add_lora,
+    impact_scores,
+    sequence_logps,
+    training_pair,
+)
+
+HH = (
+    Path(__file__).resolve().parent.parent.parent
+    / "shared"
+    / "data"
+    / "hh-rlhf-harmless-base-test.jsonl.gz"
+)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pairs", type=int, default=32)
+    ap.add_argument("--impact-pairs", type=int, default=12)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--port", type=int, default=18766)
+    a = ap.parse_args(argv)
+    source = str(HH if HH.exists() else SHIPPED_SEEDS / "preference_pairs.jsonl")
+    pairs = load_preference_pairs(source, limit=a.pairs).kept
+    policy = load_policy(SHIPPED_POLICIES / "new_policy.yaml")
+    rows = []
+    server = start_server(a.port, 8)
+    try:
+        for name, kwargs in (
+            ("embedded", {}),
+            ("openai", {"base_url": f"http://127.0.0.1:{a.port}/v1", "model": "smollm2"}),
+        ):
+            with tempfile.TemporaryDirectory() as tmp:
+                client = LLMClient(
+                    make_backend(name, **kwargs), ResponseCache(Path(tmp) / "c.sqlite"), 8
+                )
+                t = time.perf_counter()
+                out = triage_pairs(client, pairs, policy)
+                dt = time.perf_counter() - t
+            n = out.triaged.height + out.review.height + out.rejected.height
+            rows.append(
+                (
+                    f"triage, {name} judge",
+                    n / dt,
+                    f"{n} pairs, {client.stats.calls} judge calls, {dt:.1f}s",
+                )
+            )
+    finally:
+        server.terminate()
+
+    from train.models import load_causal_lm
+
+    cfg = TraceConfig(
+        output_dir=tempfile.mkdtemp(),
+        max_length=a.max_length,
+        gold_batch_size=6,
+        use_cpu=True,
+        report_to=[],
+    )
+    base, tok = load_causal_lm()
+    model = add_lora(base, cfg)
+    labelled = [
+        dict(r, label=("RETAIN", "INVERT", "PUNISH")[i % 3])
+        for i, r in enumerate(pairs.head(a.impact_pairs).to_dicts())
+    ]
+    torch.manual_seed(0)
+    t = time.perf_counter()
+    with torch.no_grad():
+        for r in labelled:
+            sequence_logps(model, _pair_batch(tok, [training_pair(r)], a.max_length))
+    forward = (time.perf_counter() - t) / len(labelled)
+    t = time.perf_counter()
+    weights = impact_scores(model, tok, labelled, cfg)
+    impact_total = time.perf_counter() - t
+    n_conflict = sum(r["label"] != "RETAIN" for r in labelled)
+    per_pair = impact_total / n_conflict
+    assert abs(sum(weights) - 1.0) < 1e-6
+
+    print(
+        f"\n$ python -m benchmarks.trace_throughput {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip()
+    )
+    print(
+        f"source {Path(source).name}, policy {policy.name}@{policy.version}, {os.cpu_count()} cores, max_length {a.max_length}\n"
+    )
+    print("| measurement | value | detail |")
+    print("|---|---:|---|")
+    for label, value, detail in rows:
+        print(f"| {label} | {value:.2f} pairs/s | {detail} |")
+    print(
+        f"| impact score, per conflict pair | {per_pair:.2f} s | {n_conflict} conflict pairs + gold batch of {cfg.gold_batch_size}, {impact_total:.1f}s total |"
+    )
+    print(
+        f"| impact score / reference forward pass | {per_pair / forward:.1f}x | forward {forward:.2f} s per pair |"
+    )
+    print(
+        pl.DataFrame({"label": [r["label"] for r in labelled], "impact_weight": weights})
+        .group_by("label")
+        .agg(pl.col("impact_weight").sum())
+    )
+
+
+if __name__ == "__main__":
+    main()
