@@ -9,6 +9,7 @@ from dagster import (
     AssetCheckSeverity,
     AssetExecutionContext,
     AssetIn,
+    AssetKey,
     AssetOut,
     Config,
     MetadataValue,
@@ -205,22 +206,36 @@ class TraceModelConfig(Config):
     seed: int = 0
 
 
-@asset(group_name="trace", ins={"trace_triage": AssetIn()})
-def trace_model(
+@multi_asset(
+    outs={
+        "trace_model": AssetOut(
+            description="LoRA adapters re-aligned with TRACE's hybrid loss (trained out of process through Dagster Pipes)."
+        ),
+        "trace_weighted": AssetOut(
+            description="The triaged pairs with their impact weights (0 for RETAIN; INVERT+PUNISH sum to one)."
+        ),
+    },
+    ins={"trace_triage": AssetIn()},
+    group_name="trace",
+)
+def trace_model_assets(
     context: AssetExecutionContext,
     config: TraceModelConfig,
     trainer: TrainerResource,
     trace_triage: pl.DataFrame,
-) -> Output[pl.DataFrame]:
-    """LoRA adapters re-aligned with TRACE's hybrid loss (run out of process through Dagster Pipes)."""
+):
     run_dir = trainer.run_dir(f"trace-{context.run_id}")
     data = run_dir / "triage.parquet"
     trace_triage.write_parquet(data)  # the handoff to the subprocess, named explicitly here
     args = ["--data", str(data), "--output-dir", str(run_dir / "adapter")]
     for key, value in config.model_dump().items():
         args += [f"--{key.replace('_', '-')}", str(value)]
-    invocation = trainer.launch(context, "train.trace", args)
-    reported = {k: v.value for k, v in invocation.get_materialize_result().metadata.items()}
+    invocation = trainer.launch(context, "train.trace", args, report_asset_key="trace_model")
+    # A multi-asset gets a result per key; the trainer reported on trace_model.
+    (result,) = [
+        r for r in invocation.get_results() if r.asset_key == AssetKey("trace_model") and r.metadata
+    ]
+    reported = {k: v.value for k, v in result.metadata.items()}
     history = reported["history"]
     weights = reported["impact_weights"]
     weighted = trace_triage.with_columns(pl.Series("impact_weight", weights, dtype=pl.Float64))
@@ -252,15 +267,47 @@ def trace_model(
             "step",
         ),
     }
-    return Output(summary, metadata=metadata)
+    yield Output(summary, output_name="trace_model", metadata=metadata)
+    conflict = weighted.filter(pl.col("label").is_in(["INVERT", "PUNISH"]))[
+        "impact_weight"
+    ].to_list()
+    weighted_md = {"rows": weighted.height, "impact_weight_sums": metadata["impact_weight_sums"]}
+    if conflict:
+        weighted_md["impact_histogram"] = histogram(
+            conflict, "impact weights (INVERT+PUNISH)", "weight"
+        )
+    yield Output(weighted, output_name="trace_weighted", metadata=weighted_md)
 
 
-assets = [trace_policy, trace_triage_assets, trace_model]
+@asset_check(
+    asset="trace_weighted",
+    blocking=True,
+    description="Impact weights are >= 0, zero on RETAIN, and sum to one per policy version.",
+)
+def trace_weighted_is_a_distribution(weighted: pl.DataFrame) -> AssetCheckResult:
+    sums = weight_sums(weighted)
+    negative = weighted.filter(pl.col("impact_weight") < 0).height
+    retain_mass = float(weighted.filter(pl.col("label") == "RETAIN")["impact_weight"].sum())
+    off = {v: s for v, s in sums.items() if abs(s - 1.0) > 1e-6}
+    return AssetCheckResult(
+        passed=bool(sums) and not off and negative == 0 and retain_mass == 0.0,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={
+            "observed_sums": sums,
+            "threshold": "1 ± 1e-6",
+            "negative": negative,
+            "retain_mass": retain_mass,
+        },
+    )
+
+
+assets = [trace_policy, trace_triage_assets, trace_model_assets]
 checks = [
     trace_triage_accounted,
     trace_triage_labels_follow_verdicts,
     trace_triage_ids_unique,
     trace_triage_enough_conflicts,
+    trace_weighted_is_a_distribution,
 ]
 
 

@@ -96,11 +96,18 @@ class TrainerResource(ConfigurableResource):
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def launch(self, context: AssetExecutionContext, module: str, args: list[str]) -> Any:
+    def launch(
+        self,
+        context: AssetExecutionContext,
+        module: str,
+        args: list[str],
+        report_asset_key: str | None = None,
+    ) -> Any:
+        """Run `python -m module args` through Pipes; a multi-asset names the key it reports for."""
         command = [self.python, "-m", module, *args]
         if self.base_model:
             command += ["--model", self.base_model]
         context.log.info("launching: " + " ".join(command))
         return PipesSubprocessClient(cwd=str(REPO_ROOT), env=dict(self.extra_env)).run(
-            command=command, context=context
+            command=command, context=context, extras={"report_asset_key": report_asset_key}
         )

@@ -118,7 +118,7 @@ def _run_trace(tmp_path, threshold):
         run_config={
             "ops": {
                 "trace_triage_assets": {"config": {"threshold": threshold, "review_margin": 0.01}},
-                "trace_model": {
+                "trace_model_assets": {
                     "config": {"max_steps": 2, "max_length": 128, "gold_batch_size": 6}
                 },
             }
@@ -133,7 +133,11 @@ def test_failed_gate_stops_training(tmp_path):
     assert not checks["trace_triage_enough_conflicts"].passed
     assert checks["trace_triage_enough_conflicts"].metadata["observed"].value == 0
     materialized = {e.asset_key.path[-1] for e in result.get_asset_materialization_events()}
-    assert "trace_triage" in materialized and "trace_model" not in materialized
+    assert (
+        "trace_triage" in materialized
+        and "trace_model" not in materialized
+        and "trace_weighted" not in materialized
+    )
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
@@ -159,6 +163,11 @@ def test_trace_job_end_to_end(tmp_path):
     (weights_sum,) = md["impact_weight_sums"].values()
     assert abs(weights_sum - 1.0) < 1e-6
     assert md["loss_curve"].startswith("![TRACE training loss](data:image/png;base64,")
+    weighted = pl.read_parquet(tmp_path / "storage" / "trace_weighted.parquet")
+    assert weighted.height == triaged.height
+    assert weighted.filter(pl.col("label") == "RETAIN")["impact_weight"].sum() == 0
+    conflict = weighted.filter(pl.col("label") != "RETAIN")["impact_weight"]
+    assert (conflict >= 0).all() and abs(conflict.sum() - 1.0) < 1e-6
     summary = pl.read_parquet(tmp_path / "storage" / "trace_model.parquet")
     assert (tmp_path / "runs").exists() and summary["steps"][0] == 2
 

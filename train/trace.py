@@ -397,7 +397,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "history": {"raw_value": result["history"], "type": "json"},
                 "impact_weights": {"raw_value": result["impact_weights"], "type": "json"},
                 "output_dir": {"raw_value": result["output_dir"], "type": "path"},
-            }
+            },
+            asset_key=pipes.extras.get("report_asset_key"),
         )
         pipes.__exit__(None, None, None)
     else:
