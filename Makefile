@@ -48,6 +48,7 @@ dev: venv
 
 bench: venv
 	$(PY) -m benchmarks.llm_overhead
+	$(PY) -m benchmarks.trace_throughput
 
 clean:
 	rm -rf $(VENV) .pytest_cache
