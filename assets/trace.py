@@ -31,7 +31,7 @@ from pipelines.resources import LLMResource, TrainerResource
 from quality.accounting import account
 from quality.trace import label_counts, label_mismatches, weight_sums
 from synth.llm import judge
-from synth.trace.policy import EVAL_PROMPTS, SHIPPED_POLICIES, load_policy, parse_policy
+from synth.trace.policy import EVAL_PROMPTS, SHIPPED_POLICIES, parse_policy, read_policy_bytes
 from synth.trace.triage import TriageSettings, triage_pairs, violation_requests
 
 # Training on fewer conflict pairs than this teaches nothing: the gate blocks it.
@@ -48,9 +48,10 @@ class TracePolicyConfig(Config):
 def trace_policy(context: AssetExecutionContext, config: TracePolicyConfig) -> Output[pl.DataFrame]:
     """The written policy pairs are triaged against; its version is the hash of the file."""
     path = config.path or str(SHIPPED_POLICIES / "new_policy.yaml")
-    policy = load_policy(path)
-    with open(path, "rb") as f:
-        document = f.read().decode("utf-8")
+    # One read: the stored document is exactly the bytes the version hashes.
+    raw = read_policy_bytes(path)
+    policy = parse_policy(raw, path)
+    document = raw.decode("utf-8")
     df = pl.DataFrame(
         [
             {
@@ -72,6 +73,12 @@ def trace_policy(context: AssetExecutionContext, config: TracePolicyConfig) -> O
             "document": MetadataValue.md(f"```yaml\n{document}\n```"),
         },
     )
+
+
+def policy_from_asset(trace_policy: pl.DataFrame):
+    """The Policy stored in the `trace_policy` asset (its document, not the file as it is now)."""
+    doc = trace_policy.row(0, named=True)
+    return parse_policy(doc["document"].encode("utf-8"), doc["source"])
 
 
 class TraceTriageConfig(Config, TriageSettings):
@@ -100,8 +107,7 @@ def trace_triage_assets(
     seed_preference_pairs: pl.DataFrame,
     trace_policy: pl.DataFrame,
 ):
-    doc = trace_policy.row(0, named=True)
-    policy = parse_policy(doc["document"].encode("utf-8"), doc["source"])
+    policy = policy_from_asset(trace_policy)
     pairs = (
         seed_preference_pairs if config.limit is None else seed_preference_pairs.head(config.limit)
     )
@@ -354,8 +360,7 @@ def trace_eval(
         .metadata.items()
     }
     gens = pl.read_parquet(generations)
-    doc = trace_policy.row(0, named=True)
-    policy = parse_policy(doc["document"].encode("utf-8"), doc["source"])
+    policy = policy_from_asset(trace_policy)
     client = llm.client()
     scores = judge(
         client, violation_requests(policy, list(zip(gens["prompt"], gens["response"], strict=True)))

@@ -8,6 +8,7 @@ cache folder so later loads take seconds.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,10 @@ def load_causal_lm(model: str = "", dtype: str = "float32") -> tuple[Any, Any]:
             tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
             lm.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-            tmp.rename(cached) if not cached.exists() else None
+            if cached.exists():  # another process saved it first
+                shutil.rmtree(tmp)
+            else:
+                tmp.rename(cached)
             lm = lm.to(torch_dtype)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from transformers import Trainer
 from trl import DPOConfig
 
+from train.reporting import reporter
+
 CONFLICT = ("INVERT", "PUNISH")
 
 
@@ -385,36 +387,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         disable_tqdm=True,
     )
     rows = pl.read_parquet(a.data).select("prompt", "chosen", "rejected", "label").to_dicts()
-    pipes = _open_pipes()
-    report = pipes.log.info if pipes else print
-    result = train(rows, cfg, a.model, report)
-    summary = {k: v for k, v in result.items() if k not in ("history", "impact_weights")}
-    if pipes:
-        pipes.report_asset_materialization(
-            metadata={
+    with reporter() as report:
+        result = train(rows, cfg, a.model, report.log)
+        report.result(
+            {
                 "final_loss": result["final_loss"],
                 "trainable_tensors_changed": result["trainable_tensors_changed"],
                 "history": {"raw_value": result["history"], "type": "json"},
                 "impact_weights": {"raw_value": result["impact_weights"], "type": "json"},
                 "output_dir": {"raw_value": result["output_dir"], "type": "path"},
-            },
-            asset_key=pipes.extras.get("report_asset_key"),
+            }
         )
-        pipes.__exit__(None, None, None)
-    else:
-        print(json.dumps(summary, indent=2, default=str))
     return result
-
-
-def _open_pipes() -> Any:
-    """The Dagster Pipes channel when an asset launched us, else None (a plain CLI run)."""
-    import os
-
-    if "DAGSTER_PIPES_CONTEXT" not in os.environ:
-        return None
-    from dagster_pipes import open_dagster_pipes
-
-    return open_dagster_pipes().__enter__()
 
 
 if __name__ == "__main__":

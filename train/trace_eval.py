@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from typing import Any
 
 import torch
 
+from train.reporting import reporter
 from train.trace import collate, encode, token_logps
 
 MODELS = ("reference", "realigned")
@@ -120,15 +120,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ]
     result = evaluate(a.adapter, prompts, general, a.model, a.max_new_tokens)
     pl.DataFrame(result["generations"]).write_parquet(a.out)
-    if "DAGSTER_PIPES_CONTEXT" in os.environ:
-        from dagster_pipes import open_dagster_pipes
-
-        with open_dagster_pipes() as pipes:
-            pipes.report_asset_materialization(
-                metadata={f"retention_nll_{k}": v for k, v in result["retention_nll"].items()}
-            )
-    else:
-        print(json.dumps(result["retention_nll"]))
+    with reporter() as report:
+        report.result({f"retention_nll_{k}": v for k, v in result["retention_nll"].items()})
     return result
 
 

@@ -9,6 +9,7 @@ from synth.llm.backends import (
 )
 from synth.llm.cache import ResponseCache, cache_key
 from synth.llm.client import LLMClient, LLMStats
+from synth.llm.factory import make_backend, probe_server
 from synth.llm.judge import YES_NO, JudgeScore, judge, score_response
 from synth.llm.structured import InvalidSchemaError, check_schema, parse_structured
 from synth.llm.types import (
@@ -43,10 +44,8 @@ __all__ = [
     "check_schema",
     "embedded_model_path",
     "judge",
+    "make_backend",
     "parse_structured",
+    "probe_server",
     "score_response",
 ]
-
-from synth.llm.factory import make_backend, probe_server  # noqa: E402
-
-__all__ += ["make_backend", "probe_server"]

@@ -42,6 +42,28 @@ def embedded_model_path() -> Path:
     return path
 
 
+def start_llama_server(
+    model_path: str | Path,
+    port: int,
+    n_parallel: int,
+    n_ctx_per_slot: int,
+    alias: str | None = None,
+) -> Any:
+    """llama.cpp's server (xllamacpp) on 127.0.0.1:port, quiet; callable in-process too."""
+    import xllamacpp
+
+    params = xllamacpp.CommonParams()
+    params.model.path = str(model_path)
+    params.n_parallel = n_parallel
+    params.n_ctx = n_parallel * n_ctx_per_slot
+    params.port = port
+    params.hostnames = ["127.0.0.1"]
+    if alias:
+        params.model_alias = {alias}
+    params.verbosity = -1
+    return xllamacpp.Server(params)
+
+
 def chat_body(request: LLMRequest, sample_index: int, use_response_format: bool) -> dict[str, Any]:
     p = request.params
     body: dict[str, Any] = {
@@ -105,7 +127,9 @@ class EmbeddedBackend:
     16 concurrent on 2 cores against about 110 tok/s for one).
     """
 
-    _servers: dict[tuple[str, int, int], Any] = {}
+    # One loaded model and one request pool per (model, slots, context), shared by every
+    # backend object in the process: each resource setup makes a new EmbeddedBackend.
+    _servers: dict[tuple[str, int, int], tuple[Any, ThreadPoolExecutor]] = {}
     _lock = threading.Lock()
 
     def __init__(self, model_path: str = "", n_parallel: int = 8, n_ctx_per_slot: int = 2048):
@@ -113,37 +137,29 @@ class EmbeddedBackend:
         if not self.model_path.exists():
             raise FileNotFoundError(f"embedded model file not found: {self.model_path}")
         self.n_parallel = n_parallel
-        self.n_ctx = n_ctx_per_slot * n_parallel
+        self.n_ctx_per_slot = n_ctx_per_slot
         self.kind, self.model = "embedded", self.model_path.name
         self.identity = f"{self.kind}:{self.model}"
         self.supports_response_format = True
-        self._pool = ThreadPoolExecutor(max_workers=n_parallel, thread_name_prefix="llama")
 
-    @property
-    def server(self) -> Any:
-        key = (str(self.model_path), self.n_parallel, self.n_ctx)
+    def _server(self) -> tuple[Any, ThreadPoolExecutor]:
+        key = (str(self.model_path), self.n_parallel, self.n_ctx_per_slot)
         with self._lock:
             if key not in self._servers:
-                import xllamacpp
-
-                params = xllamacpp.CommonParams()
-                params.model.path = str(self.model_path)
-                params.n_parallel = self.n_parallel
-                params.n_ctx = self.n_ctx
-                params.port = (
-                    0  # it also listens on an ephemeral 127.0.0.1 port; we call it in-process
+                # port 0: it also listens on an ephemeral 127.0.0.1 port; we call it in-process
+                server = start_llama_server(
+                    self.model_path, 0, self.n_parallel, self.n_ctx_per_slot
                 )
-                params.hostnames = ["127.0.0.1"]
-                params.verbosity = -1
-                self._servers[key] = xllamacpp.Server(params)
+                pool = ThreadPoolExecutor(max_workers=self.n_parallel, thread_name_prefix="llama")
+                self._servers[key] = (server, pool)
             return self._servers[key]
 
     async def complete(self, request: LLMRequest, sample_index: int) -> Sample:
         body = chat_body(request, sample_index, use_response_format=True)
-        server = self.server
+        server, pool = self._server()
         loop = asyncio.get_running_loop()
         try:
-            out = await loop.run_in_executor(self._pool, server.handle_chat_completions, body)
+            out = await loop.run_in_executor(pool, server.handle_chat_completions, body)
         except ValueError as e:
             raise BackendError("bad_request", str(e)) from None
         if isinstance(out, dict) and "error" in out and "choices" not in out:

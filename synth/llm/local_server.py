@@ -14,22 +14,13 @@ import argparse
 import signal
 import threading
 
-from synth.llm.backends import embedded_model_path
+from synth.llm.backends import embedded_model_path, start_llama_server
 
 
 def serve(model: str, port: int, n_parallel: int, n_ctx_per_slot: int, alias: str) -> None:
-    import xllamacpp
-
-    params = xllamacpp.CommonParams()
-    params.model.path = model or str(embedded_model_path())
-    params.n_parallel = n_parallel
-    params.n_ctx = n_parallel * n_ctx_per_slot
-    params.port = port
-    params.hostnames = ["127.0.0.1"]
-    params.model_alias = {alias}
-    params.verbosity = -1
-    server = xllamacpp.Server(params)
-    print(f"serving {params.model.path} at {server.listening_address}/v1", flush=True)
+    path = model or str(embedded_model_path())
+    server = start_llama_server(path, port, n_parallel, n_ctx_per_slot, alias)
+    print(f"serving {path} at {server.listening_address}/v1", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

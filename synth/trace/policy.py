@@ -90,13 +90,15 @@ def _require(d: dict[str, Any], key: str, kind: type, where: str) -> Any:
     return d[key]
 
 
-def load_policy(path: str | Path) -> Policy:
-    path = Path(path)
+def read_policy_bytes(path: str | Path) -> bytes:
     try:
-        raw_bytes = path.read_bytes()
+        return Path(path).read_bytes()
     except OSError as e:
         raise PolicyError(f"{path}: cannot read policy file ({e.strerror})") from None
-    return parse_policy(raw_bytes, path)
+
+
+def load_policy(path: str | Path) -> Policy:
+    return parse_policy(read_policy_bytes(path), path)
 
 
 def parse_policy(raw_bytes: bytes, path: str | Path) -> Policy:
