@@ -13,7 +13,7 @@ from dagster import (
     MetadataValue,
 )
 
-from quality.accounting import Accounting, duplicate_ids
+from quality.accounting import Accounting
 from synth.records import drop_counts
 
 
@@ -25,7 +25,7 @@ def dataset_metadata(
     md.update(extra)
     if kept.height:
         preview = kept.drop([c for c in ("provenance", "parent_ids") if c in kept.columns]).head(5)
-        md["preview"] = MetadataValue.md(_markdown_table(preview))
+        md["preview"] = MetadataValue.md(markdown_table(preview))
     return md
 
 
@@ -33,12 +33,12 @@ def rejected_metadata(rejected: pl.DataFrame) -> dict[str, Any]:
     md: dict[str, Any] = {"rejected": rejected.height, **drop_counts(rejected)}
     if rejected.height:
         md["examples"] = MetadataValue.md(
-            _markdown_table(rejected.select("reason", "detail").head(10))
+            markdown_table(rejected.select("reason", "detail").head(10))
         )
     return md
 
 
-def _markdown_table(df: pl.DataFrame, width: int = 80) -> str:
+def markdown_table(df: pl.DataFrame, width: int = 80) -> str:
     def cell(v: Any) -> str:
         s = str(v).replace("\n", " ").replace("|", "\\|")
         return s if len(s) <= width else s[: width - 1] + "…"
@@ -68,15 +68,6 @@ def accounting_result(acc: Accounting, reported_rows_in: int | None) -> AssetChe
             "reported_rows_in": -1 if reported_rows_in is None else reported_rows_in,
             "rule": "rows_in == kept + rejected, each input exactly once",
         },
-    )
-
-
-def unique_ids_result(df: pl.DataFrame) -> AssetCheckResult:
-    dupes = duplicate_ids(df["record_id"].to_list())
-    return AssetCheckResult(
-        passed=not dupes,
-        severity=AssetCheckSeverity.ERROR,
-        metadata={"observed_duplicates": len(dupes), "threshold": 0, "examples": dupes[:10]},
     )
 
 

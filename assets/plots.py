@@ -59,3 +59,24 @@ def line_plot(
     ax.set_xlabel(xlabel)
     ax.legend()
     return png_markdown(fig, title)
+
+
+def diversity_plot(
+    cluster_sizes: list[int], distinct: dict[str, float], title: str
+) -> MetadataValue:
+    """Topic cluster sizes next to distinct-n: how spread out a dataset is."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3))
+    left.bar(range(1, len(cluster_sizes) + 1), cluster_sizes, color="#4c72b0")
+    left.set_title("topic cluster sizes")
+    left.set_xlabel("cluster (largest first)")
+    left.set_ylabel("rows")
+    right.bar(list(distinct), list(distinct.values()), color="#55a868")
+    right.set_ylim(0, 1)
+    right.set_title("distinct-n")
+    fig.suptitle(title)
+    return png_markdown(fig, title)

@@ -21,10 +21,12 @@ from assets.common import (
     rate_result,
     rejected_metadata,
     rows_in,
-    unique_ids_result,
 )
+from assets.curation import curated_assets
+from assets.quality import suite_checks
 from pipelines.resources import LLMResource
 from quality.accounting import account
+from quality.curation import CurationSpec
 from synth.responses import ResponseSettings, ResponseTemplates, judged_responses
 
 
@@ -96,11 +98,6 @@ def judged_responses_accounted(
     return accounting_result(acc, n_in)
 
 
-@asset_check(asset="judged_responses", blocking=True, description="record_id is unique.")
-def judged_responses_ids_unique(kept: pl.DataFrame) -> AssetCheckResult:
-    return unique_ids_result(kept)
-
-
 @asset_check(
     asset="judged_responses",
     additional_ins={"rejected": AssetIn("judged_responses_rejected")},
@@ -120,10 +117,23 @@ def judged_responses_truncation_rate(kept: pl.DataFrame) -> AssetCheckResult:
     return rate_result(float(rate), 0.5, at_least=False)
 
 
-assets = [judged_responses_assets]
+responses_curated_assets, responses_curated_checks = curated_assets(
+    "responses_curated",
+    "judged_responses",
+    CurationSpec(
+        family="responses",
+        dedup_fields=("instruction", "input"),
+        decontam_fields=("instruction", "input"),
+    ),
+    group="responses",
+    doc="Judged responses after exact dedup, decontamination and near-dedup of their instructions: the SFT set.",
+)
+
+assets = [judged_responses_assets, responses_curated_assets]
 checks = [
     judged_responses_accounted,
-    judged_responses_ids_unique,
+    *suite_checks("judged_responses"),
+    *responses_curated_checks,
     judged_responses_keep_rate,
     judged_responses_truncation_rate,
 ]

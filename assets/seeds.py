@@ -21,8 +21,8 @@ from assets.common import (
     dataset_metadata,
     rejected_metadata,
     rows_in,
-    unique_ids_result,
 )
+from assets.quality import suite_checks
 from quality.accounting import account
 from synth.loaders import (
     SHIPPED_SEEDS,
@@ -82,13 +82,7 @@ def _seed_assets(name: str, loader: Callable[..., LoadResult], shipped: str, doc
         acc = account(inputs, kept["source_index"].to_list(), rejected["source_index"].to_list())
         return accounting_result(acc, n_in)
 
-    @asset_check(
-        asset=name, name=f"{name}_ids_unique", blocking=True, description="record_id is unique."
-    )
-    def _unique(kept: pl.DataFrame) -> AssetCheckResult:
-        return unique_ids_result(kept)
-
-    return _load, [_accounted, _unique]
+    return _load, [_accounted, *suite_checks(name)]
 
 
 seed_instructions, seed_instructions_checks = _seed_assets(

@@ -24,11 +24,13 @@ from assets.common import (
     dataset_metadata,
     rejected_metadata,
     rows_in,
-    unique_ids_result,
 )
+from assets.curation import curated_assets
 from assets.plots import bar_plot, histogram, line_plot
+from assets.quality import suite_checks
 from pipelines.resources import LLMResource, TrainerResource
 from quality.accounting import account
+from quality.curation import CurationSpec
 from quality.trace import label_counts, label_mismatches, weight_sums
 from synth.llm import judge
 from synth.trace.policy import EVAL_PROMPTS, SHIPPED_POLICIES, parse_policy, read_policy_bytes
@@ -181,17 +183,23 @@ def trace_triage_labels_follow_verdicts(triaged: pl.DataFrame) -> AssetCheckResu
     )
 
 
-@asset_check(asset="trace_triage", blocking=True, description="record_id is unique.")
-def trace_triage_ids_unique(triaged: pl.DataFrame) -> AssetCheckResult:
-    return unique_ids_result(triaged)
+trace_curated_assets, trace_curated_checks = curated_assets(
+    "trace_curated",
+    "trace_triage",
+    CurationSpec(
+        family="trace", dedup_fields=("prompt", "chosen", "rejected"), decontam_fields=("prompt",)
+    ),
+    group="trace",
+    doc="Triaged pairs after exact dedup, decontamination against every eval set, and near-dedup: what TRACE trains on.",
+)
 
 
 @asset_check(
-    asset="trace_triage",
+    asset="trace_curated",
     blocking=True,
     description=f"Gate before training: at least {MIN_CONFLICT_PAIRS} INVERT+PUNISH pairs to re-align on.",
 )
-def trace_triage_enough_conflicts(triaged: pl.DataFrame) -> AssetCheckResult:
+def trace_curated_enough_conflicts(triaged: pl.DataFrame) -> AssetCheckResult:
     counts = label_counts(triaged)
     conflicts = counts["INVERT"] + counts["PUNISH"]
     return AssetCheckResult(
@@ -221,18 +229,18 @@ class TraceModelConfig(Config):
             description="The triaged pairs with their impact weights (0 for RETAIN; INVERT+PUNISH sum to one)."
         ),
     },
-    ins={"trace_triage": AssetIn()},
+    ins={"trace_curated": AssetIn()},
     group_name="trace",
 )
 def trace_model_assets(
     context: AssetExecutionContext,
     config: TraceModelConfig,
     trainer: TrainerResource,
-    trace_triage: pl.DataFrame,
+    trace_curated: pl.DataFrame,
 ):
     run_dir = trainer.run_dir(f"trace-{context.run_id}")
     data = run_dir / "triage.parquet"
-    trace_triage.write_parquet(data)  # the handoff to the subprocess, named explicitly here
+    trace_curated.write_parquet(data)  # the handoff to the subprocess, named explicitly here
     args = ["--data", str(data), "--output-dir", str(run_dir / "adapter")]
     for key, value in config.model_dump().items():
         args += [f"--{key.replace('_', '-')}", str(value)]
@@ -244,13 +252,13 @@ def trace_model_assets(
     reported = {k: v.value for k, v in result.metadata.items()}
     history = reported["history"]
     weights = reported["impact_weights"]
-    weighted = trace_triage.with_columns(pl.Series("impact_weight", weights, dtype=pl.Float64))
+    weighted = trace_curated.with_columns(pl.Series("impact_weight", weights, dtype=pl.Float64))
     sums = weight_sums(weighted)
     summary = pl.DataFrame(
         [
             {
                 "adapter_dir": str(reported["output_dir"]),
-                "policy_version": trace_triage["policy_version"][0],
+                "policy_version": trace_curated["policy_version"][0],
                 "final_loss": float(reported["final_loss"]),
                 "steps": len(history),
                 "trainable_tensors_changed": int(reported["trainable_tensors_changed"]),
@@ -307,12 +315,13 @@ def trace_weighted_is_a_distribution(weighted: pl.DataFrame) -> AssetCheckResult
     )
 
 
-assets = [trace_policy, trace_triage_assets, trace_model_assets]
+assets = [trace_policy, trace_triage_assets, trace_curated_assets, trace_model_assets]
 checks = [
     trace_triage_accounted,
     trace_triage_labels_follow_verdicts,
-    trace_triage_ids_unique,
-    trace_triage_enough_conflicts,
+    *suite_checks("trace_triage"),
+    *trace_curated_checks,
+    trace_curated_enough_conflicts,
     trace_weighted_is_a_distribution,
 ]
 

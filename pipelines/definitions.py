@@ -9,7 +9,7 @@ from dagster import Definitions, EnvVar
 
 from assets import responses, seeds, trace
 from pipelines.jobs import jobs
-from pipelines.resources import LLMResource, ParquetIOManager, TrainerResource
+from pipelines.resources import LLMResource, ParquetIOManager, QualityResource, TrainerResource
 from pipelines.sensors import build_policy_sensor
 from synth.trace.policy import SHIPPED_POLICIES
 
@@ -52,6 +52,7 @@ def build_definitions(
         resources={
             "io_manager": ParquetIOManager(base_dir=str(home / "storage")),
             "llm": llm or llm_from_env(home),
+            "quality": QualityResource(home=str(home)),
             "trainer": TrainerResource(
                 runs_dir=str(home / "runs"),
                 base_model=os.environ.get("ALIGNFOUNDRY_BASE_MODEL", ""),

@@ -111,3 +111,29 @@ class TrainerResource(ConfigurableResource):
         return PipesSubprocessClient(cwd=str(REPO_ROOT), env=dict(self.extra_env)).run(
             command=command, context=context, extras={"report_asset_key": report_asset_key}
         )
+
+
+class QualityResource(ConfigurableResource):
+    """Where the quality layer keeps its state: LanceDB tables, Data Docs, exports."""
+
+    home: str = ".alignfoundry"
+    benchmark_files: list[
+        str
+    ] = []  # extra eval sets every training dataset is decontaminated against
+
+    @property
+    def lancedb_dir(self) -> Path:
+        return Path(self.home) / "lancedb"
+
+    @property
+    def data_docs_dir(self) -> Path:
+        return Path(self.home) / "data_docs"
+
+    @property
+    def exports_dir(self) -> Path:
+        return Path(self.home) / "exports"
+
+    def store(self):
+        from quality.store import EmbeddingStore
+
+        return EmbeddingStore(self.lancedb_dir)

@@ -51,7 +51,3 @@ def account(inputs: Iterable, kept_parents: Iterable, rejected_parents: Iterable
         duplicated=[x for x, n in seen.items() if n > 1],
         unexpected=[x for x in seen if x not in wanted],
     )
-
-
-def duplicate_ids(ids: Iterable[str]) -> list[str]:
-    return [x for x, n in Counter(ids).items() if n > 1]

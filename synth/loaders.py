@@ -3,7 +3,8 @@ Hugging Face dataset id, read with `datasets`, normalised to one schema per kind
 
 A file that cannot be read fails fast with an error naming the file (and the line, for
 JSON). A record that is present but unusable is rejected with the field named, so every
-source row ends up either kept or rejected.
+source row ends up either kept or rejected. JSON-lines files are read line by line, so
+that a record with bytes that are not UTF-8, or an oversized one, costs only itself.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from synth.records import (
 
 SHIPPED_SEEDS = Path(__file__).parent / "seeds"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# A text field longer than this is rejected as oversized (no seed is a book).
+MAX_FIELD_CHARS = 100_000
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class SeedSourceError(ValueError):
@@ -65,6 +69,35 @@ def _locate_json_error(path: Path) -> str | None:
     except (OSError, EOFError) as e:
         return f"{path}: cannot be read ({e})"
     return None
+
+
+def _is_jsonl(path: Path) -> bool:
+    return "".join(path.suffixes[-2:]).lower() in (".jsonl", ".jsonl.gz", ".ndjson")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSON-lines file. Bytes that are not UTF-8 are kept as lone surrogates
+    (surrogateescape) so the loader can reject that record alone, naming the field."""
+    if path.stat().st_size == 0:
+        raise SeedSourceError(f"{path}: the seed file is empty")
+    rows: list[dict[str, Any]] = []
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                line = raw.decode("utf-8", errors="surrogateescape")
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SeedSourceError(
+                        f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})"
+                    ) from None
+                rows.append(obj if isinstance(obj, dict) else {"_value": obj})
+    except (OSError, EOFError) as e:
+        raise SeedSourceError(f"{path}: cannot be read ({e})") from None
+    return rows
 
 
 def read_source(source: str, split: str = "train") -> Any:
@@ -136,6 +169,64 @@ def _field(
     return value, None
 
 
+def _bad_text(value: Any, name: str, where: str) -> Problem | None:
+    """Non-UTF-8 bytes or an oversized text anywhere in a field, named by its path."""
+    if isinstance(value, str):
+        if _SURROGATE.search(value):
+            at = _SURROGATE.search(value).start()
+            return (
+                "not_utf8",
+                f"{where}: field '{name}' has bytes that are not UTF-8 (at character {at})",
+            )
+        if len(value) > MAX_FIELD_CHARS:
+            return (
+                "oversized",
+                f"{where}: field '{name}' has {len(value)} characters (limit {MAX_FIELD_CHARS})",
+            )
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if bad := _bad_text(v, f"{name}.{k}", where):
+                return bad
+    elif isinstance(value, list):
+        for k, v in enumerate(value):
+            if bad := _bad_text(v, f"{name}[{k}]", where):
+                return bad
+    return None
+
+
+def _printable(value: Any) -> Any:
+    """A rejected record as it can be stored: bad bytes replaced, huge texts cut."""
+    if isinstance(value, str):
+        value = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        return value if len(value) <= 1000 else value[:1000] + f"… [{len(value)} characters]"
+    if isinstance(value, dict):
+        return {k: _printable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_printable(v) for v in value]
+    return value
+
+
+class _Rows:
+    """The rows of a source: a `datasets.Dataset`, or a list read from JSON lines."""
+
+    def __init__(self, source: str, split: str) -> None:
+        path = Path(source).expanduser()
+        if path.is_file() and _is_jsonl(path):
+            self.rows: Any = read_jsonl(path)
+            self.columns = sorted({k for r in self.rows for k in r})
+        else:
+            self.rows = read_source(source, split)
+            self.columns = list(self.rows.column_names)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def head(self, n: int):
+        if isinstance(self.rows, list):
+            return iter(self.rows[:n])
+        return iter(self.rows.select(range(n)) if n < len(self.rows) else self.rows)
+
+
 def _load(
     source: str,
     split: str,
@@ -145,8 +236,8 @@ def _load(
     parse: Callable[[dict[str, Any], str], dict[str, Any] | Problem],
     schema: dict[str, pl.DataType],
 ) -> LoadResult:
-    ds = read_source(source, split)
-    columns = set(ds.column_names)
+    ds = _Rows(source, split)
+    columns = set(ds.columns)
     if not any(set(req) <= columns for req in required_any):
         expected = " or ".join("{" + ", ".join(r) + "}" for r in required_any)
         raise SeedSourceError(
@@ -157,13 +248,15 @@ def _load(
     rejected: list[Rejected] = []
     first_seen: dict[str, int] = {}
     prov = Provenance(backend="source", model=source).as_dict()
-    for i, row in enumerate(ds.select(range(n_in)) if n_in < len(ds) else ds):
+    for i, row in enumerate(ds.head(n_in)):
         where = f"{source} record {i}"
-        out = parse(row, where)
+        out = next((bad for k, v in row.items() if (bad := _bad_text(v, k, where))), None) or parse(
+            row, where
+        )
         if isinstance(out, tuple):
             reason, detail = out
             rid = content_id(kind, source, i)
-            rejected.append(Rejected(rid, "load", reason, detail, [], source, i, row))
+            rejected.append(Rejected(rid, "load", reason, detail, [], source, i, _printable(row)))
             continue
         rid = content_id(kind, *(out[k] for k in schema if k not in _BOOKKEEPING))
         if rid in first_seen:
@@ -176,7 +269,7 @@ def _load(
                     [],
                     source,
                     i,
-                    row,
+                    _printable(row),
                 )
             )
             continue

@@ -39,7 +39,7 @@ def test_the_slice_materializes_with_lineage_and_passing_checks(tmp_path):
     )
     assert result.success
     checks = {e.asset_check_key.name: e.passed for e in result.get_asset_check_evaluations()}
-    assert checks["judged_responses_accounted"] and checks["judged_responses_ids_unique"]
+    assert checks["judged_responses_accounted"] and checks["judged_responses_integrity_suite"]
     assert checks["seed_instructions_accounted"]
 
     kept = pl.read_parquet(tmp_path / "storage" / "judged_responses.parquet")

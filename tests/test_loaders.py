@@ -168,3 +168,34 @@ def test_parse_dialogue(text, error):
     else:
         with pytest.raises(ValueError, match=error):
             parse_dialogue(text)
+
+
+def test_non_utf8_and_oversized_records_cost_only_themselves(tmp_path):
+    from synth.loaders import MAX_FIELD_CHARS
+
+    f = tmp_path / "mixed.jsonl"
+    lines = [
+        json.dumps({"instruction": "Keep me."}).encode(),
+        b'{"instruction": "caf\xe9 au lait, latin-1 bytes"}',
+        json.dumps({"instruction": "x" * (MAX_FIELD_CHARS + 1)}).encode(),
+        json.dumps(
+            {"instruction": "Fine", "instances": [{"input": "", "output": "\udcff"}]}
+        ).encode(),
+        json.dumps({"instruction": ["not", "text"]}).encode(),
+        json.dumps({"other": "no instruction"}).encode(),
+        json.dumps({"instruction": ""}).encode(),
+        json.dumps({"instruction": "Keep me too."}).encode(),
+    ]
+    f.write_bytes(b"\n".join(lines) + b"\n")
+    r = load_instructions(str(f))
+    assert r.n_in == 8 and r.kept.height + r.rejected.height == 8
+    assert r.kept["instruction"].to_list() == ["Keep me.", "Keep me too."]
+    got = {d["source_index"]: (d["reason"], d["detail"]) for d in r.rejected.to_dicts()}
+    assert got[1][0] == "not_utf8" and "record 1: field 'instruction'" in got[1][1]
+    assert got[2][0] == "oversized" and "field 'instruction' has 100001 characters" in got[2][1]
+    assert got[3][0] == "not_utf8" and "field 'instances[0].output'" in got[3][1]
+    assert got[4][0] == "wrong_type" and "field 'instruction'" in got[4][1]
+    assert got[5][0] == "missing_field" and got[6][0] == "empty_field"
+    # the stored payload is valid text, and short
+    payloads = {d["source_index"]: d["payload"] for d in r.rejected.to_dicts()}
+    assert "caf\ufffd" in payloads[1] and len(payloads[2]) < 2000

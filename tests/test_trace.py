@@ -130,11 +130,11 @@ def test_failed_gate_stops_training(tmp_path):
     # Nothing reaches p >= 0.99 with this judge: every pair is RETAIN, nothing to re-align on.
     result = _run_trace(tmp_path, threshold=0.99)
     checks = {e.asset_check_key.name: e for e in result.get_asset_check_evaluations()}
-    assert not checks["trace_triage_enough_conflicts"].passed
-    assert checks["trace_triage_enough_conflicts"].metadata["observed"].value == 0
+    assert not checks["trace_curated_enough_conflicts"].passed
+    assert checks["trace_curated_enough_conflicts"].metadata["observed"].value == 0
     materialized = {e.asset_key.path[-1] for e in result.get_asset_materialization_events()}
     assert (
-        "trace_triage" in materialized
+        "trace_curated" in materialized
         and "trace_model" not in materialized
         and "trace_weighted" not in materialized
     )
