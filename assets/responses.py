@@ -23,6 +23,7 @@ from assets.common import (
     rows_in,
 )
 from assets.curation import curated_assets
+from assets.export import export_asset
 from assets.quality import suite_checks
 from pipelines.resources import LLMResource
 from quality.accounting import account
@@ -129,7 +130,16 @@ responses_curated_assets, responses_curated_checks = curated_assets(
     doc="Judged responses after exact dedup, decontamination and near-dedup of their instructions: the SFT set.",
 )
 
-assets = [judged_responses_assets, responses_curated_assets]
+responses_curated_export = export_asset(
+    "responses_curated",
+    "seed_instructions",
+    family="responses",
+    group="responses",
+    description="Instruction-following responses judged by an LLM, deduplicated and decontaminated: an SFT set.",
+    checks=responses_curated_checks,
+)
+
+assets = [judged_responses_assets, responses_curated_assets, responses_curated_export]
 checks = [
     judged_responses_accounted,
     *suite_checks("judged_responses"),

@@ -26,6 +26,7 @@ from assets.common import (
     rows_in,
 )
 from assets.curation import curated_assets
+from assets.export import export_asset
 from assets.plots import bar_plot, histogram, line_plot
 from assets.quality import suite_checks
 from pipelines.resources import LLMResource, TrainerResource
@@ -315,7 +316,22 @@ def trace_weighted_is_a_distribution(weighted: pl.DataFrame) -> AssetCheckResult
     )
 
 
-assets = [trace_policy, trace_triage_assets, trace_curated_assets, trace_model_assets]
+trace_curated_export = export_asset(
+    "trace_curated",
+    "seed_preference_pairs",
+    family="trace",
+    group="trace",
+    description="Preference pairs triaged under a written policy (TRACE: RETAIN / INVERT / PUNISH), deduplicated and decontaminated.",
+    checks=[*trace_curated_checks, trace_curated_enough_conflicts],
+)
+
+assets = [
+    trace_policy,
+    trace_triage_assets,
+    trace_curated_assets,
+    trace_curated_export,
+    trace_model_assets,
+]
 checks = [
     trace_triage_accounted,
     trace_triage_labels_follow_verdicts,

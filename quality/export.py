@@ -73,12 +73,11 @@ def _generators(df: pl.DataFrame) -> list[dict[str, Any]]:
 def render_card(df: pl.DataFrame, info: DatasetCardInfo) -> str:
     from huggingface_hub import DatasetCardData
 
-    licences = sorted({licence_of(s) for s in info.sources})
     data = DatasetCardData(
         pretty_name=info.name,
         size_categories=[_size_category(df.height)],
         tags=["alignfoundry", info.family, "alignment"],
-        license="other" if len(licences) != 1 else None,
+        license="other",  # per-source licences are listed in the card body
     )
     schema = "\n".join(f"| `{c}` | `{t}` |" for c, t in df.schema.items())
     checks = (
@@ -105,7 +104,7 @@ def render_card(df: pl.DataFrame, info: DatasetCardInfo) -> str:
 
 {info.description}
 
-Made by [alignfoundry](https://github.com/) from the `{info.family}` family. Every row has a
+Made by alignfoundry from the `{info.family}` family. Every row has a
 stable `record_id`, its `parent_ids` and a `provenance` record of how it was generated.
 
 ## Counts

@@ -3,6 +3,7 @@
 import subprocess
 from pathlib import Path
 
+import datasets
 import polars as pl
 from dagster import DagsterInstance
 
@@ -67,6 +68,18 @@ def test_the_slice_materializes_with_lineage_and_passing_checks(tmp_path):
         == 5 + kept.height + rejected.filter(pl.col("stage") == "judge").height
     )
     assert md["llm_completion_tokens"] > 0
+
+    # curated and exported: a Hugging Face dataset with a card that lists the checks
+    curated = pl.read_parquet(tmp_path / "storage" / "responses_curated.parquet")
+    dropped = pl.read_parquet(tmp_path / "storage" / "responses_curated_rejected.parquet")
+    assert curated.height + dropped.height == kept.height
+    export = tmp_path / "exports" / "responses_curated"
+    ds = datasets.load_from_disk(str(export / "data"))
+    assert ds.num_rows == curated.height and "cluster_id" in ds.column_names
+    card = (export / "README.md").read_text()
+    assert "| responses_curated_integrity_suite | ERROR | passed |" in card
+    assert "Apache-2.0 (written for alignfoundry)" in card and "respond_" in card
+    assert checks["responses_curated_integrity_suite"] and checks["responses_curated_accounted"]
 
 
 def test_cli_materialize_in_a_subprocess(tmp_path, cli_env):
