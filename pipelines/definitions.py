@@ -7,7 +7,7 @@ from pathlib import Path
 
 from dagster import Definitions, EnvVar
 
-from assets import responses, seeds, trace
+from assets import calibration, responses, seeds, trace
 from pipelines.jobs import jobs
 from pipelines.resources import LLMResource, ParquetIOManager, QualityResource, TrainerResource
 from pipelines.sensors import build_policy_sensor
@@ -45,8 +45,8 @@ def build_definitions(
 ) -> Definitions:
     home = home_dir(home)
     return Definitions(
-        assets=[*seeds.assets, *responses.assets, *trace.assets],
-        asset_checks=[*seeds.checks, *responses.checks, *trace.checks],
+        assets=[*seeds.assets, *responses.assets, *trace.assets, *calibration.assets],
+        asset_checks=[*seeds.checks, *responses.checks, *trace.checks, *calibration.checks],
         jobs=jobs,
         sensors=[build_policy_sensor(policy_files())],
         resources={

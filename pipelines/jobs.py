@@ -23,4 +23,10 @@ demo_job = define_asset_job(
     description="The README demo: seeds and the judged-response slice on the embedded model.",
 )
 
-jobs = [seeds_job, responses_job, trace_job, demo_job]
+judges_job = define_asset_job(
+    "judges",
+    selection=AssetSelection.assets("judge_calibration").upstream(),
+    description="Calibrate every LLM judge against its labelled reference items.",
+)
+
+jobs = [seeds_job, responses_job, trace_job, demo_job, judges_job]
