@@ -167,12 +167,17 @@ def clustered_pairs(
     n_clusters: int | None = None,
     probes: int = 3,
     seed: int = 0,
+    centroids: np.ndarray | None = None,
 ) -> Pairs:
-    """Near-duplicate pairs by cluster-then-compare (see the module docstring)."""
+    """Near-duplicate pairs by cluster-then-compare (see the module docstring).
+
+    `centroids` (from `spherical_kmeans`) skips the fit: the index can be built once.
+    """
     v = unit(vectors)
     n = len(v)
-    k = n_clusters or default_clusters(n)
-    centroids = spherical_kmeans(v, k, seed=seed)
+    if centroids is None:
+        centroids = spherical_kmeans(v, n_clusters or default_clusters(n), seed=seed)
+    k = len(centroids)
     top = _top_clusters(v, centroids, min(probes, k))
     home = top[:, 0]
     by_home = np.argsort(home, kind="stable")
