@@ -49,6 +49,8 @@ dev: venv
 bench: venv
 	$(PY) -m benchmarks.llm_overhead
 	$(PY) -m benchmarks.trace_throughput
+	$(PY) -m benchmarks.semantic_dedup
+	$(PY) -m benchmarks.expectations_rate
 
 clean:
 	rm -rf $(VENV) .pytest_cache

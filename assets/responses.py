@@ -131,12 +131,7 @@ responses_curated_assets, responses_curated_checks = curated_assets(
 )
 
 responses_curated_export = export_asset(
-    "responses_curated",
-    "seed_instructions",
-    family="responses",
-    group="responses",
-    description="Instruction-following responses judged by an LLM, deduplicated and decontaminated: an SFT set.",
-    checks=responses_curated_checks,
+    "responses", group="responses", checks=responses_curated_checks
 )
 
 assets = [judged_responses_assets, responses_curated_assets, responses_curated_export]

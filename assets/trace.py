@@ -317,12 +317,7 @@ def trace_weighted_is_a_distribution(weighted: pl.DataFrame) -> AssetCheckResult
 
 
 trace_curated_export = export_asset(
-    "trace_curated",
-    "seed_preference_pairs",
-    family="trace",
-    group="trace",
-    description="Preference pairs triaged under a written policy (TRACE: RETAIN / INVERT / PUNISH), deduplicated and decontaminated.",
-    checks=[*trace_curated_checks, trace_curated_enough_conflicts],
+    "trace", group="trace", checks=[*trace_curated_checks, trace_curated_enough_conflicts]
 )
 
 assets = [

@@ -24,19 +24,23 @@ def _model():
 
 def embed(
     texts: Sequence[str],
-    batch_size: int = 64,
+    batch_size: int = 16,
     on_batch: Callable[[int], None] | None = None,
+    chunk: int = 256,
 ) -> np.ndarray:
-    """(n, 384) float32 unit vectors; `on_batch(k)` after each batch of k texts."""
+    """(n, 384) float32 unit vectors; `on_batch(k)` after each chunk of k texts.
+
+    Small batches pad less: on 2 cores batch 16 ran 134 texts/s, 64 ran 114, 256 ran 56.
+    """
     if not texts:
         return np.empty((0, DIM), dtype=np.float32)
     model = _model()
     out = []
-    for a in range(0, len(texts), batch_size):
-        chunk = list(texts[a : a + batch_size])
+    for a in range(0, len(texts), chunk):
+        part = list(texts[a : a + chunk])
         out.append(
             model.encode(
-                chunk,
+                part,
                 batch_size=batch_size,
                 normalize_embeddings=True,
                 convert_to_numpy=True,
@@ -44,5 +48,5 @@ def embed(
             ).astype(np.float32)
         )
         if on_batch is not None:
-            on_batch(len(chunk))
+            on_batch(len(part))
     return np.concatenate(out)

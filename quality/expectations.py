@@ -10,6 +10,7 @@ schema expectations still see every column).
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -117,6 +118,10 @@ def _context(docs_dir: Path | None):
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+    # An ephemeral context makes a temporary docs site of its own; drop it, keep ours only.
+    for name, site in dict(ctx.variables.data_docs_sites or {}).items():
+        shutil.rmtree(site.get("store_backend", {}).get("base_directory", ""), ignore_errors=True)
+        ctx.delete_data_docs_site(name)
     if docs_dir is not None:
         ctx.add_data_docs_site(
             site_name="alignfoundry",
@@ -156,7 +161,11 @@ def validate(
     validation = ctx.validation_definitions.add(
         gx.ValidationDefinition(name=suite.name, data=batch_def, suite=gx_suite)
     )
-    actions = [gx.checkpoint.UpdateDataDocsAction(name="docs")] if docs else []
+    actions = (
+        [gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=["alignfoundry"])]
+        if docs
+        else []
+    )
     result_format: dict[str, Any] = {
         "result_format": "COMPLETE" if id_column in df.columns else "SUMMARY",
         "partial_unexpected_count": max_examples,

@@ -1,0 +1,79 @@
+"""The `alignfoundry` console script: config, status and export against a real instance."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+from dagster import DagsterInstance
+
+from pipelines import cli
+from pipelines.definitions import build_definitions
+
+ALIGNFOUNDRY = Path(sys.executable).parent / "alignfoundry"
+
+
+def test_errors_are_one_line_with_a_nonzero_exit(tmp_path, cli_env):
+    proc = subprocess.run(
+        [str(ALIGNFOUNDRY), "export", "nosuch", "--to", str(tmp_path / "x")],
+        env=cli_env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "alignfoundry: error: unknown family 'nosuch' (exportable: responses, trace)"
+    ]
+    env = {k: v for k, v in cli_env.items() if k != "DAGSTER_HOME"}
+    proc = subprocess.run([str(ALIGNFOUNDRY), "status"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and "DAGSTER_HOME is not set" in proc.stderr
+    proc = subprocess.run(
+        [str(ALIGNFOUNDRY), "export", "trace", "--to", str(tmp_path / "x")],
+        env=cli_env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "trace_curated has not been materialized" in proc.stderr
+
+
+def test_config_status_and_export(tmp_path, cli_env, monkeypatch, capsys):
+    for k in ("ALIGNFOUNDRY_HOME", "DAGSTER_HOME"):
+        monkeypatch.setenv(k, cli_env[k])
+    monkeypatch.setenv("ALIGNFOUNDRY_LLM_CONCURRENCY", "3")
+    assert cli.main(["config", "--json"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["home"] == str(tmp_path) and cfg["llm"]["max_concurrency"] == 3
+    assert cfg["llm"]["api_key"] in ("set (OPENAI_API_KEY)", "unset")
+
+    instance = DagsterInstance.get()
+    result = (
+        build_definitions(tmp_path)
+        .resolve_job_def("responses")
+        .execute_in_process(
+            instance=instance,
+            run_config={"ops": {"judged_responses_assets": {"config": {"limit": 3}}}},
+        )
+    )
+    assert result.success
+    assert cli.main(["status", "--json"]) == 0
+    rows = {r["asset"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["seed_instructions"]["rows"] == 24
+    curated = rows["responses_curated"]
+    evaluations = [
+        e for e in result.get_asset_check_evaluations() if e.asset_key.path == ["responses_curated"]
+    ]
+    assert len(evaluations) == 3  # accounted, integrity and drift suites
+    assert curated["materialized"] != "never"
+    assert sorted(curated["checks_failed"]) == sorted(
+        e.asset_check_key.name for e in evaluations if not e.passed
+    )
+    assert curated["checks_passed"] == sum(e.passed for e in evaluations)
+    assert rows["trace_model"]["materialized"] == "never"
+
+    out = tmp_path / "exported"
+    assert cli.main(["export", "responses", "--to", str(out)]) == 0
+    assert "exported" in capsys.readouterr().out
+    ds = datasets.load_from_disk(str(out / "data"))
+    assert ds.num_rows == curated["rows"]
+    assert "| responses_curated_accounted | ERROR | passed |" in (out / "README.md").read_text()
