@@ -11,6 +11,7 @@ from dagster import (
     AssetCheckSeverity,
     AssetKey,
     MetadataValue,
+    Output,
 )
 
 from quality.accounting import Accounting
@@ -27,6 +28,12 @@ def dataset_metadata(
         preview = kept.drop([c for c in ("provenance", "parent_ids") if c in kept.columns]).head(5)
         md["preview"] = MetadataValue.md(markdown_table(preview))
     return md
+
+
+def dataset_outputs(name: str, kept: pl.DataFrame, rejected: pl.DataFrame, metadata: dict):
+    """The two outputs of a dataset multi-asset: `name` and its `name_rejected` companion."""
+    yield Output(kept, output_name=name, metadata=metadata)
+    yield Output(rejected, output_name=f"{name}_rejected", metadata=rejected_metadata(rejected))
 
 
 def rejected_metadata(rejected: pl.DataFrame) -> dict[str, Any]:

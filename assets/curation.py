@@ -8,12 +8,16 @@ from dagster import (
     AssetIn,
     AssetOut,
     Config,
-    Output,
     asset_check,
     multi_asset,
 )
 
-from assets.common import accounting_result, dataset_metadata, rejected_metadata, rows_in
+from assets.common import (
+    accounting_result,
+    dataset_metadata,
+    dataset_outputs,
+    rows_in,
+)
 from assets.plots import diversity_plot
 from assets.quality import suite_checks
 from pipelines.resources import QualityResource
@@ -75,12 +79,7 @@ def curated_assets(name: str, source: str, spec: CurationSpec, group: str, doc: 
                 },
                 f"{name}: diversity",
             )
-        yield Output(result.kept, output_name=name, metadata=md)
-        yield Output(
-            result.rejected,
-            output_name=f"{name}_rejected",
-            metadata=rejected_metadata(result.rejected),
-        )
+        yield from dataset_outputs(name, result.kept, result.rejected, md)
 
     @asset_check(
         asset=name,

@@ -10,7 +10,6 @@ from dagster import (
     AssetIn,
     AssetOut,
     Config,
-    Output,
     asset_check,
     multi_asset,
 )
@@ -18,8 +17,8 @@ from dagster import (
 from assets.common import (
     accounting_result,
     dataset_metadata,
+    dataset_outputs,
     rate_result,
-    rejected_metadata,
     rows_in,
 )
 from assets.curation import curated_assets
@@ -66,12 +65,7 @@ def judged_responses_assets(
             t.id: t.hash for t in (templates.plain, templates.with_input, templates.judge)
         },
     )
-    yield Output(result.kept, output_name="judged_responses", metadata=md)
-    yield Output(
-        result.rejected,
-        output_name="judged_responses_rejected",
-        metadata=rejected_metadata(result.rejected),
-    )
+    yield from dataset_outputs("judged_responses", result.kept, result.rejected, md)
 
 
 @asset_check(

@@ -11,7 +11,6 @@ from dagster import (
     AssetIn,
     AssetOut,
     Config,
-    Output,
     asset_check,
     multi_asset,
 )
@@ -19,7 +18,7 @@ from dagster import (
 from assets.common import (
     accounting_result,
     dataset_metadata,
-    rejected_metadata,
+    dataset_outputs,
     rows_in,
 )
 from assets.quality import suite_checks
@@ -56,16 +55,8 @@ def _seed_assets(name: str, loader: Callable[..., LoadResult], shipped: str, doc
         context.log.info(
             f"{name}: {result.n_in} rows from {source}: {result.kept.height} kept, {result.rejected.height} rejected"
         )
-        yield Output(
-            result.kept,
-            output_name=name,
-            metadata=dataset_metadata(result.kept, result.rejected, result.n_in, source=source),
-        )
-        yield Output(
-            result.rejected,
-            output_name=f"{name}_rejected",
-            metadata=rejected_metadata(result.rejected),
-        )
+        md = dataset_metadata(result.kept, result.rejected, result.n_in, source=source)
+        yield from dataset_outputs(name, result.kept, result.rejected, md)
 
     @asset_check(
         asset=name,

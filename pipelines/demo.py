@@ -62,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         failed += not ev.passed
         verdict = "passed" if ev.passed else f"FAILED ({ev.severity.value})"
         print(f"{ev.asset_check_key.name:44} {verdict}")
+    for ev in result.get_asset_materialization_events():
+        if ev.asset_key.to_user_string().endswith("_export"):
+            md = ev.materialization.metadata
+            print(
+                f"\nexported {md['rows'].value} rows as a Hugging Face dataset: {md['export_path'].value}"
+            )
+    print(f"Data Docs (Great Expectations): {home / 'data_docs' / 'index.html'}")
     print(
         "\nOpen the UI with `make dev` (http://127.0.0.1:3000) to browse assets, metadata and checks."
     )

@@ -10,7 +10,7 @@ the share of pairs whose preferred response is the longer one).
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
@@ -89,29 +89,23 @@ def trace_violation_items() -> list[LabelledItem]:
 
 
 @dataclass(slots=True)
-class PointwiseCalibration:
+class Calibration:
+    """One judge against its reference; fields that do not apply to its kind are None."""
+
     judge: str
-    n: int
-    failures: int  # items the judge gave no usable verdict for
+    kind: str  # pointwise | pairwise
+    n: int  # items (pointwise) or pairs (pairwise)
+    failures: int  # verdicts that could not be scored
     accuracy: float
-    balanced_accuracy: float
-    mean_p_yes_when_yes: float
-    mean_p_yes_when_no: float
+    balanced_accuracy: float | None = None
+    mean_p_yes_when_yes: float | None = None
+    mean_p_yes_when_no: float | None = None
+    position_bias: float | None = None
+    consistency: float | None = None
+    length_bias: float | None = None
 
     def row(self) -> dict:
-        return {
-            "judge": self.judge,
-            "kind": "pointwise",
-            "n": self.n,
-            "failures": self.failures,
-            "accuracy": round(self.accuracy, 4),
-            "balanced_accuracy": round(self.balanced_accuracy, 4),
-            "mean_p_yes_when_yes": round(self.mean_p_yes_when_yes, 4),
-            "mean_p_yes_when_no": round(self.mean_p_yes_when_no, 4),
-            "position_bias": None,
-            "consistency": None,
-            "length_bias": None,
-        }
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
 
 
 def _mean(xs: list[float]) -> float:
@@ -124,7 +118,7 @@ def calibrate_pointwise(
     items: list[LabelledItem],
     requests: list[LLMRequest],
     threshold: float = 0.5,
-) -> PointwiseCalibration:
+) -> Calibration:
     scores = judge(client, requests)
     yes_p = {True: [], False: []}
     right = {True: [], False: []}
@@ -137,8 +131,9 @@ def calibrate_pointwise(
         yes_p[item.label].append(p)
         right[item.label].append((p >= threshold) == item.label)
     answered = right[True] + right[False]
-    return PointwiseCalibration(
+    return Calibration(
         judge=name,
+        kind="pointwise",
         n=len(items),
         failures=failures,
         accuracy=_mean([float(x) for x in answered]),
@@ -169,35 +164,7 @@ class PreferencePair:
     other: str
 
 
-@dataclass(slots=True)
-class PairwiseCalibration:
-    judge: str
-    n: int  # pairs
-    failures: int  # verdicts that could not be scored
-    accuracy: float
-    position_bias: float
-    consistency: float
-    length_bias: float
-
-    def row(self) -> dict:
-        return {
-            "judge": self.judge,
-            "kind": "pairwise",
-            "n": self.n,
-            "failures": self.failures,
-            "accuracy": round(self.accuracy, 4),
-            "balanced_accuracy": None,
-            "mean_p_yes_when_yes": None,
-            "mean_p_yes_when_no": None,
-            "position_bias": round(self.position_bias, 4),
-            "consistency": round(self.consistency, 4),
-            "length_bias": round(self.length_bias, 4),
-        }
-
-
-def calibrate_pairwise(
-    name: str, client: LLMClient, pairs: list[PreferencePair]
-) -> PairwiseCalibration:
+def calibrate_pairwise(name: str, client: LLMClient, pairs: list[PreferencePair]) -> Calibration:
     """Each pair judged in both orders: (preferred, other) and (other, preferred)."""
     requests = []
     for p in pairs:
@@ -228,8 +195,9 @@ def calibrate_pairwise(
         if len(picks) == 2:
             consistent.append(picks[0] == picks[1])
     f = [float(x) for x in first_slot]
-    return PairwiseCalibration(
+    return Calibration(
         judge=name,
+        kind="pairwise",
         n=len(pairs),
         failures=failures,
         accuracy=_mean([float(x) for x in correct]),
