@@ -8,6 +8,7 @@ from pathlib import Path
 from dagster import Definitions, EnvVar
 
 from assets import calibration, responses, seeds, trace
+from pipelines.automation import build_failure_sensor, build_inbox_sensor, build_schedules
 from pipelines.jobs import jobs
 from pipelines.resources import LLMResource, ParquetIOManager, QualityResource, TrainerResource
 from pipelines.sensors import build_policy_sensor
@@ -48,7 +49,12 @@ def build_definitions(
         assets=[*seeds.assets, *responses.assets, *trace.assets, *calibration.assets],
         asset_checks=[*seeds.checks, *responses.checks, *trace.checks, *calibration.checks],
         jobs=jobs,
-        sensors=[build_policy_sensor(policy_files())],
+        sensors=[
+            build_policy_sensor(policy_files()),
+            build_inbox_sensor(home / "inbox", jobs),
+            build_failure_sensor(home / "failures.jsonl"),
+        ],
+        schedules=build_schedules(),
         resources={
             "io_manager": ParquetIOManager(base_dir=str(home / "storage")),
             "llm": llm or llm_from_env(home),

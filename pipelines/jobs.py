@@ -29,4 +29,10 @@ judges_job = define_asset_job(
     description="Calibrate every LLM judge against its labelled reference items.",
 )
 
-jobs = [seeds_job, responses_job, trace_job, demo_job, judges_job]
+everything_job = define_asset_job(
+    "everything",
+    selection=AssetSelection.all(),
+    description="End to end: every family, curation, export, training, evaluation and judge calibration.",
+)
+
+jobs = [seeds_job, responses_job, trace_job, demo_job, judges_job, everything_job]

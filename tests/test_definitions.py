@@ -1,11 +1,14 @@
 """The code location loads, every job resolves, the slice materializes in-process and from the CLI."""
 
+import base64
+import io
 import subprocess
 from pathlib import Path
 
 import datasets
 import polars as pl
 from dagster import DagsterInstance
+from PIL import Image
 
 from pipelines.definitions import build_definitions
 from synth.responses import JUDGE_FOLLOWS, RESPOND_PLAIN, RESPOND_WITH_INPUT
@@ -81,6 +84,18 @@ def test_the_slice_materializes_with_lineage_and_passing_checks(tmp_path):
     assert "Apache-2.0 (written for alignfoundry)" in card and "respond_" in card
     assert checks["responses_curated_integrity_suite"] and checks["responses_curated_accounted"]
 
+    # the diversity plot in the metadata is a real PNG of a sensible size
+    (cur,) = [
+        e
+        for e in result.get_asset_materialization_events()
+        if e.asset_key.path == ["responses_curated"]
+    ]
+    plot = cur.materialization.metadata["diversity"].value
+    png = base64.b64decode(plot.split("base64,", 1)[1].rstrip(")"))
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(io.BytesIO(png)) as img:
+        assert img.format == "PNG" and 300 <= img.width <= 2000 and 150 <= img.height <= 1200
+
 
 def test_cli_materialize_in_a_subprocess(tmp_path, cli_env):
     proc = subprocess.run(
@@ -102,3 +117,19 @@ def test_cli_materialize_in_a_subprocess(tmp_path, cli_env):
     assert proc.returncode == 0, proc.stderr[-3000:]
     personas = pl.read_parquet(tmp_path / "storage" / "seed_personas.parquet")
     assert personas.height == 16 and personas["record_id"].n_unique() == 16
+
+
+def test_schedules_ship_stopped_and_target_family_jobs(tmp_path):
+    from dagster import DefaultScheduleStatus, build_schedule_context
+
+    repo = build_definitions(tmp_path).get_repository_def()
+    schedules = {s.name: s for s in repo.schedule_defs}
+    assert set(schedules) == {"nightly_responses", "nightly_trace", "nightly_judges"}
+    for name, s in schedules.items():
+        assert s.default_status == DefaultScheduleStatus.STOPPED
+        assert repo.get_job(s.job_name).name == name.removeprefix("nightly_")
+        (request,) = s.evaluate_tick(build_schedule_context()).run_requests
+        assert request is not None
+    assert {"everything", "seeds", "responses", "trace", "judges"} <= {
+        j.name for j in repo.get_all_jobs()
+    }

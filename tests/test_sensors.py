@@ -47,3 +47,62 @@ def test_unreadable_policy_is_skipped_not_fatal(tmp_path):
     bad.write_text("name: [unclosed")
     result = evaluate(build_policy_sensor([bad]), None)
     assert isinstance(result, SkipReason) and "1 unreadable" in result.skip_message
+
+
+def test_inbox_sensor_runs_the_matching_family_once_per_file_version(tmp_path):
+    from pipelines.automation import build_inbox_sensor
+    from pipelines.jobs import jobs
+
+    sensor = build_inbox_sensor(tmp_path / "inbox", jobs)
+    assert isinstance(evaluate(sensor, None), SkipReason)  # no inbox yet
+    (tmp_path / "inbox" / "preference_pairs").mkdir(parents=True)
+    (tmp_path / "inbox" / "instructions").mkdir()
+    pairs = tmp_path / "inbox" / "preference_pairs" / "batch1.jsonl"
+    shutil.copy(SHIPPED_POLICIES.parent.parent / "seeds" / "preference_pairs.jsonl", pairs)
+    (tmp_path / "inbox" / "instructions" / "notes.txt").write_text("not a seed file")
+    first = evaluate(sensor, None)
+    (req,) = first.run_requests
+    assert req.job_name == "trace"
+    assert req.run_config == {"ops": {"seed_preference_pairs": {"config": {"source": str(pairs)}}}}
+    assert isinstance(evaluate(sensor, first.cursor), SkipReason)  # seen, unchanged
+
+    ins = tmp_path / "inbox" / "instructions" / "more.jsonl"
+    ins.write_text(json.dumps({"instruction": "Name a colour."}) + "\n")
+    with pairs.open("a") as f:  # a changed file is a new version
+        f.write("\n")
+    second = evaluate(sensor, first.cursor)
+    assert sorted((r.job_name, r.tags["alignfoundry/inbox_file"]) for r in second.run_requests) == [
+        ("responses", str(ins)),
+        ("trace", str(pairs)),
+    ]
+
+
+def test_failed_runs_are_recorded(tmp_path):
+    from dagster import build_run_status_sensor_context
+
+    from pipelines.automation import build_failure_sensor
+    from pipelines.definitions import build_definitions
+
+    log = tmp_path / "failures.jsonl"
+    sensor = build_failure_sensor(log)
+    defs = build_definitions(tmp_path)
+    with DagsterInstance.ephemeral() as instance:
+        result = defs.resolve_job_def("seeds").execute_in_process(
+            instance=instance,
+            raise_on_error=False,
+            run_config={
+                "ops": {"seed_personas": {"config": {"source": str(tmp_path / "no.jsonl")}}}
+            },
+        )
+        assert not result.success
+        failure = next(e for e in result.all_events if e.event_type_value == "PIPELINE_FAILURE")
+        context = build_run_status_sensor_context(
+            sensor_name="run_failure_recorder",
+            dagster_instance=instance,
+            dagster_run=result.dagster_run,
+            dagster_event=failure,
+        ).for_run_failure()
+        sensor(context)
+    (record,) = [json.loads(line) for line in log.read_text().splitlines()]
+    assert record["job"] == "seeds" and record["run_id"] == result.run_id
+    assert record["failed_steps"] == ["seed_personas"]

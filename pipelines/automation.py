@@ -1,0 +1,122 @@
+"""Schedules, and the sensors that are not about a single family: the seed inbox and run failures."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from dagster import (
+    DefaultScheduleStatus,
+    DefaultSensorStatus,
+    RunFailureSensorContext,
+    RunRequest,
+    ScheduleDefinition,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    run_failure_sensor,
+    sensor,
+)
+
+# inbox subfolder -> (seed asset whose source it sets, the job that runs it and downstream)
+INBOX_KINDS = {
+    "instructions": ("seed_instructions", "responses"),
+    "preference_pairs": ("seed_preference_pairs", "trace"),
+    "personas": ("seed_personas", "seeds"),
+}
+SEED_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".csv")
+
+
+def build_inbox_sensor(inbox: str | Path, jobs: list, minimum_interval_seconds: int = 30):
+    """A file dropped into <inbox>/<kind>/ runs that kind's seed asset and its family job.
+
+    The cursor maps each file to "size:mtime", so a file is picked up once, and again
+    only when its contents change.
+    """
+    root = Path(inbox)
+
+    @sensor(
+        name="seed_inbox_sensor",
+        minimum_interval_seconds=minimum_interval_seconds,
+        default_status=DefaultSensorStatus.STOPPED,
+        description=f"New seed files in {root}/<instructions|preference_pairs|personas>/ run their family.",
+        jobs=[j for j in jobs if j.name in {job for _, job in INBOX_KINDS.values()}],
+    )
+    def seed_inbox_sensor(context: SensorEvaluationContext):
+        seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
+        requests = []
+        for kind, (asset, job) in INBOX_KINDS.items():
+            folder = root / kind
+            if not folder.is_dir():
+                continue
+            for path in sorted(folder.iterdir()):
+                if not path.is_file() or not path.name.lower().endswith(SEED_SUFFIXES):
+                    continue
+                stat = path.stat()
+                stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
+                if seen.get(str(path)) == stamp:
+                    continue
+                seen[str(path)] = stamp
+                requests.append(
+                    RunRequest(
+                        run_key=f"{path}@{stamp}",
+                        job_name=job,
+                        run_config={"ops": {asset: {"config": {"source": str(path)}}}},
+                        tags={"alignfoundry/inbox_file": str(path)},
+                    )
+                )
+        if not requests:
+            return SkipReason(f"no new seed files under {root}")
+        return SensorResult(run_requests=requests, cursor=json.dumps(seen, sort_keys=True))
+
+    return seed_inbox_sensor
+
+
+def build_failure_sensor(failures_log: str | Path):
+    """Every failed run is appended to a JSON-lines file (and logged), visible outside the UI too."""
+    log_path = Path(failures_log)
+
+    @run_failure_sensor(
+        name="run_failure_recorder",
+        default_status=DefaultSensorStatus.RUNNING,
+        monitor_all_code_locations=False,
+        description=f"Records each failed run (job, run id, failed steps, error) in {log_path}.",
+    )
+    def run_failure_recorder(context: RunFailureSensorContext):
+        run = context.dagster_run
+        error = context.failure_event.message or ""
+        steps = sorted({e.step_key for e in context.get_step_failure_events() if e.step_key})
+        record = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "job": run.job_name,
+            "run_id": run.run_id,
+            "failed_steps": steps,
+            "error": error[:2000],
+            "tags": {k: v for k, v in run.tags.items() if k.startswith("alignfoundry/")},
+        }
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        context.log.info(f"recorded failure of {run.job_name} run {run.run_id} in {log_path}")
+
+    return run_failure_recorder
+
+
+def build_schedules() -> list[ScheduleDefinition]:
+    """Nightly refreshes, shipped STOPPED: turn them on in the UI (Automation) or the CLI."""
+    return [
+        ScheduleDefinition(
+            name=f"nightly_{job}",
+            job_name=job,
+            cron_schedule=cron,
+            execution_timezone="UTC",
+            default_status=DefaultScheduleStatus.STOPPED,
+            description=f"Regenerate the {job} family every night ({cron} UTC).",
+        )
+        for job, cron in (
+            ("responses", "0 2 * * *"),
+            ("trace", "30 2 * * *"),
+            ("judges", "0 4 * * 0"),
+        )
+    ]
