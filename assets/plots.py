@@ -30,7 +30,9 @@ def bar_plot(counts: dict[str, float], title: str, ylabel: str) -> MetadataValue
     return png_markdown(fig, title)
 
 
-def histogram(values: list[float], title: str, xlabel: str, bins: int = 20) -> MetadataValue:
+def histogram(
+    values: list[float], title: str, xlabel: str, ylabel: str = "rows", bins: int = 20
+) -> MetadataValue:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,7 +42,7 @@ def histogram(values: list[float], title: str, xlabel: str, bins: int = 20) -> M
     ax.hist(values, bins=bins, color="#dd8452")
     ax.set_title(title)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("pairs")
+    ax.set_ylabel(ylabel)
     return png_markdown(fig, title)
 
 

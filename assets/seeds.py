@@ -21,6 +21,7 @@ from assets.common import (
     dataset_outputs,
     rows_in,
 )
+from assets.plots import histogram
 from assets.quality import suite_checks
 from quality.accounting import account
 from synth.loaders import (
@@ -38,7 +39,9 @@ class SeedConfig(Config):
     limit: Optional[int] = None
 
 
-def _seed_assets(name: str, loader: Callable[..., LoadResult], shipped: str, doc: str):
+def _seed_assets(
+    name: str, loader: Callable[..., LoadResult], shipped: str, doc: str, text_column: str
+):
     @multi_asset(
         name=name,
         outs={
@@ -56,6 +59,12 @@ def _seed_assets(name: str, loader: Callable[..., LoadResult], shipped: str, doc
             f"{name}: {result.n_in} rows from {source}: {result.kept.height} kept, {result.rejected.height} rejected"
         )
         md = dataset_metadata(result.kept, result.rejected, result.n_in, source=source)
+        if result.kept.height:
+            md["length_histogram"] = histogram(
+                result.kept[text_column].str.len_chars().to_list(),
+                f"{name}: {text_column} length",
+                "characters",
+            )
         yield from dataset_outputs(name, result.kept, result.rejected, md)
 
     @asset_check(
@@ -81,18 +90,21 @@ seed_instructions, seed_instructions_checks = _seed_assets(
     load_instructions,
     "instructions.jsonl",
     "Seed instructions (Self-Instruct/Alpaca format), one row per task.",
+    "instruction",
 )
 seed_preference_pairs, seed_preference_pairs_checks = _seed_assets(
     "seed_preference_pairs",
     load_preference_pairs,
     "preference_pairs.jsonl",
     "Preference pairs (HH-RLHF or PKU-SafeRLHF) parsed into history, prompt, chosen and rejected.",
+    "prompt",
 )
 seed_personas, seed_personas_checks = _seed_assets(
     "seed_personas",
     load_personas,
     "personas.jsonl",
     "One-sentence personas (Persona Hub format).",
+    "persona",
 )
 
 assets = [seed_instructions, seed_preference_pairs, seed_personas]

@@ -132,7 +132,9 @@ def trace_triage_assets(
     )
     md["label_distribution"] = bar_plot(counts, f"labels under {policy.name}", "pairs")
     if probs:
-        md["verdict_histogram"] = histogram(probs, "p(response violates)", "probability")
+        md["verdict_histogram"] = histogram(
+            probs, "p(response violates)", "probability", "responses"
+        )
     yield Output(result.triaged, output_name="trace_triage", metadata=md)
     yield Output(
         result.review, output_name="trace_triage_review", metadata={"rows": result.review.height}
@@ -289,7 +291,7 @@ def trace_model_assets(
     weighted_md = {"rows": weighted.height, "impact_weight_sums": metadata["impact_weight_sums"]}
     if conflict:
         weighted_md["impact_histogram"] = histogram(
-            conflict, "impact weights (INVERT+PUNISH)", "weight"
+            conflict, "impact weights (INVERT+PUNISH)", "weight", "pairs"
         )
     yield Output(weighted, output_name="trace_weighted", metadata=weighted_md)
 

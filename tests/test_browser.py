@@ -1,0 +1,106 @@
+"""The Dagster UI in a real browser (Debian's chromium driven by Playwright, headless, kept
+off the network): the asset graph with every family group, an asset's metadata with its
+plot, its checks, and a materialization launched from the UI that succeeds.
+
+Screenshots go to test-artifacts/browser/ (or $ALIGNFOUNDRY_TEST_ARTIFACTS).
+"""
+
+import os
+import re
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from dagster_dev import REPO, dagster_dev
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Headless, and no background connections: this machine's network is closed.
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-default-apps",
+]
+RUNS = "{ runsOrError(limit: 5) { ... on Runs { results { runId status jobName } } } }"
+FAMILY_GROUPS = ("seeds", "responses", "trace", "quality")
+
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="needs Debian's chromium (make browser installs it)"
+)
+
+
+def artifacts() -> Path:
+    out = Path(os.environ.get("ALIGNFOUNDRY_TEST_ARTIFACTS", REPO / "test-artifacts")) / "browser"
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def wait_for_run(url: str, timeout_s: float = 180) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        runs = httpx.post(f"{url}/graphql", json={"query": RUNS}, timeout=10).json()
+        results = runs["data"]["runsOrError"]["results"]
+        if results and results[0]["status"] in ("SUCCESS", "FAILURE", "CANCELED"):
+            return results[0]
+        time.sleep(1)
+    raise AssertionError("the run launched from the UI did not finish")
+
+
+def test_a_person_uses_the_ui(cli_env):
+    from playwright.sync_api import expect, sync_playwright
+
+    shots = artifacts()
+    with dagster_dev(cli_env) as (url, _), sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        try:
+            # the asset graph, with every family group
+            page.goto(f"{url}/asset-groups")
+            skip = page.get_by_role("button", name="Skip")  # the newsletter prompt
+            skip.click(timeout=20_000)
+            for group in FAMILY_GROUPS:
+                expect(page.get_by_text(group, exact=True).first).to_be_visible(timeout=20_000)
+            page.screenshot(path=str(shots / "1-asset-graph.png"))
+
+            # launch a materialization from the asset page
+            page.goto(f"{url}/assets/seed_personas")
+            page.locator("button", has_text="Materialize").first.click()
+            page.get_by_role("button", name="Confirm").click()  # seed_personas_rejected comes too
+            run = wait_for_run(url)
+            assert run["status"] == "SUCCESS", run
+
+            # the run page says it succeeded
+            page.goto(f"{url}/runs/{run['runId']}")
+            expect(page.get_by_text(re.compile("Success")).first).to_be_visible(timeout=20_000)
+            page.screenshot(path=str(shots / "2-run.png"))
+
+            # the asset's metadata: counts and a plot
+            page.goto(f"{url}/assets/seed_personas?view=events")
+            expect(page.get_by_text("rows_in", exact=True).first).to_be_visible(timeout=20_000)
+            expect(page.get_by_text("kept", exact=True).first).to_be_visible()
+            page.screenshot(path=str(shots / "3-metadata.png"), full_page=True)
+            page.get_by_text("[Show Markdown]").first.click()
+            plot = page.locator("img[src^='data:image/png;base64,']").first
+            expect(plot).to_be_visible(timeout=20_000)
+            box = plot.bounding_box()
+            assert box and box["width"] > 100 and box["height"] > 50
+            page.screenshot(path=str(shots / "4-plot.png"))
+            page.keyboard.press("Escape")
+
+            # its checks, evaluated by the run
+            page.goto(f"{url}/assets/seed_personas?view=checks")
+            for check in ("seed_personas_accounted", "seed_personas_integrity_suite"):
+                expect(page.get_by_text(check).first).to_be_visible(timeout=20_000)
+            expect(page.get_by_text(re.compile("Passed|Succeeded")).first).to_be_visible()
+            page.screenshot(path=str(shots / "5-checks.png"), full_page=True)
+        except Exception:
+            page.screenshot(path=str(shots / "failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()
