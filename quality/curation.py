@@ -81,19 +81,13 @@ def _text(df: pl.DataFrame, fields: tuple[str, ...]) -> list[str]:
     )
 
 
-def _payload(row: dict, cluster_id: str) -> dict:
-    return {**row, "cluster_id": cluster_id}
-
-
 def near_duplicates(new: np.ndarray, stored: np.ndarray, threshold: float) -> Pairs:
     """Pairs over [stored..., new...] (indices into that order) that involve a new vector."""
-
     everything = np.concatenate([stored, new]) if len(stored) else new
     n_old = len(stored)
     if len(new) * len(everything) <= EXACT_JOIN_BUDGET or len(everything) < EXACT_BELOW:
         ids = np.arange(len(everything))
         lo, hi, s = cross_pairs(new, ids[n_old:], everything, ids, threshold)
-
         return unique_pairs(lo, hi, s, len(everything))
     pairs = clustered_pairs(everything, threshold)
     keep = pairs.right >= n_old  # right > left, so a pair touching a new vector has right new
@@ -116,7 +110,7 @@ def curate(
     rows = df.to_dicts()
     rejected: list[Rejected] = []
 
-    def drop(i: int, stage: str, reason: str, detail: str, cluster_id: str = "") -> None:
+    def drop(i: int, stage: str, reason: str, detail: str, cluster_id: str = "") -> Rejected:
         r = rows[i]
         rejected.append(
             Rejected(
@@ -125,9 +119,10 @@ def curate(
                 reason,
                 detail,
                 list(r.get("parent_ids") or []),
-                payload=_payload(r, cluster_id),
+                payload={**r, "cluster_id": cluster_id},
             )
         )
+        return rejected[-1]
 
     fields_s = "+".join(spec.dedup_fields)
     dedup_text = _text(df, spec.dedup_fields)
@@ -154,18 +149,19 @@ def curate(
         "t",
     )
     rep_of = dict(zip(clusters["record_id"], clusters["cluster_id"], strict=True))
-    exact_dupes = Counter()
+    exact_dupes: dict[str, list[Rejected]] = {}  # representative -> its dropped copies
     survivors = []
     for i in alive:
         rid = rows[i]["record_id"]
         if rep_of[rid] != rid:
-            exact_dupes[rep_of[rid]] += 1
-            drop(
-                i,
-                "exact_dedup",
-                "exact_duplicate",
-                f"record {rid}: fields {fields_s} have the same normalised text as record {rep_of[rid]}",
-                rep_of[rid],
+            exact_dupes.setdefault(rep_of[rid], []).append(
+                drop(
+                    i,
+                    "exact_dedup",
+                    "exact_duplicate",
+                    f"record {rid}: fields {fields_s} have the same normalised text as record {rep_of[rid]}",
+                    rep_of[rid],
+                )
             )
         else:
             survivors.append(i)
@@ -238,17 +234,24 @@ def curate(
         if rep == x:
             kept_idx.append(i)
             continue
-        cluster_size[node_id(rep)] += 1
+        root = node_id(rep)
+        cluster_size[root] += 1
+        # Exact copies of this record join the cluster that absorbed it.
+        for copy in exact_dupes.pop(rows[i]["record_id"], []):
+            copy.payload["cluster_id"] = root
+            cluster_size[root] += 1
         s, y = best_sim[x]
         where = "stored from an earlier batch" if rep < n_old else "in this batch"
         drop(
             i,
             "semantic_dedup",
             "near_duplicate",
-            f"record {rows[i]['record_id']}: fields {fields_s} are a near-duplicate (cosine {s:.3f}) of record {node_id(y)}; cluster {node_id(rep)}, {where}",
-            node_id(rep),
+            f"record {rows[i]['record_id']}: fields {fields_s} are a near-duplicate (cosine {s:.3f}) of record {node_id(y)}; cluster {root}, {where}",
+            root,
         )
-    sizes = Counter({k: v + 1 for k, v in (exact_dupes + cluster_size).items()})
+    for rep, copies in exact_dupes.items():
+        cluster_size[rep] += len(copies)
+    sizes = {k: v + 1 for k, v in cluster_size.items()}
     kept = df[kept_idx].with_columns(
         pl.col("record_id").alias("cluster_id"),
         pl.col("record_id")

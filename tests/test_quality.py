@@ -107,6 +107,27 @@ def test_curation_keeps_or_rejects_every_row_and_is_incremental(tmp_path):
     assert again.kept["record_id"].to_list() == ["r0", "r4"] and store.count("demo") == 3
 
 
+def test_exact_copies_follow_their_record_into_a_near_duplicate_cluster(tmp_path):
+    store = EmbeddingStore(tmp_path / "lancedb")
+    settings = CurationSettings(near_duplicate_threshold=0.9)
+    curate(_rows(["How do I bake sourdough bread at home?"]), SPEC, settings, store, [], "d", "1")
+    batch = _rows(
+        [
+            "How would I bake sourdough bread at home?",  # near-duplicate of stored r0
+            "how would I bake sourdough bread at home",  # exact copy of the line above
+        ]
+    ).with_columns(pl.Series("record_id", ["s0", "s1"]))
+    r = curate(batch, SPEC, settings, store, [], "d", "2")
+    assert r.kept.height == 0
+    reasons = dict(zip(r.rejected["record_id"], r.rejected["reason"], strict=True))
+    assert reasons == {"s0": "near_duplicate", "s1": "exact_duplicate"}
+    clusters = {
+        d["record_id"]: json.loads(d["payload"])["cluster_id"] for d in r.rejected.to_dicts()
+    }
+    assert clusters == {"s0": "r0", "s1": "r0"}  # both point at the kept record
+    assert r.cluster_sizes == [3]
+
+
 def test_user_benchmark_files_decontaminate(tmp_path):
     bench = tmp_path / "mybench.jsonl"
     bench.write_text(
