@@ -9,11 +9,11 @@ from dagster import (
     AssetCheckExecutionContext,
     AssetCheckResult,
     AssetCheckSeverity,
-    AssetKey,
     MetadataValue,
     Output,
 )
 
+from pipelines.status import latest_materialization_metadata
 from quality.accounting import Accounting
 from synth.records import drop_counts
 
@@ -58,11 +58,8 @@ def markdown_table(df: pl.DataFrame, width: int = 80) -> str:
 
 def rows_in(context: AssetCheckExecutionContext, asset: str) -> int | None:
     """`rows_in` that the asset reported when it was materialized."""
-    event = context.instance.get_latest_materialization_event(AssetKey(asset))
-    if event is None or event.asset_materialization is None:
-        return None
-    value = event.asset_materialization.metadata.get("rows_in")
-    return None if value is None else int(value.value)
+    value = latest_materialization_metadata(context.instance, asset).get("rows_in")
+    return None if value is None else int(value)
 
 
 def accounting_result(acc: Accounting, reported_rows_in: int | None) -> AssetCheckResult:

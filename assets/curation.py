@@ -71,14 +71,7 @@ def curated_assets(name: str, source: str, spec: CurationSpec, group: str, doc: 
             lancedb_table=f"{quality.lancedb_dir}/{spec.family}.lance",
         )
         if result.kept.height:
-            md["diversity"] = diversity_plot(
-                result.diversity.cluster_sizes,
-                {
-                    "distinct-1": result.diversity.distinct_1,
-                    "distinct-2": result.diversity.distinct_2,
-                },
-                f"{name}: diversity",
-            )
+            md["diversity"] = diversity_plot(result.diversity, f"{name}: diversity")
         yield from dataset_outputs(name, result.kept, result.rejected, md)
 
     @asset_check(

@@ -63,21 +63,19 @@ def line_plot(
     return png_markdown(fig, title)
 
 
-def diversity_plot(
-    cluster_sizes: list[int], distinct: dict[str, float], title: str
-) -> MetadataValue:
-    """Topic cluster sizes next to distinct-n: how spread out a dataset is."""
+def diversity_plot(d, title: str) -> MetadataValue:
+    """Topic cluster sizes next to distinct-n of a quality.diversity.Diversity."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3))
-    left.bar(range(1, len(cluster_sizes) + 1), cluster_sizes, color="#4c72b0")
+    left.bar(range(1, len(d.cluster_sizes) + 1), d.cluster_sizes, color="#4c72b0")
     left.set_title("topic cluster sizes")
     left.set_xlabel("cluster (largest first)")
     left.set_ylabel("rows")
-    right.bar(list(distinct), list(distinct.values()), color="#55a868")
+    right.bar(["distinct-1", "distinct-2"], [d.distinct_1, d.distinct_2], color="#55a868")
     right.set_ylim(0, 1)
     right.set_title("distinct-n")
     fig.suptitle(title)

@@ -9,7 +9,7 @@ from quality.expectations import Suite, validate
 from quality.suites import SUITES
 
 
-def suite_result(result, severity: str) -> AssetCheckResult:
+def suite_result(result) -> AssetCheckResult:
     md = result.metadata()
     failures = pl.DataFrame(
         [
@@ -38,7 +38,9 @@ def suite_result(result, severity: str) -> AssetCheckResult:
         metadata["data_docs_url"] = MetadataValue.url("file://" + result.docs_page)
     return AssetCheckResult(
         passed=result.success,
-        severity=AssetCheckSeverity.ERROR if severity == "error" else AssetCheckSeverity.WARN,
+        severity=AssetCheckSeverity.ERROR
+        if result.suite.severity == "error"
+        else AssetCheckSeverity.WARN,
         metadata=metadata,
     )
 
@@ -56,7 +58,7 @@ def _suite_check(asset: str, suite: Suite):
         ),
     )
     def _check(quality: QualityResource, data: pl.DataFrame) -> AssetCheckResult:
-        return suite_result(validate(data, suite, quality.data_docs_dir), suite.severity)
+        return suite_result(validate(data, suite, quality.data_docs_dir))
 
     return _check
 

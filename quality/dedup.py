@@ -75,8 +75,11 @@ class Pairs:
 
 
 def unit(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length; already-unit float32 rows are returned as they are (no copy)."""
     v = np.asarray(vectors, dtype=np.float32)
     norms = np.linalg.norm(v, axis=1, keepdims=True)
+    if np.allclose(norms, 1.0, atol=1e-4):
+        return v
     return v / np.maximum(norms, 1e-12)
 
 
@@ -125,7 +128,8 @@ def exact_pairs(vectors: np.ndarray, threshold: float) -> Pairs:
         ls.append(a + qi[keep])
         rs.append(a + bj[keep])
         ss.append(sims[qi[keep], bj[keep]])
-    return unique_pairs(*_concat(ls, rs, ss), len(v))
+    left, right, sims = _concat(ls, rs, ss)  # the upper triangle holds each pair once
+    return Pairs(left, right, sims.astype(np.float32))
 
 
 def spherical_kmeans(vectors: np.ndarray, n_clusters: int, seed: int = 0) -> np.ndarray:

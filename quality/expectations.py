@@ -79,7 +79,7 @@ class SuiteResult:
                     "observed": _jsonable(o.observed),
                     "threshold": _jsonable(o.threshold),
                     "unexpected_count": o.unexpected_count,
-                    "examples": _jsonable(o.examples[:5]),
+                    "examples": _jsonable(o.examples),
                 }
                 for o in self.outcomes
             ],

@@ -172,11 +172,10 @@ def _field(
 def _bad_text(value: Any, name: str, where: str) -> Problem | None:
     """Non-UTF-8 bytes or an oversized text anywhere in a field, named by its path."""
     if isinstance(value, str):
-        if _SURROGATE.search(value):
-            at = _SURROGATE.search(value).start()
+        if bad := _SURROGATE.search(value):
             return (
                 "not_utf8",
-                f"{where}: field '{name}' has bytes that are not UTF-8 (at character {at})",
+                f"{where}: field '{name}' has bytes that are not UTF-8 (at character {bad.start()})",
             )
         if len(value) > MAX_FIELD_CHARS:
             return (
