@@ -56,6 +56,12 @@ EXPORTABLE = {
         "seed_preference_pairs",
         "Preference pairs triaged under a written policy (TRACE: RETAIN / INVERT / PUNISH), deduplicated and decontaminated.",
     ),
+    "ultraprompt": Exportable(
+        "ultraprompt",
+        "ultraprompt_curated",
+        "seed_instructions",
+        "Instructions with their best and worst principle-guided rewrites from a Monte-Carlo tree search (UltraPrompt, P-Aligner), deduplicated and decontaminated.",
+    ),
 }
 
 

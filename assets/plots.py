@@ -80,3 +80,71 @@ def diversity_plot(d, title: str) -> MetadataValue:
     right.set_title("distinct-n")
     fig.suptitle(title)
     return png_markdown(fig, title)
+
+
+def search_tree_plot(nodes: list[dict], title: str) -> MetadataValue:
+    """One search tree: nodes at (leaf order, depth), coloured by reward, pruned in grey,
+    the best node ringed. `nodes` carry node_id, parent_node_id, depth, action, status, reward."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    children: dict[int, list[int]] = {n["node_id"]: [] for n in nodes}
+    for n in nodes:
+        if n["parent_node_id"] is not None:
+            children[n["parent_node_id"]].append(n["node_id"])
+    x: dict[int, float] = {}
+    next_leaf = [0.0]
+
+    def place(i: int) -> float:  # leaves left to right, parents centred over their children
+        if not children[i]:
+            x[i] = next_leaf[0]
+            next_leaf[0] += 1
+        else:
+            xs = [place(c) for c in children[i]]
+            x[i] = sum(xs) / len(xs)
+        return x[i]
+
+    by_id = {n["node_id"]: n for n in nodes}
+    place(0)
+    scored = [n for n in nodes if n["status"] == "simulated"]
+    best = max(scored, key=lambda n: n["reward"])["node_id"] if scored else None
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.9 * next_leaf[0]), 3.6))
+    for n in nodes:
+        if n["parent_node_id"] is not None:
+            p = by_id[n["parent_node_id"]]
+            ax.plot([x[p["node_id"]], x[n["node_id"]]], [-p["depth"], -n["depth"]], color="#999")
+    cmap = plt.get_cmap("viridis")
+    for n in nodes:
+        xy = (x[n["node_id"]], -n["depth"])
+        colour = "#cccccc" if n["status"] != "simulated" else cmap(n["reward"])
+        ax.scatter(
+            *xy,
+            s=160,
+            color=colour,
+            edgecolors="red" if n["node_id"] == best else "k",
+            linewidths=2 if n["node_id"] == best else 0.5,
+            zorder=3,
+        )
+        label = (
+            n["action"].replace("_", "\n")
+            if n["status"] == "simulated"
+            else f"{n['action']}\n({n['prune_reason']})".replace("_", " ")
+        )
+        ax.annotate(
+            label,
+            xy,
+            xytext=(0, -14),
+            textcoords="offset points",
+            ha="center",
+            va="top",
+            fontsize=6,
+        )
+    ax.set_title(title, fontsize=9)
+    ax.set_ylabel("depth")
+    ax.set_xticks([])
+    ax.set_ylim(-max(n["depth"] for n in nodes) - 0.9, 0.4)
+    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, 1))
+    fig.colorbar(sm, ax=ax, label="reward")
+    return png_markdown(fig, title)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from dagster import Definitions, EnvVar
 
-from assets import calibration, responses, seeds, trace
+from assets import calibration, responses, seeds, trace, ultraprompt
 from pipelines.automation import build_failure_sensor, build_inbox_sensor, build_schedules
 from pipelines.jobs import jobs
 from pipelines.resources import LLMResource, ParquetIOManager, QualityResource, TrainerResource
@@ -46,8 +46,20 @@ def build_definitions(
 ) -> Definitions:
     home = home_dir(home)
     return Definitions(
-        assets=[*seeds.assets, *responses.assets, *trace.assets, *calibration.assets],
-        asset_checks=[*seeds.checks, *responses.checks, *trace.checks, *calibration.checks],
+        assets=[
+            *seeds.assets,
+            *responses.assets,
+            *trace.assets,
+            *ultraprompt.assets,
+            *calibration.assets,
+        ],
+        asset_checks=[
+            *seeds.checks,
+            *responses.checks,
+            *trace.checks,
+            *ultraprompt.checks,
+            *calibration.checks,
+        ],
         jobs=jobs,
         sensors=[
             build_policy_sensor(policy_files()),

@@ -17,6 +17,11 @@ trace_job = define_asset_job(
     selection=AssetSelection.groups("trace").upstream().required_multi_asset_neighbors(),
     description="TRACE: triage the preference pairs under a policy, weigh them, re-align.",
 )
+ultraprompt_job = define_asset_job(
+    "ultraprompt",
+    selection=AssetSelection.groups("ultraprompt").upstream().required_multi_asset_neighbors(),
+    description="UltraPrompt: MCTS over principle rewrites of diverse seeds, then the P-Aligner rewriter.",
+)
 demo_job = define_asset_job(
     "demo",
     selection=AssetSelection.groups("seeds", "responses"),
@@ -35,4 +40,4 @@ everything_job = define_asset_job(
     description="End to end: every family, curation, export, training, evaluation and judge calibration.",
 )
 
-jobs = [seeds_job, responses_job, trace_job, demo_job, judges_job, everything_job]
+jobs = [seeds_job, responses_job, trace_job, ultraprompt_job, demo_job, judges_job, everything_job]

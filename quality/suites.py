@@ -6,6 +6,8 @@ from quality.expectations import ExpectationDecl, Suite
 from synth.loaders import INSTRUCTION_SCHEMA, PERSONA_SCHEMA, PREFERENCE_SCHEMA
 from synth.responses import RESPONSE_SCHEMA
 from synth.trace.triage import LABELS, TRIAGE_SCHEMA
+from synth.ultraprompt.dataset import ULTRAPROMPT_SCHEMA
+from synth.ultraprompt.principles import CATEGORIES
 
 MAX_TEXT_CHARS = 20_000  # longer than any prompt or response a family writes
 CURATION_COLUMNS = ("cluster_id", "cluster_size")
@@ -122,6 +124,34 @@ def _trace(name: str, extra: tuple[str, ...] = ()) -> list[Suite]:
     ]
 
 
+def _ultraprompt(name: str, extra: tuple[str, ...] = ()) -> list[Suite]:
+    integrity = [
+        columns(ULTRAPROMPT_SCHEMA, extra),
+        *identity(),
+        *derived(),
+        *text("src_instruction"),
+        *text("chosen_instruction"),
+        *text("rejected_instruction"),
+        *(probability(c) for c in ("chosen_reward", "rejected_reward", "root_reward")),
+        ("ExpectColumnValuesToBeBetween", {"column": "reward_gain", "min_value": 0.0}),
+        ("ExpectColumnValuesToBeInSet", {"column": "category", "value_set": list(CATEGORIES)}),
+        ("ExpectColumnValuesToBeBetween", {"column": "tree_nodes", "min_value": 2}),
+    ]
+    drift = [
+        # Most searches should find a rewrite at least as good as the original that differs.
+        ("ExpectColumnMeanToBeBetween", {"column": "reward_gain", "min_value": 0.01}),
+        ("ExpectColumnMeanToBeBetween", {"column": "chosen_reward", "min_value": 0.3}),
+        (
+            "ExpectColumnProportionOfUniqueValuesToBeBetween",
+            {"column": "src_instruction", "min_value": 0.9},
+        ),
+    ]
+    return [
+        Suite(f"{name}.integrity", "error", tuple(integrity)),
+        Suite(f"{name}.drift", "warn", tuple(drift)),
+    ]
+
+
 def _curated(suites: list[Suite]) -> list[Suite]:
     extra: list[ExpectationDecl] = [
         ("ExpectColumnValuesToBeBetween", {"column": "cluster_size", "min_value": 1}),
@@ -143,4 +173,6 @@ SUITES: dict[str, list[Suite]] = {
     "responses_curated": _curated(_responses("responses_curated", CURATION_COLUMNS)),
     "trace_triage": _trace("trace_triage"),
     "trace_curated": _curated(_trace("trace_curated", CURATION_COLUMNS)),
+    "ultraprompt": _ultraprompt("ultraprompt"),
+    "ultraprompt_curated": _curated(_ultraprompt("ultraprompt_curated", CURATION_COLUMNS)),
 }

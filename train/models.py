@@ -55,7 +55,10 @@ def load_causal_lm(model: str = "", dtype: str = "float32") -> tuple[Any, Any]:
                 shutil.rmtree(tmp)
             else:
                 tmp.rename(cached)
-            lm = lm.to(torch_dtype)
+            # Reload the plain copy: a GGUF-loaded model still looks quantized to Trainer.
+            del lm
+            tok = AutoTokenizer.from_pretrained(cached)
+            lm = AutoModelForCausalLM.from_pretrained(cached, dtype=torch_dtype)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return lm, tok

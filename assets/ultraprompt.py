@@ -1,0 +1,446 @@
+"""UltraPrompt (P-Aligner): seeds, MCTS over principle rewrites, training views, the rewriter."""
+
+from collections import Counter
+from typing import Optional
+
+import polars as pl
+from dagster import (
+    AssetCheckExecutionContext,
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetExecutionContext,
+    AssetIn,
+    AssetOut,
+    Config,
+    MetadataValue,
+    Output,
+    asset,
+    asset_check,
+    multi_asset,
+)
+
+from assets.common import accounting_result, dataset_metadata, dataset_outputs, rows_in
+from assets.curation import curated_assets
+from assets.export import export_asset
+from assets.plots import bar_plot, histogram, line_plot, search_tree_plot
+from assets.quality import suite_checks
+from pipelines.resources import LLMResource, TrainerResource
+from quality.accounting import account
+from quality.curation import CurationSpec
+from quality.ultraprompt import verify_trees
+from synth.ultraprompt.dataset import dpo_view, sft_view, synthesize
+from synth.ultraprompt.evaluation import win_rates
+from synth.ultraprompt.search import SearchSettings
+from synth.ultraprompt.seeds import SeedSelection, select_seeds
+
+GROUP = "ultraprompt"
+# Training a rewriter on fewer searched seeds than this teaches nothing: the gate blocks it.
+MIN_TRAINING_RECORDS = 2
+
+
+class UltraPromptSeedConfig(Config, SeedSelection):
+    pass
+
+
+@multi_asset(
+    outs={
+        "ultraprompt_seeds": AssetOut(
+            description="Seed instructions tagged with a category, chosen for diversity, split into search and held-out."
+        ),
+        "ultraprompt_seeds_rejected": AssetOut(
+            description="Candidate seeds not taken, with the closest seed that was."
+        ),
+    },
+    ins={"seed_instructions": AssetIn(), "seed_preference_pairs": AssetIn()},
+    group_name=GROUP,
+)
+def ultraprompt_seeds_assets(
+    context: AssetExecutionContext,
+    config: UltraPromptSeedConfig,
+    seed_instructions: pl.DataFrame,
+    seed_preference_pairs: pl.DataFrame,
+):
+    settings = SeedSelection(**config.model_dump())
+    kept, rejected, n_in = select_seeds(seed_instructions, seed_preference_pairs, settings)
+    splits = dict(Counter(kept["split"].to_list()))
+    md = dataset_metadata(kept, rejected, n_in, **{f"split_{k}": v for k, v in splits.items()})
+    if kept.height:
+        md["categories"] = bar_plot(
+            dict(Counter(kept["category"].to_list())), "seeds per category", "seeds"
+        )
+    context.log.info(f"ultraprompt seeds: {n_in} candidates, {kept.height} taken {splits}")
+    yield from dataset_outputs("ultraprompt_seeds", kept, rejected, md)
+
+
+@asset_check(
+    asset="ultraprompt_seeds",
+    blocking=True,
+    additional_ins={
+        "rejected": AssetIn("ultraprompt_seeds_rejected"),
+        "instructions": AssetIn("seed_instructions"),
+        "pairs": AssetIn("seed_preference_pairs"),
+    },
+    description="No candidate lost: every instruction and pair prompt is taken or rejected exactly once.",
+)
+def ultraprompt_seeds_accounted(
+    context: AssetCheckExecutionContext,
+    seeds: pl.DataFrame,
+    rejected: pl.DataFrame,
+    instructions: pl.DataFrame,
+    pairs: pl.DataFrame,
+) -> AssetCheckResult:
+    inputs = instructions["record_id"].to_list() + pairs["record_id"].to_list()
+    acc = account(
+        inputs,
+        [p[0] for p in seeds["parent_ids"].to_list()],
+        [p[0] for p in rejected["parent_ids"].to_list()],
+    )
+    return accounting_result(acc, rows_in(context, "ultraprompt_seeds"))
+
+
+class UltraPromptSearchConfig(Config, SearchSettings):
+    # Demo-sized: the paper runs 20 iterations; raise this with a real model server.
+    iterations: int = 4
+    limit: Optional[int] = None  # only the first N search seeds
+
+
+@multi_asset(
+    outs={
+        "ultraprompt_trees": AssetOut(
+            description="Every node of every search tree: instruction, principle path, reward, visits, value, prune reason."
+        ),
+        "ultraprompt": AssetOut(
+            description="Per seed: the original, the best (chosen) and worst (rejected) instruction of its tree, with paths and rewards."
+        ),
+        "ultraprompt_rejected": AssetOut(
+            description="Search seeds that gave no usable tree, with the reason."
+        ),
+    },
+    ins={"ultraprompt_seeds": AssetIn()},
+    group_name=GROUP,
+)
+def ultraprompt_search_assets(
+    context: AssetExecutionContext,
+    config: UltraPromptSearchConfig,
+    llm: LLMResource,
+    ultraprompt_seeds: pl.DataFrame,
+):
+    settings = SearchSettings(
+        **{k: v for k, v in config.model_dump().items() if k in SearchSettings.model_fields}
+    )
+    seeds = ultraprompt_seeds.filter(pl.col("split") == "search")
+    if config.limit is not None:
+        seeds = seeds.head(config.limit)
+    client = llm.client()
+    result = synthesize(client, seeds, settings, log=context.log.info)
+    trees, records = result.trees, result.records
+    md = dataset_metadata(
+        records,
+        result.rejected,
+        result.n_in,
+        iterations=settings.iterations,
+        exploration_weight=settings.exploration_weight,
+        samples_per_node=settings.samples,
+        tree_nodes=trees.height,
+        pruned_nodes=trees.filter(pl.col("status") == "pruned").height,
+        **client.stats.as_metadata(),
+    )
+    expanded = trees.filter(pl.col("action") != "root")
+    if expanded.height:
+        md["principles_expanded"] = bar_plot(
+            dict(Counter(expanded["action"].to_list())), "principles applied (all nodes)", "nodes"
+        )
+    if records.height:
+        md["mean_reward_gain"] = round(float(records["reward_gain"].mean()), 4)
+        chosen = Counter(a for path in records["chosen_actions"].to_list() for a in path)
+        if chosen:
+            md["principles_in_chosen"] = bar_plot(
+                dict(chosen), "principles on the chosen paths", "records"
+            )
+        md["reward_gain"] = histogram(
+            records["reward_gain"].to_list(), "reward gain of chosen over original", "gain"
+        )
+        biggest = records.sort("tree_nodes", descending=True)["parent_ids"][0][0]
+        md["search_tree"] = search_tree_plot(
+            trees.filter(pl.col("seed_id") == biggest).to_dicts(), f"search tree of seed {biggest}"
+        )
+    pruned = Counter(trees.filter(pl.col("status") == "pruned")["prune_reason"].to_list())
+    md.update({f"pruned_{k}": v for k, v in sorted(pruned.items())})
+    yield Output(trees, output_name="ultraprompt_trees", metadata={"rows": trees.height})
+    yield from dataset_outputs("ultraprompt", records, result.rejected, md)
+
+
+@asset_check(
+    asset="ultraprompt",
+    blocking=True,
+    additional_ins={
+        "rejected": AssetIn("ultraprompt_rejected"),
+        "seeds": AssetIn("ultraprompt_seeds"),
+    },
+    description="No search seed lost: searched = kept + rejected, each exactly once.",
+)
+def ultraprompt_accounted(
+    context: AssetCheckExecutionContext,
+    records: pl.DataFrame,
+    rejected: pl.DataFrame,
+    seeds: pl.DataFrame,
+) -> AssetCheckResult:
+    n_in = rows_in(context, "ultraprompt")
+    searched = seeds.filter(pl.col("split") == "search")["record_id"].to_list()
+    inputs = searched[: n_in if n_in is not None else None]
+    acc = account(
+        inputs,
+        [p[0] for p in records["parent_ids"].to_list()],
+        [p[0] for p in rejected["parent_ids"].to_list()],
+    )
+    return accounting_result(acc, n_in)
+
+
+def _iterations(context: AssetCheckExecutionContext) -> int:
+    from pipelines.status import latest_materialization_metadata
+
+    md = latest_materialization_metadata(context.instance, "ultraprompt")
+    return int(md["iterations"]) if "iterations" in md else SearchSettings().iterations
+
+
+@asset_check(
+    asset="ultraprompt",
+    blocking=True,
+    additional_ins={"trees": AssetIn("ultraprompt_trees"), "seeds": AssetIn("ultraprompt_seeds")},
+    description="Every tree keeps the budget and the principle rules (allowed for its category, never reused on a path), its values are the max backup, and each record's chosen/rejected are its best/worst with chosen >= root.",
+)
+def ultraprompt_trees_verified(
+    context: AssetCheckExecutionContext,
+    records: pl.DataFrame,
+    trees: pl.DataFrame,
+    seeds: pl.DataFrame,
+) -> AssetCheckResult:
+    categories = dict(zip(seeds["record_id"], seeds["category"], strict=True))
+    iterations = _iterations(context)
+    problems = verify_trees(trees, records, categories, iterations)
+    return AssetCheckResult(
+        passed=problems.height == 0,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={
+            "trees": trees["seed_id"].n_unique() if trees.height else 0,
+            "budget": iterations,
+            "observed_problems": problems.height,
+            "threshold": 0,
+            "examples": problems.head(10).to_dicts(),
+        },
+    )
+
+
+@asset_check(
+    asset="ultraprompt",
+    blocking=True,
+    description="The chosen instruction's reward is never below the original's.",
+)
+def ultraprompt_chosen_at_least_root(records: pl.DataFrame) -> AssetCheckResult:
+    worse = records.filter(pl.col("chosen_reward") < pl.col("root_reward"))
+    return AssetCheckResult(
+        passed=worse.height == 0,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={
+            "observed": worse.height,
+            "threshold": 0,
+            "improved": records.filter(pl.col("reward_gain") > 0).height,
+            "examples": worse.select("record_id", "root_reward", "chosen_reward")
+            .head(10)
+            .to_dicts(),
+        },
+    )
+
+
+ultraprompt_curated_assets, ultraprompt_curated_checks = curated_assets(
+    "ultraprompt_curated",
+    "ultraprompt",
+    CurationSpec(
+        family="ultraprompt",
+        dedup_fields=("src_instruction",),
+        decontam_fields=("src_instruction", "chosen_instruction"),
+    ),
+    group=GROUP,
+    doc="UltraPrompt records after exact dedup, decontamination against every eval set, and near-dedup: what P-Aligner trains on.",
+)
+
+
+@asset_check(
+    asset="ultraprompt_curated",
+    blocking=True,
+    additional_ins={"seeds": AssetIn("ultraprompt_seeds")},
+    description=f"Gate before training: at least {MIN_TRAINING_RECORDS} records, at least one whose chosen instruction is a rewrite, and none from a held-out seed.",
+)
+def ultraprompt_curated_ready_for_training(
+    records: pl.DataFrame, seeds: pl.DataFrame
+) -> AssetCheckResult:
+    heldout = set(seeds.filter(pl.col("split") == "heldout")["record_id"].to_list())
+    leaked = [p[0] for p in records["parent_ids"].to_list() if p[0] in heldout]
+    rewrites = records.filter(pl.col("chosen_node_id") != 0).height
+    return AssetCheckResult(
+        passed=records.height >= MIN_TRAINING_RECORDS and rewrites >= 1 and not leaked,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={
+            "observed_records": records.height,
+            "threshold": MIN_TRAINING_RECORDS,
+            "chosen_is_rewrite": rewrites,
+            "heldout_leaked": len(leaked),
+        },
+    )
+
+
+@asset(group_name=GROUP, ins={"ultraprompt_curated": AssetIn()})
+def ultraprompt_sft(ultraprompt_curated: pl.DataFrame) -> Output[pl.DataFrame]:
+    """Rewriter SFT view: the rewriting prompt around the original -> the best rewrite."""
+    view = sft_view(ultraprompt_curated)
+    return Output(
+        view,
+        metadata={"rows": view.height, "keeps_original": int(view["keeps_original"].sum())},
+    )
+
+
+@asset(group_name=GROUP, ins={"ultraprompt_curated": AssetIn()})
+def ultraprompt_dpo(ultraprompt_curated: pl.DataFrame) -> Output[pl.DataFrame]:
+    """Rewriter DPO view: best over worst rewrite of the same tree (ties left out)."""
+    view = dpo_view(ultraprompt_curated)
+    md = {"rows": view.height}
+    if view.height:
+        md["mean_reward_margin"] = round(float(view["reward_margin"].mean()), 4)
+    return Output(view, metadata=md)
+
+
+class PAlignerConfig(Config):
+    model: str = ""  # local path or hub id; empty = the embedded SmolLM2-135M
+    max_steps: int = 4
+    dpo_steps: int = 2  # 0 = SFT only
+    batch_size: int = 2
+    learning_rate: float = 2e-4
+    beta: float = 0.1
+    lora_r: int = 16
+    lora_alpha: int = 32
+    max_length: int = 384
+    seed: int = 0
+
+
+@asset(group_name=GROUP, ins={"ultraprompt_sft": AssetIn(), "ultraprompt_dpo": AssetIn()})
+def paligner_model(
+    context: AssetExecutionContext,
+    config: PAlignerConfig,
+    trainer: TrainerResource,
+    ultraprompt_sft: pl.DataFrame,
+    ultraprompt_dpo: pl.DataFrame,
+) -> Output[pl.DataFrame]:
+    """The P-Aligner rewriter (LoRA adapters), trained out of process through Dagster Pipes."""
+    run_dir = trainer.run_dir(f"paligner-{context.run_id}")
+    sft, dpo = run_dir / "sft.parquet", run_dir / "dpo.parquet"
+    ultraprompt_sft.write_parquet(sft)
+    ultraprompt_dpo.write_parquet(dpo)
+    args = ["--sft", str(sft), "--dpo", str(dpo), "--output-dir", str(run_dir)]
+    for key, value in config.model_dump().items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    reported = {
+        k: v.value
+        for k, v in trainer.launch(context, "train.paligner", args)
+        .get_materialize_result()
+        .metadata.items()
+    }
+    history = reported["history"]
+    summary = pl.DataFrame(
+        [
+            {
+                "adapter_dir": str(reported["output_dir"]),
+                "final_loss": float(reported["final_loss"]),
+                "sft_steps": len(history["sft"]),
+                "dpo_steps": len(history["dpo"]),
+                "trainable_tensors_changed": int(reported["trainable_tensors_changed"]),
+            }
+        ]
+    )
+    curves = {"sft": [h["loss"] for h in history["sft"]]}
+    if history["dpo"]:
+        curves["dpo"] = [h["loss"] for h in history["dpo"]]
+    steps = list(range(1, max(len(c) for c in curves.values()) + 1))
+    return Output(
+        summary,
+        metadata={
+            "final_loss": float(reported["final_loss"]),
+            "trainable_tensors_changed": int(reported["trainable_tensors_changed"]),
+            "sft_tokens_per_s": float(reported["sft_tokens_per_s"]),
+            "device": str(reported["device"]),
+            "adapter_dir": MetadataValue.path(str(reported["output_dir"])),
+            "loss_curve": line_plot(steps, curves, "P-Aligner training loss", "step"),
+        },
+    )
+
+
+class PAlignerEvalConfig(Config):
+    max_new_tokens: int = 128  # of a rewrite
+    response_max_tokens: int = 96
+
+
+@asset(group_name=GROUP, ins={"paligner_model": AssetIn(), "ultraprompt_seeds": AssetIn()})
+def paligner_eval(
+    context: AssetExecutionContext,
+    config: PAlignerEvalConfig,
+    llm: LLMResource,
+    trainer: TrainerResource,
+    paligner_model: pl.DataFrame,
+    ultraprompt_seeds: pl.DataFrame,
+) -> Output[pl.DataFrame]:
+    """Win rate of responses to rewritten over original held-out instructions, for the
+    untrained base rewriter and the trained P-Aligner, judged in both orders."""
+    heldout = ultraprompt_seeds.filter(pl.col("split") == "heldout")
+    if not heldout.height:
+        raise ValueError(
+            "ultraprompt_seeds has no held-out seeds: set heldout_every > 0 in its config"
+        )
+    run_dir = trainer.run_dir(f"paligner-eval-{context.run_id}")
+    seeds_file, out = run_dir / "heldout.parquet", run_dir / "rewrites.parquet"
+    heldout.select("instruction").write_parquet(seeds_file)
+    args = ["--adapter", paligner_model["adapter_dir"][0], "--seeds", str(seeds_file)]
+    args += ["--out", str(out), "--max-new-tokens", str(config.max_new_tokens)]
+    trainer.launch(context, "train.paligner_eval", args)
+    client = llm.client()
+    judged = win_rates(
+        client, pl.read_parquet(out), config.response_max_tokens, log=context.log.info
+    )
+    rates = {
+        name: float(judged.filter(pl.col("rewriter") == name)["win"].mean() or 0.0)
+        for name in ("base", "paligner")
+    }
+    return Output(
+        judged,
+        metadata={
+            **{f"win_rate_{k}": round(v, 4) for k, v in rates.items()},
+            "heldout_instructions": heldout.height,
+            "win_rates": bar_plot(rates, "rewritten beats original (held-out)", "win rate"),
+            **client.stats.as_metadata(),
+        },
+    )
+
+
+ultraprompt_curated_export = export_asset(
+    "ultraprompt",
+    group=GROUP,
+    checks=[*ultraprompt_curated_checks, ultraprompt_curated_ready_for_training],
+)
+
+assets = [
+    ultraprompt_seeds_assets,
+    ultraprompt_search_assets,
+    ultraprompt_curated_assets,
+    ultraprompt_sft,
+    ultraprompt_dpo,
+    paligner_model,
+    paligner_eval,
+    ultraprompt_curated_export,
+]
+checks = [
+    ultraprompt_seeds_accounted,
+    ultraprompt_accounted,
+    ultraprompt_trees_verified,
+    ultraprompt_chosen_at_least_root,
+    *suite_checks("ultraprompt"),
+    *ultraprompt_curated_checks,
+    ultraprompt_curated_ready_for_training,
+]

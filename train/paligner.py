@@ -1,0 +1,197 @@
+"""P-Aligner: train an instruction rewriter on UltraPrompt (arXiv 2508.04626).
+
+    python -m train.paligner --sft sft.parquet --output-dir runs/paligner [--dpo dpo.parquet]
+        [--model PATH] [--max-steps 4] [--dpo-steps 2]
+
+SFT (TRL SFTTrainer, LoRA) on prompt -> completion, where the prompt asks to rewrite the
+original request and the completion is the best rewrite of its search tree; then, when a
+DPO table is given and --dpo-steps > 0, DPO (TRL DPOTrainer) on best over worst rewrite,
+continuing the same adapters (the reference is the base with adapters off). The CPU
+default is a few steps of the embedded SmolLM2-135M; on a GPU the same entry point runs
+in bf16 with whatever --model and step counts you give it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from train.reporting import reporter
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def _common(a: argparse.Namespace, cuda: bool) -> dict[str, Any]:
+    return {
+        "per_device_train_batch_size": a.batch_size,
+        "learning_rate": a.learning_rate,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": not cuda,
+        "bf16": cuda,
+        "gradient_checkpointing": False,
+        "disable_tqdm": True,
+        "seed": a.seed,
+        "max_length": a.max_length,
+    }
+
+
+def _chat(prompt: str, completion: str) -> dict[str, list[dict[str, str]]]:
+    return {
+        "prompt": [{"role": "user", "content": prompt}],
+        "completion": [{"role": "assistant", "content": completion}],
+    }
+
+
+def _losses(trainer: Any) -> list[dict[str, float]]:
+    return [
+        {"step": int(h["step"]), "loss": float(h["loss"])}
+        for h in trainer.state.log_history
+        if "loss" in h
+    ]
+
+
+def train(a: argparse.Namespace, log: Any = print) -> dict[str, Any]:
+    import polars as pl
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    from train.models import load_causal_lm
+
+    cuda = torch.cuda.is_available()
+    torch.manual_seed(a.seed)
+    base, tok = load_causal_lm(a.model, "bfloat16" if cuda else "float32")
+    if cuda:
+        base = base.to("cuda")
+    model = get_peft_model(
+        base,
+        LoraConfig(
+            r=a.lora_r,
+            lora_alpha=a.lora_alpha,
+            lora_dropout=0.05,
+            target_modules=LORA_TARGETS,
+            task_type="CAUSAL_LM",
+        ),
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    sft_rows = pl.read_parquet(a.sft).select("prompt", "completion").to_dicts()
+    sft = Dataset.from_list([_chat(r["prompt"], r["completion"]) for r in sft_rows])
+    log(f"P-Aligner SFT on {len(sft)} rewrites for {a.max_steps} steps")
+    t0 = time.perf_counter()
+    sft_trainer = SFTTrainer(
+        model=model,
+        args=SFTConfig(
+            output_dir=str(Path(a.output_dir) / "sft"),
+            max_steps=a.max_steps,
+            completion_only_loss=True,
+            **_common(a, cuda),
+        ),
+        train_dataset=sft,
+        processing_class=tok,
+    )
+    sft_trainer.train()
+    sft_s = time.perf_counter() - t0
+    history = {"sft": _losses(sft_trainer), "dpo": []}
+    tokens = sum(
+        len(tok.apply_chat_template(r["prompt"] + r["completion"], tokenize=True))
+        for r in sft.select(range(min(len(sft), a.max_steps * a.batch_size)))
+    )
+    dpo_pairs, dpo_s = 0, 0.0
+    if a.dpo and a.dpo_steps > 0:
+        rows = pl.read_parquet(a.dpo).select("prompt", "chosen", "rejected").to_dicts()
+        dpo_pairs = len(rows)
+        if rows:
+            ds = Dataset.from_list(
+                [
+                    {
+                        "prompt": [{"role": "user", "content": r["prompt"]}],
+                        "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                        "rejected": [{"role": "assistant", "content": r["rejected"]}],
+                    }
+                    for r in rows
+                ]
+            )
+            log(f"P-Aligner DPO on {len(ds)} pairs for {a.dpo_steps} steps")
+            t0 = time.perf_counter()
+            dpo_trainer = DPOTrainer(
+                model=model,
+                args=DPOConfig(
+                    output_dir=str(Path(a.output_dir) / "dpo"),
+                    max_steps=a.dpo_steps,
+                    beta=a.beta,
+                    **_common(a, cuda),
+                ),
+                train_dataset=ds,
+                processing_class=tok,
+            )
+            dpo_trainer.train()
+            dpo_s = time.perf_counter() - t0
+            history["dpo"] = _losses(dpo_trainer)
+    changed = sum(
+        not torch.equal(before[n], p.detach()) for n, p in model.named_parameters() if n in before
+    )
+    out = Path(a.output_dir) / "adapter"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    last = (history["dpo"] or history["sft"] or [{"loss": math.nan}])[-1]["loss"]
+    return {
+        "history": history,
+        "final_loss": last,
+        "sft_rows": len(sft),
+        "dpo_pairs": dpo_pairs,
+        "sft_seconds": round(sft_s, 3),
+        "dpo_seconds": round(dpo_s, 3),
+        "sft_tokens_per_s": round(tokens / sft_s, 1) if sft_s else 0.0,
+        "trainable_tensors_changed": changed,
+        "trainable_tensors": len(before),
+        "output_dir": str(out),
+        "device": "cuda" if cuda else "cpu",
+    }
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description="P-Aligner rewriter: SFT, then optional DPO.")
+    ap.add_argument("--sft", required=True, help="Parquet with prompt, completion")
+    ap.add_argument("--dpo", default="", help="Parquet with prompt, chosen, rejected")
+    ap.add_argument("--output-dir", required=True)
+    ap.add_argument("--model", default="", help="local path or hub id; empty = embedded SmolLM2")
+    ap.add_argument("--max-steps", type=int, default=4)
+    ap.add_argument("--dpo-steps", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--learning-rate", type=float, default=2e-4)
+    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--lora-r", type=int, default=16)
+    ap.add_argument("--lora-alpha", type=int, default=32)
+    ap.add_argument("--max-length", type=int, default=384)
+    ap.add_argument("--seed", type=int, default=0)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    a = parser().parse_args(argv)
+    with reporter() as report:
+        result = train(a, report.log)
+        report.result(
+            {
+                "final_loss": result["final_loss"],
+                "trainable_tensors_changed": result["trainable_tensors_changed"],
+                "sft_rows": result["sft_rows"],
+                "dpo_pairs": result["dpo_pairs"],
+                "sft_tokens_per_s": result["sft_tokens_per_s"],
+                "device": result["device"],
+                "history": {"raw_value": result["history"], "type": "json"},
+                "output_dir": {"raw_value": result["output_dir"], "type": "path"},
+            }
+        )
+    return result
+
+
+if __name__ == "__main__":
+    main()
