@@ -144,7 +144,8 @@ def curate(
             {
                 "record_id": [rows[i]["record_id"] for i in alive],
                 "t": [dedup_text[i] for i in alive],
-            }
+            },
+            schema={"record_id": pl.Utf8, "t": pl.Utf8},  # typed even when nothing is alive
         ),
         "t",
     )

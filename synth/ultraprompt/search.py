@@ -218,8 +218,8 @@ _PREFACE = re.compile(
 
 def clean_rewrite(text: str) -> str:
     """The rewritten request without a preface, fences or wrapping quotes."""
-    text = _PREFACE.sub("", text.strip())
     text = text.strip().strip("`").strip()
+    text = _PREFACE.sub("", text).strip()
     for q in ('"""', '"', "'", "“"):
         if text.startswith(q):
             end = "”" if q == "“" else q
