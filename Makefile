@@ -61,6 +61,7 @@ bench: venv
 	$(PY) -m benchmarks.trace_throughput
 	$(PY) -m benchmarks.semantic_dedup
 	$(PY) -m benchmarks.expectations_rate
+	$(PY) -m benchmarks.ultraprompt_search
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -10,3 +10,7 @@ def test_dagster_dev_serves_the_asset_graph(cli_env):
         assert groups["judged_responses"] == "responses"
         assert groups["judged_responses_rejected"] == "responses"
         assert groups["trace_curated"] == "trace" and groups["judge_calibration"] == "quality"
+        assert (
+            groups["ultraprompt_trees"] == "ultraprompt"
+            and groups["paligner_eval"] == "ultraprompt"
+        )

@@ -26,8 +26,10 @@ from train.reporting import reporter
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def _common(a: argparse.Namespace, cuda: bool) -> dict[str, Any]:
+def _common(a: argparse.Namespace, cuda: bool, stage: str) -> dict[str, Any]:
     return {
+        "output_dir": str(Path(a.output_dir) / stage),
+        "max_steps": a.max_steps if stage == "sft" else a.dpo_steps,
         "per_device_train_batch_size": a.batch_size,
         "learning_rate": a.learning_rate,
         "logging_steps": 1,
@@ -49,12 +51,17 @@ def _chat(prompt: str, completion: str) -> dict[str, list[dict[str, str]]]:
     }
 
 
-def _losses(trainer: Any) -> list[dict[str, float]]:
-    return [
+def _fit(trainer_cls: Any, args: Any, model: Any, tok: Any, ds: Any) -> tuple[list, float]:
+    """Train with one TRL trainer; (loss per logged step, seconds)."""
+    t0 = time.perf_counter()
+    trainer = trainer_cls(model=model, args=args, train_dataset=ds, processing_class=tok)
+    trainer.train()
+    losses = [
         {"step": int(h["step"]), "loss": float(h["loss"])}
         for h in trainer.state.log_history
         if "loss" in h
     ]
+    return losses, time.perf_counter() - t0
 
 
 def train(a: argparse.Namespace, log: Any = print) -> dict[str, Any]:
@@ -84,21 +91,10 @@ def train(a: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     sft_rows = pl.read_parquet(a.sft).select("prompt", "completion").to_dicts()
     sft = Dataset.from_list([_chat(r["prompt"], r["completion"]) for r in sft_rows])
     log(f"P-Aligner SFT on {len(sft)} rewrites for {a.max_steps} steps")
-    t0 = time.perf_counter()
-    sft_trainer = SFTTrainer(
-        model=model,
-        args=SFTConfig(
-            output_dir=str(Path(a.output_dir) / "sft"),
-            max_steps=a.max_steps,
-            completion_only_loss=True,
-            **_common(a, cuda),
-        ),
-        train_dataset=sft,
-        processing_class=tok,
+    sft_losses, sft_s = _fit(
+        SFTTrainer, SFTConfig(**_common(a, cuda, "sft"), completion_only_loss=True), model, tok, sft
     )
-    sft_trainer.train()
-    sft_s = time.perf_counter() - t0
-    history = {"sft": _losses(sft_trainer), "dpo": []}
+    history = {"sft": sft_losses, "dpo": []}
     tokens = sum(
         len(tok.apply_chat_template(r["prompt"] + r["completion"], tokenize=True))
         for r in sft.select(range(min(len(sft), a.max_steps * a.batch_size)))
@@ -119,21 +115,9 @@ def train(a: argparse.Namespace, log: Any = print) -> dict[str, Any]:
                 ]
             )
             log(f"P-Aligner DPO on {len(ds)} pairs for {a.dpo_steps} steps")
-            t0 = time.perf_counter()
-            dpo_trainer = DPOTrainer(
-                model=model,
-                args=DPOConfig(
-                    output_dir=str(Path(a.output_dir) / "dpo"),
-                    max_steps=a.dpo_steps,
-                    beta=a.beta,
-                    **_common(a, cuda),
-                ),
-                train_dataset=ds,
-                processing_class=tok,
+            history["dpo"], dpo_s = _fit(
+                DPOTrainer, DPOConfig(**_common(a, cuda, "dpo"), beta=a.beta), model, tok, ds
             )
-            dpo_trainer.train()
-            dpo_s = time.perf_counter() - t0
-            history["dpo"] = _losses(dpo_trainer)
     changed = sum(
         not torch.equal(before[n], p.detach()) for n, p in model.named_parameters() if n in before
     )

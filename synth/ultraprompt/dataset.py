@@ -178,14 +178,20 @@ def rewriter_prompt(instruction: str) -> str:
     return PALIGNER_PROMPT.user.format(instruction=instruction)
 
 
-def sft_view(records: pl.DataFrame) -> pl.DataFrame:
-    """(prompt -> completion) pairs for the rewriter: the original to the best rewrite."""
-    return records.select(
+def _view_keys() -> list[pl.Expr]:
+    return [
         pl.col("record_id"),
         pl.col("category"),
         pl.col("src_instruction")
         .map_elements(rewriter_prompt, return_dtype=pl.Utf8)
         .alias("prompt"),
+    ]
+
+
+def sft_view(records: pl.DataFrame) -> pl.DataFrame:
+    """(prompt -> completion) pairs for the rewriter: the original to the best rewrite."""
+    return records.select(
+        *_view_keys(),
         pl.col("chosen_instruction").alias("completion"),
         (pl.col("chosen_node_id") == 0).alias("keeps_original"),
     )
@@ -194,11 +200,7 @@ def sft_view(records: pl.DataFrame) -> pl.DataFrame:
 def dpo_view(records: pl.DataFrame) -> pl.DataFrame:
     """(prompt, chosen, rejected) for DPO of the rewriter: best over worst rewrite."""
     return records.filter(pl.col("chosen_node_id") != pl.col("rejected_node_id")).select(
-        pl.col("record_id"),
-        pl.col("category"),
-        pl.col("src_instruction")
-        .map_elements(rewriter_prompt, return_dtype=pl.Utf8)
-        .alias("prompt"),
+        *_view_keys(),
         pl.col("chosen_instruction").alias("chosen"),
         pl.col("rejected_instruction").alias("rejected"),
         (pl.col("chosen_reward") - pl.col("rejected_reward")).alias("reward_margin"),
