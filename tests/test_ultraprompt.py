@@ -4,7 +4,13 @@ SFT+DPO through Pipes, held-out win rate)."""
 
 import base64
 import io
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -28,14 +34,18 @@ from synth.ultraprompt.search import (
     SIMULATED,
     Node,
     SearchSettings,
+    SeedTask,
     Tree,
     _prune_reason,
     backup,
+    best_of_n,
     clean_rewrite,
     node_row,
     select,
 )
 from synth.ultraprompt.seeds import farthest_point_order, select_seeds
+
+import ultraprompt_worker
 
 
 def test_principles_follow_the_paper():
@@ -332,3 +342,45 @@ def test_ultraprompt_job_end_to_end(tmp_path):
     for r in ("base", "paligner"):
         rate = evals.filter(pl.col("rewriter") == r)["win"].mean()
         assert mats["paligner_eval"][f"win_rate_{r}"].value == round(rate, 4)
+
+
+def test_killed_search_resumes_from_the_cache(tmp_path):
+    # The search's requests are a deterministic function of the cached answers before
+    # them, so everything the killed run finished is found again, and nothing else is.
+    cache_path = tmp_path / "cache.sqlite"
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(ultraprompt_worker.__file__)), str(cache_path)],
+        cwd=Path(__file__).parent.parent,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if cache_path.exists() and len(ResponseCache(cache_path)) >= 8:
+            break
+        assert proc.poll() is None, "worker ended before it could be killed"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    done_before_kill = len(ResponseCache(cache_path))
+    client = ultraprompt_worker.client(str(cache_path))
+    result = synthesize(client, ultraprompt_worker.SEEDS, ultraprompt_worker.SETTINGS)
+    assert client.stats.cache_hits == done_before_kill
+    assert client.stats.calls > 0  # the kill came before the end
+    assert result.records.height + result.rejected.height == 3
+    seeds = ultraprompt_worker.SEEDS
+    cats = dict(zip(seeds["record_id"], seeds["category"], strict=True))
+    assert verify_trees(result.trees, result.records, cats, 3).height == 0
+
+
+def test_best_of_n_baseline_rewrites_only_the_root(embedded_backend):
+    client = LLMClient(embedded_backend, None, max_concurrency=4)
+    settings = SearchSettings(samples=1, response_max_tokens=40, rewrite_max_tokens=60)
+    (tree,) = best_of_n(client, [SeedTask("b1", "Solve 12 + 30 and explain.", "math")], 3, settings)
+    assert len(tree.nodes) == 4 and all(n.parent == 0 for n in tree.nodes[1:])
+    assert {n.action for n in tree.nodes[1:]} <= set(allowed_principles("math"))
+    scored = [n.reward for n in tree.simulated()]
+    assert tree.root.value == max(scored) and tree.root.visits == len(scored)
+    assert tree.best().reward == max(scored)

@@ -202,7 +202,8 @@ def backup(tree: Tree, node: Node) -> None:
     while node.parent is not None:
         node = tree.nodes[node.parent]
         node.visits += 1
-        values = [tree.nodes[c].value for c in node.children if tree.nodes[c].status == SIMULATED]
+        # Siblings simulated in one batch are backed up one after another.
+        values = [tree.nodes[c].value for c in node.children if tree.nodes[c].value is not None]
         node.value = max([node.reward, *values])
 
 
