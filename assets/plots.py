@@ -142,9 +142,12 @@ def search_tree_plot(nodes: list[dict], title: str) -> MetadataValue:
             fontsize=6,
         )
     ax.set_title(title, fontsize=9)
+    deepest = max(n["depth"] for n in nodes)
     ax.set_ylabel("depth")
     ax.set_xticks([])
-    ax.set_ylim(-max(n["depth"] for n in nodes) - 0.9, 0.4)
+    ax.set_yticks([-d for d in range(deepest + 1)], [str(d) for d in range(deepest + 1)])
+    ax.set_ylim(-deepest - 0.9, 0.4)
+    ax.margins(x=0.2)  # room for the labels of the outermost nodes
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, 1))
     fig.colorbar(sm, ax=ax, label="reward")
     return png_markdown(fig, title)
