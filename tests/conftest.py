@@ -83,3 +83,29 @@ def llama_server():
         proc.wait(10)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+def kill_once_cached(worker: Path, cache_path: Path, at_least: int, timeout_s: float = 300) -> int:
+    """Run `worker <cache_path>` in its own process group, SIGKILL it once the response
+    cache holds `at_least` entries, and return how many it holds after the kill."""
+    import signal
+
+    from synth.llm import ResponseCache
+
+    proc = subprocess.Popen(
+        [sys.executable, str(worker), str(cache_path)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cache_path.exists() and len(ResponseCache(cache_path)) >= at_least:
+            break
+        assert proc.poll() is None, "worker ended before it could be killed"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    return len(ResponseCache(cache_path))

@@ -1,11 +1,6 @@
 """What the cache promises: resume after a kill, zero calls when unchanged, and a
 changed template regenerates only the records that use it."""
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +10,7 @@ from synth.loaders import SHIPPED_SEEDS, load_instructions
 from synth.responses import RESPOND_WITH_INPUT, ResponseTemplates, judged_responses
 
 import resume_worker
+from conftest import kill_once_cached
 
 
 class CountingBackend:
@@ -33,23 +29,7 @@ class CountingBackend:
 
 def test_killed_run_resumes_with_only_the_missing_calls(tmp_path):
     cache_path = tmp_path / "cache.sqlite"
-    proc = subprocess.Popen(
-        [sys.executable, str(Path(resume_worker.__file__)), str(cache_path)],
-        cwd=Path(__file__).parent.parent,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        if cache_path.exists() and len(ResponseCache(cache_path)) >= 4:
-            break
-        assert proc.poll() is None, "worker ended before it could be killed"
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(10)
-    done_before_kill = len(ResponseCache(cache_path))
+    done_before_kill = kill_once_cached(Path(resume_worker.__file__), cache_path, 4, 240)
     total = len(resume_worker.TOPICS)
     assert 4 <= done_before_kill < total
 

@@ -4,12 +4,7 @@ SFT+DPO through Pipes, held-out win rate)."""
 
 import base64
 import io
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +41,7 @@ from synth.ultraprompt.search import (
 from synth.ultraprompt.seeds import farthest_point_order, select_seeds
 
 import ultraprompt_worker
+from conftest import kill_once_cached
 
 
 def test_principles_follow_the_paper():
@@ -348,23 +344,7 @@ def test_killed_search_resumes_from_the_cache(tmp_path):
     # The search's requests are a deterministic function of the cached answers before
     # them, so everything the killed run finished is found again, and nothing else is.
     cache_path = tmp_path / "cache.sqlite"
-    proc = subprocess.Popen(
-        [sys.executable, str(Path(ultraprompt_worker.__file__)), str(cache_path)],
-        cwd=Path(__file__).parent.parent,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if cache_path.exists() and len(ResponseCache(cache_path)) >= 8:
-            break
-        assert proc.poll() is None, "worker ended before it could be killed"
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(10)
-    done_before_kill = len(ResponseCache(cache_path))
+    done_before_kill = kill_once_cached(Path(ultraprompt_worker.__file__), cache_path, 8)
     client = ultraprompt_worker.client(str(cache_path))
     result = synthesize(client, ultraprompt_worker.SEEDS, ultraprompt_worker.SETTINGS)
     assert client.stats.cache_hits == done_before_kill
