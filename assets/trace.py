@@ -29,6 +29,7 @@ from assets.curation import curated_assets
 from assets.export import export_asset
 from assets.plots import bar_plot, histogram, line_plot
 from assets.quality import suite_checks
+from pipelines.automation import TRAIN_WHEN_GATES_PASS
 from pipelines.resources import LLMResource, TrainerResource
 from quality.accounting import account
 from quality.curation import CurationSpec
@@ -226,10 +227,12 @@ class TraceModelConfig(Config):
 @multi_asset(
     outs={
         "trace_model": AssetOut(
-            description="LoRA adapters re-aligned with TRACE's hybrid loss (trained out of process through Dagster Pipes)."
+            automation_condition=TRAIN_WHEN_GATES_PASS,
+            description="LoRA adapters re-aligned with TRACE's hybrid loss (trained out of process through Dagster Pipes).",
         ),
         "trace_weighted": AssetOut(
-            description="The triaged pairs with their impact weights (0 for RETAIN; INVERT+PUNISH sum to one)."
+            automation_condition=TRAIN_WHEN_GATES_PASS,
+            description="The triaged pairs with their impact weights (0 for RETAIN; INVERT+PUNISH sum to one).",
         ),
     },
     ins={"trace_curated": AssetIn()},

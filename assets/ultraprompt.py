@@ -24,6 +24,7 @@ from assets.curation import curated_assets
 from assets.export import export_asset
 from assets.plots import bar_plot, histogram, line_plot, search_tree_plot
 from assets.quality import suite_checks
+from pipelines.automation import TRAIN_WHEN_GATES_PASS
 from pipelines.resources import LLMResource, TrainerResource
 from quality.accounting import account
 from quality.curation import CurationSpec
@@ -322,7 +323,13 @@ class PAlignerConfig(Config):
     seed: int = 0
 
 
-@asset(group_name=GROUP, ins={"ultraprompt_sft": AssetIn(), "ultraprompt_dpo": AssetIn()})
+@asset(
+    group_name=GROUP,
+    ins={"ultraprompt_sft": AssetIn(), "ultraprompt_dpo": AssetIn()},
+    # The views carry no checks of their own: depend on the gated table they are cut from.
+    deps=["ultraprompt_curated"],
+    automation_condition=TRAIN_WHEN_GATES_PASS,
+)
 def paligner_model(
     context: AssetExecutionContext,
     config: PAlignerConfig,

@@ -7,6 +7,9 @@ import time
 from pathlib import Path
 
 from dagster import (
+    AssetSelection,
+    AutomationCondition,
+    AutomationConditionSensorDefinition,
     DefaultScheduleStatus,
     DefaultSensorStatus,
     RunFailureSensorContext,
@@ -120,3 +123,22 @@ def build_schedules() -> list[ScheduleDefinition]:
             ("judges", "0 4 * * 0"),
         )
     ]
+
+
+# A training asset runs when it is missing or its data was updated, and only once every
+# blocking check on the data it depends on passed (a failed gate keeps it waiting).
+TRAIN_WHEN_GATES_PASS = (
+    AutomationCondition.eager() & AutomationCondition.all_deps_blocking_checks_passed()
+).with_label("train when gates pass")
+TRAINING_ASSETS = ("trace_model", "trace_weighted", "paligner_model")
+
+
+def build_training_automation_sensor() -> AutomationConditionSensorDefinition:
+    """Evaluates TRAIN_WHEN_GATES_PASS on the training assets. Ships stopped: turning it on
+    means new curated data that passes its gates starts training by itself."""
+    return AutomationConditionSensorDefinition(
+        "training_automation",
+        target=AssetSelection.assets(*TRAINING_ASSETS),
+        default_status=DefaultSensorStatus.STOPPED,
+        minimum_interval_seconds=60,
+    )

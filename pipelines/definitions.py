@@ -8,7 +8,12 @@ from pathlib import Path
 from dagster import Definitions, EnvVar
 
 from assets import calibration, responses, seeds, trace, ultraprompt
-from pipelines.automation import build_failure_sensor, build_inbox_sensor, build_schedules
+from pipelines.automation import (
+    build_failure_sensor,
+    build_inbox_sensor,
+    build_schedules,
+    build_training_automation_sensor,
+)
 from pipelines.jobs import jobs
 from pipelines.resources import LLMResource, ParquetIOManager, QualityResource, TrainerResource
 from pipelines.sensors import build_policy_sensor
@@ -65,6 +70,7 @@ def build_definitions(
             build_policy_sensor(policy_files()),
             build_inbox_sensor(home / "inbox", jobs),
             build_failure_sensor(home / "failures.jsonl"),
+            build_training_automation_sensor(),
         ],
         schedules=build_schedules(),
         resources={

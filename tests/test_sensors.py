@@ -3,8 +3,23 @@
 import json
 import shutil
 
-from dagster import DagsterInstance, RunRequest, SkipReason, build_sensor_context
+import pytest
+from dagster import (
+    AssetCheckEvaluation,
+    AssetCheckSeverity,
+    AssetKey,
+    AssetMaterialization,
+    AssetSelection,
+    DagsterInstance,
+    DefaultSensorStatus,
+    RunRequest,
+    SkipReason,
+    build_sensor_context,
+    evaluate_automation_conditions,
+)
 
+from pipelines.automation import TRAINING_ASSETS
+from pipelines.definitions import build_definitions
 from pipelines.sensors import build_policy_sensor
 from synth.trace.policy import SHIPPED_POLICIES, load_policy
 
@@ -106,3 +121,37 @@ def test_failed_runs_are_recorded(tmp_path):
     (record,) = [json.loads(line) for line in log.read_text().splitlines()]
     assert record["job"] == "seeds" and record["run_id"] == result.run_id
     assert record["failed_steps"] == ["seed_personas"]
+
+
+@pytest.mark.parametrize("gate_passes", [False, True])
+def test_training_waits_for_its_gates(tmp_path, gate_passes):
+    # Upstream data is updated; training is requested only when the gate on it passed.
+    defs = build_definitions(tmp_path)
+    instance = DagsterInstance.ephemeral()
+    graph = defs.resolve_asset_graph()
+    targets = AssetSelection.assets(*TRAINING_ASSETS)
+    first = evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=targets)
+    assert first.total_requested == 0  # nothing to train on yet
+    gates = {
+        "trace_model": ("trace_curated", "trace_curated_enough_conflicts"),
+        "paligner_model": ("ultraprompt_curated", "ultraprompt_curated_ready_for_training"),
+    }
+    for target, (gated, gate) in gates.items():
+        for parent in graph.get(AssetKey(target)).parent_keys:
+            instance.report_runless_asset_event(AssetMaterialization(parent))
+        for ck in [ck for ck in graph.asset_check_keys if ck.asset_key == AssetKey(gated)]:
+            instance.report_runless_asset_event(
+                AssetCheckEvaluation(
+                    asset_key=ck.asset_key,
+                    check_name=ck.name,
+                    passed=gate_passes or ck.name != gate,
+                    severity=AssetCheckSeverity.ERROR,
+                )
+            )
+    second = evaluate_automation_conditions(
+        defs=defs, instance=instance, asset_selection=targets, cursor=first.cursor
+    )
+    requested = {k: second.get_num_requested(AssetKey(k)) for k in TRAINING_ASSETS}
+    assert requested == {k: int(gate_passes) for k in TRAINING_ASSETS}
+    sensor = defs.get_sensor_def("training_automation")
+    assert sensor.default_status == DefaultSensorStatus.STOPPED
