@@ -56,6 +56,11 @@ def markdown_table(df: pl.DataFrame, width: int = 80) -> str:
     return "\n".join([head, rule, *body])
 
 
+def first_parents(df: pl.DataFrame) -> list[str]:
+    """The parent record id of every row (derived rows have exactly one)."""
+    return df["parent_ids"].list.first().to_list()
+
+
 def rows_in(context: AssetCheckExecutionContext, asset: str) -> int | None:
     """`rows_in` that the asset reported when it was materialized."""
     value = latest_materialization_metadata(context.instance, asset).get("rows_in")

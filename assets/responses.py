@@ -18,6 +18,7 @@ from assets.common import (
     accounting_result,
     dataset_metadata,
     dataset_outputs,
+    first_parents,
     rate_result,
     rows_in,
 )
@@ -87,8 +88,8 @@ def judged_responses_accounted(
     inputs = seeds["record_id"].to_list()[: n_in if n_in is not None else None]
     acc = account(
         inputs,
-        [p[0] for p in kept["parent_ids"].to_list()],
-        [p[0] for p in rejected["parent_ids"].to_list()],
+        first_parents(kept),
+        first_parents(rejected),
     )
     return accounting_result(acc, n_in)
 

@@ -22,6 +22,7 @@ from dagster import (
 from assets.common import (
     accounting_result,
     dataset_metadata,
+    first_parents,
     rejected_metadata,
     rows_in,
 )
@@ -167,7 +168,7 @@ def trace_triage_accounted(
     n_in = rows_in(context, "trace_triage")
     inputs = pairs["record_id"].to_list()[: n_in if n_in is not None else None]
     kept = triaged["pair_id"].to_list() + review["pair_id"].to_list()
-    acc = account(inputs, kept, [p[0] for p in rejected["parent_ids"].to_list()])
+    acc = account(inputs, kept, first_parents(rejected))
     return accounting_result(acc, n_in)
 
 
@@ -247,9 +248,7 @@ def trace_model_assets(
     run_dir = trainer.run_dir(f"trace-{context.run_id}")
     data = run_dir / "triage.parquet"
     trace_curated.write_parquet(data)  # the handoff to the subprocess, named explicitly here
-    args = ["--data", str(data), "--output-dir", str(run_dir / "adapter")]
-    for key, value in config.model_dump().items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
+    args = ["--data", str(data), "--output-dir", str(run_dir / "adapter"), *trainer.flags(config)]
     invocation = trainer.launch(context, "train.trace", args, report_asset_key="trace_model")
     # A multi-asset gets a result per key; the trainer reported on trace_model.
     (result,) = [
@@ -378,12 +377,7 @@ def trace_eval(
         "--max-new-tokens",
         str(config.max_new_tokens),
     ]
-    reported = {
-        k: v.value
-        for k, v in trainer.launch(context, "train.trace_eval", args)
-        .get_materialize_result()
-        .metadata.items()
-    }
+    reported = trainer.launch_reported(context, "train.trace_eval", args)
     gens = pl.read_parquet(generations)
     policy = policy_from_asset(trace_policy)
     client = llm.client()

@@ -19,7 +19,13 @@ from dagster import (
     multi_asset,
 )
 
-from assets.common import accounting_result, dataset_metadata, dataset_outputs, rows_in
+from assets.common import (
+    accounting_result,
+    dataset_metadata,
+    dataset_outputs,
+    first_parents,
+    rows_in,
+)
 from assets.curation import curated_assets
 from assets.export import export_asset
 from assets.plots import bar_plot, histogram, line_plot, search_tree_plot
@@ -61,8 +67,7 @@ def ultraprompt_seeds_assets(
     seed_instructions: pl.DataFrame,
     seed_preference_pairs: pl.DataFrame,
 ):
-    settings = SeedSelection(**config.model_dump())
-    kept, rejected, n_in = select_seeds(seed_instructions, seed_preference_pairs, settings)
+    kept, rejected, n_in = select_seeds(seed_instructions, seed_preference_pairs, config)
     splits = dict(Counter(kept["split"].to_list()))
     md = dataset_metadata(kept, rejected, n_in, **{f"split_{k}": v for k, v in splits.items()})
     if kept.height:
@@ -93,8 +98,8 @@ def ultraprompt_seeds_accounted(
     inputs = instructions["record_id"].to_list() + pairs["record_id"].to_list()
     acc = account(
         inputs,
-        [p[0] for p in seeds["parent_ids"].to_list()],
-        [p[0] for p in rejected["parent_ids"].to_list()],
+        first_parents(seeds),
+        first_parents(rejected),
     )
     return accounting_result(acc, rows_in(context, "ultraprompt_seeds"))
 
@@ -191,8 +196,8 @@ def ultraprompt_accounted(
     inputs = searched[: n_in if n_in is not None else None]
     acc = account(
         inputs,
-        [p[0] for p in records["parent_ids"].to_list()],
-        [p[0] for p in rejected["parent_ids"].to_list()],
+        first_parents(records),
+        first_parents(rejected),
     )
     return accounting_result(acc, n_in)
 
@@ -276,7 +281,7 @@ def ultraprompt_curated_ready_for_training(
     records: pl.DataFrame, seeds: pl.DataFrame
 ) -> AssetCheckResult:
     heldout = set(seeds.filter(pl.col("split") == "heldout")["record_id"].to_list())
-    leaked = [p[0] for p in records["parent_ids"].to_list() if p[0] in heldout]
+    leaked = [p for p in first_parents(records) if p in heldout]
     rewrites = records.filter(pl.col("chosen_node_id") != 0).height
     return AssetCheckResult(
         passed=records.height >= MIN_TRAINING_RECORDS and rewrites >= 1 and not leaked,
@@ -311,7 +316,6 @@ def ultraprompt_dpo(ultraprompt_curated: pl.DataFrame) -> Output[pl.DataFrame]:
 
 
 class PAlignerConfig(Config):
-    model: str = ""  # local path or hub id; empty = the embedded SmolLM2-135M
     max_steps: int = 4
     dpo_steps: int = 2  # 0 = SFT only
     batch_size: int = 2
@@ -343,14 +347,7 @@ def paligner_model(
     ultraprompt_sft.write_parquet(sft)
     ultraprompt_dpo.write_parquet(dpo)
     args = ["--sft", str(sft), "--dpo", str(dpo), "--output-dir", str(run_dir)]
-    for key, value in config.model_dump().items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
-    reported = {
-        k: v.value
-        for k, v in trainer.launch(context, "train.paligner", args)
-        .get_materialize_result()
-        .metadata.items()
-    }
+    reported = trainer.launch_reported(context, "train.paligner", [*args, *trainer.flags(config)])
     history = reported["history"]
     summary = pl.DataFrame(
         [

@@ -112,6 +112,20 @@ class TrainerResource(ConfigurableResource):
             command=command, context=context, extras={"report_asset_key": report_asset_key}
         )
 
+    def launch_reported(
+        self, context: AssetExecutionContext, module: str, args: list[str]
+    ) -> dict[str, Any]:
+        """`launch` for a single asset: the metadata the entry point reported, as plain values."""
+        result = self.launch(context, module, args).get_materialize_result()
+        return {k: v.value for k, v in result.metadata.items()}
+
+    @staticmethod
+    def flags(config: Any) -> list[str]:
+        """A run config as `--key-name value` flags for the entry point's argparse."""
+        return [
+            x for k, v in config.model_dump().items() for x in (f"--{k.replace('_', '-')}", str(v))
+        ]
+
 
 class QualityResource(ConfigurableResource):
     """Where the quality layer keeps its state: LanceDB tables, Data Docs, exports."""

@@ -132,7 +132,6 @@ def _add(tree, parent, action, reward, status=SIMULATED, reason=""):
     n.status, n.reward, n.prune_reason = status, reward if status == SIMULATED else None, reason
     tree.nodes.append(n)
     p.children.append(n.id)
-    p.tried.append(action)
     if status == SIMULATED:
         backup(tree, n)
     return n
@@ -154,7 +153,7 @@ def test_max_backup_uct_and_the_verifier():
     # The root still has untried principles: it is expanded before anything deeper.
     node, action = select(tree, 0.1)
     assert node is root and action in {"information_augmentation", "solution_verification"}
-    assert action not in root.tried
+    assert action not in {tree.nodes[c].action for c in root.children}
     # Principles on the path are never offered again below it.
     for c in ("information_augmentation", "solution_verification"):
         _add(tree, 0, c, 0.05)

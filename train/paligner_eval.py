@@ -9,6 +9,7 @@ off, `paligner` with them on. Answering and judging the rewrites is the asset's 
 from __future__ import annotations
 
 import argparse
+import contextlib
 from typing import Any
 
 from train.reporting import reporter
@@ -31,10 +32,7 @@ def rewrite(
     prompts = [rewriter_prompt(i) for i in instructions]
     rows = []
     for name in REWRITERS:
-        if name == "base":
-            with model.disable_adapter():
-                outs = generate(model, tok, prompts, max_new_tokens)
-        else:
+        with model.disable_adapter() if name == "base" else contextlib.nullcontext():
             outs = generate(model, tok, prompts, max_new_tokens)
         rows += [
             {"rewriter": name, "instruction": i, "rewrite": o}

@@ -112,8 +112,7 @@ class Node:
     value: float | None = None
     visits: int = 0
     calls: int = 0  # LLM requests this node cost (rewrite + responses + judgements)
-    children: list[int] = field(default_factory=list)
-    tried: list[str] = field(default_factory=list)  # actions expanded from here, pruned or not
+    children: list[int] = field(default_factory=list)  # pruned ones too: their actions are tried
     exhausted: bool = False
     cache_keys: list[str] = field(default_factory=list)
 
@@ -179,7 +178,8 @@ def select(tree: Tree, weight: float) -> tuple[Node, str] | None:
     while not tree.root.exhausted:
         node = tree.root
         while True:
-            used = set(tree.path_actions(node)) | set(node.tried)
+            tried = {tree.nodes[c].action for c in node.children}
+            used = set(tree.path_actions(node)) | tried
             untried = [a for a in tree.allowed if a not in used]
             if untried:
                 return node, tree.rng.choice(untried)
@@ -355,7 +355,6 @@ def expand(
             child.status, child.prune_reason = PRUNED, reason
         tree.nodes.append(child)
         parent.children.append(child.id)
-        parent.tried.append(action)
         if not reason:
             survivors.append((tree, child))
     return survivors
