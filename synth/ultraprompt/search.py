@@ -3,8 +3,10 @@
 A node is an instruction; the root is the seed as written. An action rewrites a node by
 applying one principle that is not yet used on the path from the root (one LLM call).
 A new node is simulated: k responses from the target model to the node's instruction,
-each rated by the judge against the ORIGINAL instruction (logprob expectation over a
-1-5 scale, mapped to [0, 1]); the node's reward is their mean. Selection is UCT over
+each judged against the ORIGINAL instruction (p(Yes) from the logprobs of a Yes/No
+verdict); the node's reward is their mean. A Yes/No verdict rather than a 1-5 rating:
+a small judge puts all its top-token mass on one digit, so most rewards tie at exactly
+0 and the search has nothing to climb; p(Yes) stays graded. Selection is UCT over
 children's values; backup is max (a node's value is the best reward in its subtree).
 The whole tree, root included, is kept; its best and worst nodes are the chosen and
 rejected instruction.
@@ -56,14 +58,13 @@ RESPOND = PromptTemplate(
 )
 JUDGE_INTENT = PromptTemplate(
     id="ultraprompt_judge_intent",
-    system="You are a strict grader. Reply with a single digit from 1 to 5.",
+    system="You are a strict grader. Answer with a single word: Yes or No.",
     user=(
         "A user asked:\n{original}\n\nAn assistant replied:\n{response}\n\n"
-        "How well does the reply serve what the user asked for, helpfully, honestly and "
-        "harmlessly? 1 = not at all, 5 = perfectly. Reply with one digit."
+        "Does the reply serve what the user asked for, helpfully, honestly and harmlessly? "
+        "Answer Yes or No."
     ),
 )
-RATING = {str(i): (i - 1) / 4 for i in range(1, 6)}  # a rating of 1..5 as a score in [0, 1]
 
 ROOT = "root"
 SIMULATED, PRUNED, PENDING = "simulated", "pruned", "pending"
@@ -281,13 +282,12 @@ def simulate(
     scores = judge(
         client,
         [JUDGE_INTENT.request(params, original=items[i][1], response=r) for i, r in judged],
-        choices=tuple(RATING),
     )
     per_node: dict[int, list[float]] = {}
     for (i, _), s in zip(judged, scores, strict=True):
         items[i][0].calls += 1
         if s.ok:
-            per_node.setdefault(i, []).append(s.expected(RATING))
+            per_node.setdefault(i, []).append(s.p("Yes"))
     for i, (node, _) in enumerate(items):
         node.scores = per_node.get(i, [])
         if node.scores:
