@@ -342,7 +342,7 @@ def synthesize_responses(
                 verify_request(rows[todo[k][0]]["prompt"], gens[k].text, spec.dimensions[d].verify)
                 for k, d in to_judge
             ],
-            on_done=lambda _: progress.update(),
+            on_done=lambda _, p=progress: p.update(),
         )
         progress.close()
         by_gen: dict[int, list[Any]] = {}
