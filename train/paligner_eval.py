@@ -9,11 +9,10 @@ off, `paligner` with them on. Answering and judging the rewrites is the asset's 
 from __future__ import annotations
 
 import argparse
-import contextlib
 from typing import Any
 
 from train.reporting import reporter
-from train.trace_eval import generate
+from train.trace_eval import generate_off_and_on
 
 REWRITERS = ("base", "paligner")
 
@@ -21,24 +20,15 @@ REWRITERS = ("base", "paligner")
 def rewrite(
     adapter: str, instructions: list[str], base_model: str = "", max_new_tokens: int = 128
 ) -> list[dict[str, Any]]:
-    from peft import PeftModel
-
     from synth.ultraprompt.dataset import rewriter_prompt
-    from train.models import load_causal_lm
 
-    base, tok = load_causal_lm(base_model)
-    model = PeftModel.from_pretrained(base, adapter)
-    model.eval()
     prompts = [rewriter_prompt(i) for i in instructions]
-    rows = []
-    for name in REWRITERS:
-        with model.disable_adapter() if name == "base" else contextlib.nullcontext():
-            outs = generate(model, tok, prompts, max_new_tokens)
-        rows += [
-            {"rewriter": name, "instruction": i, "rewrite": o}
-            for i, o in zip(instructions, outs, strict=True)
-        ]
-    return rows
+    outs = generate_off_and_on(adapter, prompts, REWRITERS, base_model, max_new_tokens)
+    return [
+        {"rewriter": name, "instruction": i, "rewrite": o}
+        for name in REWRITERS
+        for i, o in zip(instructions, outs[name], strict=True)
+    ]
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:

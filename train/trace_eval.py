@@ -47,6 +47,31 @@ def generate(
     return [o.strip() for o in out]
 
 
+def generate_off_and_on(
+    adapter: str,
+    prompts: list[str],
+    names: tuple[str, str],
+    base_model: str = "",
+    max_new_tokens: int = 128,
+) -> dict[str, list[str]]:
+    """Greedy generations for every prompt from the base (adapters off) and the trained
+    network (adapters on), keyed by the two names given."""
+    import contextlib
+
+    from peft import PeftModel
+
+    from train.models import load_causal_lm
+
+    base, tok = load_causal_lm(base_model)
+    model = PeftModel.from_pretrained(base, adapter)
+    model.eval()
+    out = {}
+    for name, off in zip(names, (True, False), strict=True):
+        with model.disable_adapter() if off else contextlib.nullcontext():
+            out[name] = generate(model, tok, prompts, max_new_tokens)
+    return out
+
+
 def mean_nll(model: Any, tok: Any, pairs: list[tuple[str, str]], max_length: int = 256) -> float:
     total, count = 0.0, 0
     for i in range(0, len(pairs), 8):

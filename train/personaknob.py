@@ -1,0 +1,241 @@
+"""Tolerant constrained multi-objective DPO for PersonaKnob ("Dual Optimal", arXiv 2604.00979).
+
+    python -m train.personaknob --pairs pairs.parquet --output-dir runs/personaknob
+        [--model PATH] [--max-steps 4] [--epsilon 0.5] [--dual-lr 1.0]
+
+Each pair carries the dimensions it teaches (A/T/E/C). The objective, our reading of the
+paper where its text is not available:
+
+    minimise    L_primary(theta)                       DPO loss over every pair
+    subject to  L_d(theta) <= L_d_ref + epsilon        for each dimension d
+
+where L_d is the DPO loss on the pairs that teach d and L_d_ref its value at the reference
+policy (log 2: with fresh LoRA adapters the policy is the reference). Training takes
+gradient steps on the Lagrangian L_primary + sum_d lambda_d (L_d - L_d_ref - epsilon)
+and, after each step, projected dual ascent on the multipliers:
+lambda_d <- max(0, lambda_d + dual_lr * (L_d - L_d_ref - epsilon)). A dimension whose
+pairs are not in a batch keeps its multiplier. The multipliers are logged every step.
+
+Built on TRL's DPOTrainer: its loss on a subset of the batch is the per-dimension loss,
+so a step costs one forward over the batch plus one over each dimension's rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from synth.personaknob.spec import DIMENSIONS
+from train.paligner import LORA_TARGETS, _common
+from train.reporting import reporter
+
+REFERENCE_LOSS = math.log(2)  # sigmoid DPO loss when policy == reference
+
+
+def constrained_dpo_trainer(base: type) -> type:
+    """A DPOTrainer subclass with per-dimension constraints (TRL imported lazily)."""
+
+    class ConstrainedDPOTrainer(base):
+        def __init__(self, *a: Any, epsilon: float, dual_lr: float, **kw: Any) -> None:
+            super().__init__(*a, **kw)
+            self.epsilon, self.dual_lr = epsilon, dual_lr
+            self.multipliers = dict.fromkeys(DIMENSIONS, 0.0)
+            self.dual_history: list[dict[str, Any]] = []
+            collate = self.data_collator
+
+            def with_dims(examples: list[dict[str, Any]]) -> dict[str, Any]:
+                batch = collate(examples)
+                batch["dim_mask"] = torch.tensor([e["dim_mask"] for e in examples])
+                return batch
+
+            self.data_collator = with_dims
+
+        def _set_signature_columns_if_needed(self) -> None:
+            super()._set_signature_columns_if_needed()
+            if "dim_mask" not in self._signature_columns:
+                self._signature_columns.append("dim_mask")
+
+        @staticmethod
+        def _rows(inputs: dict[str, Any], rows: torch.Tensor, n: int) -> dict[str, Any]:
+            # The batch holds chosen rows then rejected rows (2n); reference log-probs hold n.
+            both = torch.cat([rows, rows + n])
+            out = {}
+            for k, v in inputs.items():
+                if torch.is_tensor(v) and v.dim() and v.shape[0] == 2 * n:
+                    out[k] = v[both.to(v.device)]
+                elif torch.is_tensor(v) and v.dim() and v.shape[0] == n:
+                    out[k] = v[rows.to(v.device)]
+                else:
+                    out[k] = v
+            return out
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            dim_mask = inputs.pop("dim_mask")
+            n = dim_mask.shape[0]
+            primary = super().compute_loss(model, inputs, return_outputs=False)
+            counted = self._total_train_tokens
+            loss, losses = primary, {}
+            for k, d in enumerate(DIMENSIONS):
+                rows = torch.nonzero(dim_mask[:, k] > 0).flatten()
+                if not len(rows):
+                    continue
+                losses[d] = super().compute_loss(model, self._rows(inputs, rows, n))
+                loss = loss + self.multipliers[d] * (losses[d] - REFERENCE_LOSS - self.epsilon)
+            # TRL counts tokens on every forward: count the batch once.
+            self._total_train_tokens = counted
+            if model.training:
+                for d, ld in losses.items():
+                    slack = float(ld.detach()) - REFERENCE_LOSS - self.epsilon
+                    self.multipliers[d] = max(0.0, self.multipliers[d] + self.dual_lr * slack)
+                metrics = self._metrics["train"]
+                metrics["primary_loss"].append(float(primary.detach()))
+                for d in DIMENSIONS:
+                    metrics[f"lambda_{d}"].append(self.multipliers[d])
+                    if d in losses:
+                        metrics[f"loss_{d}"].append(float(losses[d].detach()))
+                self.dual_history.append(
+                    {
+                        "step": len(self.dual_history) + 1,
+                        "primary": float(primary.detach()),
+                        "losses": {d: float(v.detach()) for d, v in losses.items()},
+                        "multipliers": dict(self.multipliers),
+                    }
+                )
+            return loss
+
+    return ConstrainedDPOTrainer
+
+
+def _pairs_dataset(path: str) -> Any:
+    import polars as pl
+    from datasets import Dataset
+
+    rows = pl.read_parquet(path).select("prompt", "chosen", "rejected", "dims").to_dicts()
+    if not rows:
+        raise ValueError(f"{path}: no preference pairs to train on")
+    for i, r in enumerate(rows):
+        if bad := [d for d in r["dims"] if d not in DIMENSIONS]:
+            raise ValueError(f"{path}: row {i} field dims has unknown dimension(s) {bad}")
+    return Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": r["prompt"]}],
+                "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                "rejected": [{"role": "assistant", "content": r["rejected"]}],
+                "dim_mask": [float(d in r["dims"]) for d in DIMENSIONS],
+            }
+            for r in rows
+        ]
+    )
+
+
+def train(a: argparse.Namespace, log: Any = print) -> dict[str, Any]:
+    import time
+
+    from peft import LoraConfig, get_peft_model
+    from trl import DPOConfig, DPOTrainer
+
+    from train.models import load_causal_lm
+
+    cuda = torch.cuda.is_available()
+    torch.manual_seed(a.seed)
+    ds = _pairs_dataset(a.pairs)
+    base, tok = load_causal_lm(a.model, "bfloat16" if cuda else "float32")
+    if cuda:
+        base = base.to("cuda")
+    model = get_peft_model(
+        base,
+        LoraConfig(
+            r=a.lora_r,
+            lora_alpha=a.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=LORA_TARGETS,
+            task_type="CAUSAL_LM",
+        ),
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    a.dpo_steps = a.max_steps
+    args = DPOConfig(**_common(a, cuda, "dpo"), beta=a.beta)
+    trainer = constrained_dpo_trainer(DPOTrainer)(
+        model=model,
+        args=args,
+        train_dataset=ds,
+        processing_class=tok,
+        epsilon=a.epsilon,
+        dual_lr=a.dual_lr,
+    )
+    log(
+        f"constrained DPO on {len(ds)} pairs for {a.max_steps} steps "
+        f"(epsilon {a.epsilon}, dual lr {a.dual_lr})"
+    )
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    history = trainer.dual_history
+    changed = sum(
+        not torch.equal(before[n], p.detach()) for n, p in model.named_parameters() if n in before
+    )
+    out = Path(a.output_dir) / "adapter"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return {
+        "history": history,
+        "final_loss": history[-1]["primary"] if history else math.nan,
+        "multipliers": dict(trainer.multipliers),
+        "pairs": len(ds),
+        "pairs_per_dimension": {
+            d: int(sum(r[k] for r in ds["dim_mask"])) for k, d in enumerate(DIMENSIONS)
+        },
+        "seconds": round(seconds, 3),
+        "trainable_tensors_changed": changed,
+        "trainable_tensors": len(before),
+        "output_dir": str(out),
+        "device": "cuda" if cuda else "cpu",
+    }
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        description="PersonaKnob tolerant constrained multi-objective DPO."
+    )
+    ap.add_argument("--pairs", required=True, help="Parquet with prompt, chosen, rejected, dims")
+    ap.add_argument("--output-dir", required=True)
+    ap.add_argument("--model", default="", help="local path or hub id; empty = embedded SmolLM2")
+    ap.add_argument("--max-steps", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--learning-rate", type=float, default=2e-4)
+    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--epsilon", type=float, default=0.5, help="tolerance (paper 0.5)")
+    ap.add_argument("--dual-lr", type=float, default=1.0, help="step of the dual ascent")
+    ap.add_argument("--lora-r", type=int, default=16)
+    ap.add_argument("--lora-alpha", type=int, default=32)
+    ap.add_argument("--max-length", type=int, default=384)
+    ap.add_argument("--seed", type=int, default=0)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    a = parser().parse_args(argv)
+    with reporter() as report:
+        result = train(a, report.log)
+        report.result(
+            {
+                "final_loss": result["final_loss"],
+                "trainable_tensors_changed": result["trainable_tensors_changed"],
+                "pairs": result["pairs"],
+                "device": result["device"],
+                "multipliers": {"raw_value": result["multipliers"], "type": "json"},
+                "pairs_per_dimension": {"raw_value": result["pairs_per_dimension"], "type": "json"},
+                "history": {"raw_value": result["history"], "type": "json"},
+                "output_dir": {"raw_value": result["output_dir"], "type": "path"},
+            }
+        )
+    return result
+
+
+if __name__ == "__main__":
+    main()
