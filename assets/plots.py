@@ -151,3 +151,76 @@ def search_tree_plot(nodes: list[dict], title: str) -> MetadataValue:
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, 1))
     fig.colorbar(sm, ax=ax, label="reward")
     return png_markdown(fig, title)
+
+
+def partial_order_plot(
+    nodes: list[dict], pairs: list[dict], mask: str, title: str
+) -> MetadataValue:
+    """A Hasse diagram of one scenario: nodes are dimension vectors over `mask`, ranked by
+    how many dimensions they satisfy; each covering pair is an edge labelled with the
+    dimensions it teaches. `nodes` carry node, role, in_record, members; `pairs` carry
+    chosen_node, rejected_node, dims."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels: dict[int, list[str]] = {}
+    for n in sorted(nodes, key=lambda n: n["node"], reverse=True):
+        levels.setdefault(n["node"].count("1"), []).append(n["node"])
+    pos = {
+        key: (i - (len(keys) - 1) / 2, level)
+        for level, keys in levels.items()
+        for i, key in enumerate(keys)
+    }
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.6 * max(len(k) for k in levels.values())), 3.6))
+    for p in pairs:
+        (x1, y1), (x2, y2) = pos[p["chosen_node"]], pos[p["rejected_node"]]
+        ax.annotate("", (x2, y2), (x1, y1), arrowprops={"arrowstyle": "->", "color": "#777"})
+        ax.text((x1 + x2) / 2, (y1 + y2) / 2, "".join(p["dims"]), fontsize=8, color="#c44e52")
+    for n in nodes:
+        x, y = pos[n["node"]]
+        ax.scatter(x, y, s=500, color="#4c72b0" if n["in_record"] else "#cccccc", zorder=3)
+        named = ", ".join(f"{d}={v}" for d, v in zip(mask, n["node"], strict=True))
+        ax.annotate(
+            f"{n['role']} ({n['members']})\n{named}",
+            (x, y),
+            xytext=(0, -18),
+            textcoords="offset points",
+            ha="center",
+            va="top",
+            fontsize=7,
+        )
+    ax.set_title(title, fontsize=9)
+    ax.set_ylabel("active dimensions satisfied")
+    ax.set_xticks([])
+    top = max(levels)
+    ax.set_yticks(range(min(levels), top + 1))
+    ax.set_ylim(min(levels) - 0.9, top + 0.5)
+    ax.margins(x=0.3)
+    return png_markdown(fig, title)
+
+
+def ability_plot(abilities: list[dict], title: str) -> MetadataValue:
+    """Per-dimension ability estimates with 95% intervals, one marker series per model.
+    `abilities` carry model, dimension, estimate, se."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({a["model"] for a in abilities})
+    dims = sorted({a["dimension"] for a in abilities}, key="ATEC".find)
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for k, m in enumerate(models):
+        rows = {a["dimension"]: a for a in abilities if a["model"] == m}
+        xs = [i + (k - (len(models) - 1) / 2) * 0.15 for i, d in enumerate(dims) if d in rows]
+        ys = [rows[d]["estimate"] for d in dims if d in rows]
+        err = [1.96 * rows[d]["se"] for d in dims if d in rows]
+        ax.errorbar(xs, ys, yerr=err, fmt="o", capsize=3, label=m)
+    ax.set_xticks(range(len(dims)), dims)
+    ax.axhline(0, color="#bbb", linewidth=0.8)
+    ax.set_ylabel("ability (logits)")
+    ax.set_title(title)
+    ax.legend()
+    return png_markdown(fig, title)

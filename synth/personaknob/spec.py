@@ -36,6 +36,8 @@ class Trigger:
 class KnobSpec:
     dimensions: dict[str, Dimension]
     triggers: dict[str, Trigger]
+    sycophancy: str
+    judges: dict[str, str]  # name -> system prompt of one IRT rater
 
     def triggers_for(self, mask: str) -> list[str]:
         """Triggers that probe at least one active dimension, in file order."""
@@ -91,7 +93,12 @@ def load_spec(path: Path = SPEC_FILE) -> KnobSpec:
     for mask in all_masks():
         if not any(set(t.tests) & set(mask) for t in triggers.values()):
             raise SpecFileError(f"{path}: no trigger tests any dimension of mask {mask!r}")
-    return KnobSpec(dims, triggers)
+    judges = raw.get("judges") or {}
+    if len(judges) < 2 or not all(isinstance(v, str) and v.strip() for v in judges.values()):
+        # A severity is relative to the other raters: one rater has nothing to be compared with.
+        raise SpecFileError(f"{path}: judges needs at least 2 named system prompts")
+    sycophancy = _text(raw, "sycophancy", str(path))
+    return KnobSpec(dims, triggers, sycophancy, {k: v.strip() for k, v in judges.items()})
 
 
 def all_masks() -> list[str]:
