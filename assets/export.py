@@ -62,6 +62,12 @@ EXPORTABLE = {
         "seed_instructions",
         "Instructions with their best and worst principle-guided rewrites from a Monte-Carlo tree search (UltraPrompt, P-Aligner), deduplicated and decontaminated.",
     ),
+    "personaknob": Exportable(
+        "personaknob",
+        "personaknob_curated",
+        "seed_personas",
+        "Scenarios with active persona dimensions (anti-sycophancy, trustworthiness, empathy, creativity), a golden response and one judge-verified reject per active dimension (PersonaKnob, Dual Optimal), deduplicated and decontaminated.",
+    ),
 }
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from dagster import Definitions, EnvVar
 
-from assets import calibration, responses, seeds, trace, ultraprompt
+from assets import calibration, personaknob, responses, seeds, trace, ultraprompt
 from pipelines.automation import (
     build_failure_sensor,
     build_inbox_sensor,
@@ -56,6 +56,7 @@ def build_definitions(
             *responses.assets,
             *trace.assets,
             *ultraprompt.assets,
+            *personaknob.assets,
             *calibration.assets,
         ],
         asset_checks=[
@@ -63,6 +64,7 @@ def build_definitions(
             *responses.checks,
             *trace.checks,
             *ultraprompt.checks,
+            *personaknob.checks,
             *calibration.checks,
         ],
         jobs=jobs,

@@ -22,6 +22,11 @@ ultraprompt_job = define_asset_job(
     selection=AssetSelection.groups("ultraprompt").upstream().required_multi_asset_neighbors(),
     description="UltraPrompt: MCTS over principle rewrites of diverse seeds, then the P-Aligner rewriter.",
 )
+personaknob_job = define_asset_job(
+    "personaknob",
+    selection=AssetSelection.groups("personaknob").upstream().required_multi_asset_neighbors(),
+    description="PersonaKnob: scenarios, verified golden and per-dimension rejects, partial-order pairs, constrained DPO, IRT evaluation.",
+)
 demo_job = define_asset_job(
     "demo",
     selection=AssetSelection.groups("seeds", "responses"),
@@ -40,4 +45,13 @@ everything_job = define_asset_job(
     description="End to end: every family, curation, export, training, evaluation and judge calibration.",
 )
 
-jobs = [seeds_job, responses_job, trace_job, ultraprompt_job, demo_job, judges_job, everything_job]
+jobs = [
+    seeds_job,
+    responses_job,
+    trace_job,
+    ultraprompt_job,
+    personaknob_job,
+    demo_job,
+    judges_job,
+    everything_job,
+]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from quality.expectations import ExpectationDecl, Suite
 from synth.loaders import INSTRUCTION_SCHEMA, PERSONA_SCHEMA, PREFERENCE_SCHEMA
+from synth.personaknob.spec import all_masks
+from synth.personaknob.synthesis import RECORD_SCHEMA as PERSONAKNOB_SCHEMA
 from synth.responses import RESPONSE_SCHEMA
 from synth.trace.triage import LABELS, TRIAGE_SCHEMA
 from synth.ultraprompt.dataset import ULTRAPROMPT_SCHEMA
@@ -152,6 +154,31 @@ def _ultraprompt(name: str, extra: tuple[str, ...] = ()) -> list[Suite]:
     ]
 
 
+def _personaknob(name: str, extra: tuple[str, ...] = ()) -> list[Suite]:
+    integrity = [
+        columns(PERSONAKNOB_SCHEMA, extra),
+        *identity(),
+        *derived(),
+        *text("prompt"),
+        *text("golden"),
+        *text("context"),
+        ("ExpectColumnValuesToBeInSet", {"column": "mask", "value_set": all_masks()}),
+        ("ExpectColumnValuesToBeBetween", {"column": "attempts", "min_value": 2}),
+    ]
+    drift = [
+        # Rejects that never verify mean the steering or the judge is off for a dimension.
+        (
+            "ExpectColumnValueLengthsToBeBetween",
+            {"column": "unverified_rejects", "max_value": 0, "mostly": 0.5},
+        ),
+        ("ExpectColumnProportionOfUniqueValuesToBeBetween", {"column": "prompt", "min_value": 0.9}),
+    ]
+    return [
+        Suite(f"{name}.integrity", "error", tuple(integrity)),
+        Suite(f"{name}.drift", "warn", tuple(drift)),
+    ]
+
+
 def _curated(suites: list[Suite]) -> list[Suite]:
     extra: list[ExpectationDecl] = [
         ("ExpectColumnValuesToBeBetween", {"column": "cluster_size", "min_value": 1}),
@@ -175,4 +202,6 @@ SUITES: dict[str, list[Suite]] = {
     "trace_curated": _curated(_trace("trace_curated", CURATION_COLUMNS)),
     "ultraprompt": _ultraprompt("ultraprompt"),
     "ultraprompt_curated": _curated(_ultraprompt("ultraprompt_curated", CURATION_COLUMNS)),
+    "personaknob": _personaknob("personaknob"),
+    "personaknob_curated": _curated(_personaknob("personaknob_curated", CURATION_COLUMNS)),
 }

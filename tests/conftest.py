@@ -109,3 +109,15 @@ def kill_once_cached(worker: Path, cache_path: Path, at_least: int, timeout_s: f
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(10)
     return len(ResponseCache(cache_path))
+
+
+def decode_png(md_value: str):
+    """The image of a plot embedded in Markdown metadata, after checking it is a PNG."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    data = base64.b64decode(md_value.split("base64,", 1)[1].rstrip(")"))
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    return Image.open(io.BytesIO(data))

@@ -28,7 +28,7 @@ FLAGS = [
     "--disable-default-apps",
 ]
 RUNS = "{ runsOrError(limit: 5) { ... on Runs { results { runId status jobName } } } }"
-FAMILY_GROUPS = ("seeds", "responses", "trace", "ultraprompt", "quality")
+FAMILY_GROUPS = ("seeds", "responses", "trace", "ultraprompt", "personaknob", "quality")
 
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(), reason="needs Debian's chromium (make browser installs it)"

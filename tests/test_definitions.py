@@ -130,6 +130,12 @@ def test_schedules_ship_stopped_and_target_family_jobs(tmp_path):
         assert repo.get_job(s.job_name).name == name.removeprefix("nightly_")
         (request,) = s.evaluate_tick(build_schedule_context()).run_requests
         assert request is not None
-    assert {"everything", "seeds", "responses", "trace", "ultraprompt", "judges"} <= {
-        j.name for j in repo.get_all_jobs()
-    }
+    assert {
+        "everything",
+        "seeds",
+        "responses",
+        "trace",
+        "ultraprompt",
+        "personaknob",
+        "judges",
+    } <= {j.name for j in repo.get_all_jobs()}

@@ -2,8 +2,6 @@
 a resumable search on the embedded model, and the job end to end (search, gate, P-Aligner
 SFT+DPO through Pipes, held-out win rate)."""
 
-import base64
-import io
 import random
 from pathlib import Path
 
@@ -11,7 +9,6 @@ import numpy as np
 import polars as pl
 import pytest
 from dagster import DagsterInstance
-from PIL import Image
 
 from pipelines.definitions import build_definitions
 from quality.ultraprompt import verify_tree, verify_trees
@@ -41,7 +38,7 @@ from synth.ultraprompt.search import (
 from synth.ultraprompt.seeds import farthest_point_order, select_seeds
 
 import ultraprompt_worker
-from conftest import kill_once_cached
+from conftest import decode_png, kill_once_cached
 
 
 def test_principles_follow_the_paper():
@@ -275,12 +272,6 @@ def _run(tmp_path, seeds_config, search_config=None):
     )
 
 
-def _png(md_value: str) -> Image.Image:
-    data = base64.b64decode(md_value.split("base64,", 1)[1].rstrip(")"))
-    assert data.startswith(b"\x89PNG\r\n\x1a\n")
-    return Image.open(io.BytesIO(data))
-
-
 def test_failed_gate_stops_the_rewriter_training(tmp_path):
     # Every taken seed is held out: nothing is searched, so there is nothing to train on.
     result = _run(tmp_path, {"per_category": 1, "heldout_every": 1})
@@ -324,12 +315,12 @@ def test_ultraprompt_job_end_to_end(tmp_path):
     }
     up = mats["ultraprompt"]
     assert up["tree_nodes"].value == trees.height
-    tree_png = _png(up["search_tree"].value)
+    tree_png = decode_png(up["search_tree"].value)
     assert tree_png.width > 200 and tree_png.height > 150
-    _png(up["reward_gain"].value)
+    decode_png(up["reward_gain"].value)
     model = mats["paligner_model"]
     assert model["trainable_tensors_changed"].value > 0 and np.isfinite(model["final_loss"].value)
-    _png(model["loss_curve"].value)
+    decode_png(model["loss_curve"].value)
     summary = pl.read_parquet(storage / "paligner_model.parquet")
     assert summary["sft_steps"][0] == 2 and summary["dpo_steps"][0] in (0, 1)
 

@@ -1,0 +1,485 @@
+"""PersonaKnob ("Dignified Peer"): scenarios with dimension masks, verified golden and
+per-dimension rejects, the partial order and its pairs, constrained DPO, IRT evaluation."""
+
+import json
+from collections import Counter
+
+import polars as pl
+from dagster import (
+    AssetCheckExecutionContext,
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetExecutionContext,
+    AssetIn,
+    AssetOut,
+    Config,
+    MetadataValue,
+    Output,
+    asset,
+    asset_check,
+    multi_asset,
+)
+
+from assets.common import (
+    accounting_result,
+    dataset_metadata,
+    dataset_outputs,
+    first_parents,
+    markdown_table,
+    rows_in,
+)
+from assets.curation import curated_assets
+from assets.export import export_asset
+from assets.plots import ability_plot, bar_plot, line_plot, partial_order_plot
+from assets.quality import suite_checks
+from pipelines.automation import TRAIN_WHEN_GATES_PASS
+from pipelines.resources import LLMResource, TrainerResource
+from quality.accounting import account
+from quality.curation import CurationSpec
+from quality.personaknob import verify_order, verify_records
+from quality.rasch import fit_rasch
+from synth.personaknob.evaluation import rate
+from synth.personaknob.order import build_order
+from synth.personaknob.spec import DIMENSIONS, all_masks
+from synth.personaknob.synthesis import (
+    KnobSettings,
+    allocate_masks,
+    make_scenarios,
+    synthesize_responses,
+)
+
+GROUP = "personaknob"
+# Fewer preference pairs than this teach nothing: the gate blocks training.
+MIN_TRAINING_PAIRS = 2
+
+
+class PersonaKnobConfig(Config, KnobSettings):
+    pass
+
+
+def _settings(context: AssetCheckExecutionContext, asset_name: str) -> KnobSettings:
+    """The settings the asset's latest materialization ran with."""
+    from pipelines.status import latest_materialization_metadata
+
+    md = latest_materialization_metadata(context.instance, asset_name)
+    return KnobSettings.model_validate_json(md["settings"]) if "settings" in md else KnobSettings()
+
+
+def _knob_settings(config: PersonaKnobConfig) -> KnobSettings:
+    return KnobSettings(**config.model_dump())
+
+
+@multi_asset(
+    outs={
+        "personaknob_scenarios": AssetOut(
+            description="Scenarios: seed scene (a persona), context, trigger, the user's prompt, and the active dimension mask."
+        ),
+        "personaknob_scenarios_rejected": AssetOut(
+            description="Planned scenarios whose user prompt could not be written, with the reason."
+        ),
+    },
+    ins={"seed_personas": AssetIn()},
+    group_name=GROUP,
+)
+def personaknob_scenario_assets(
+    context: AssetExecutionContext,
+    config: PersonaKnobConfig,
+    llm: LLMResource,
+    seed_personas: pl.DataFrame,
+):
+    settings = _knob_settings(config)
+    client = llm.client()
+    kept, rejected, planned = make_scenarios(client, seed_personas, settings, log=context.log.info)
+    md = dataset_metadata(
+        kept,
+        rejected,
+        planned,
+        settings=settings.model_dump_json(),
+        **{f"split_{k}": v for k, v in Counter(kept["split"].to_list()).items()},
+        **client.stats.as_metadata(),
+    )
+    if kept.height:
+        md["mask_mix"] = bar_plot(
+            {m: c for m in all_masks() if (c := kept["mask"].to_list().count(m))},
+            "scenarios per dimension mask",
+            "scenarios",
+        )
+        md["triggers"] = bar_plot(
+            dict(Counter(kept["trigger"].to_list())), "scenarios per trigger", "scenarios"
+        )
+    yield from dataset_outputs("personaknob_scenarios", kept, rejected, md)
+
+
+@asset_check(
+    asset="personaknob_scenarios",
+    blocking=True,
+    additional_ins={"rejected": AssetIn("personaknob_scenarios_rejected")},
+    description="No planned scenario lost, and the planned masks are exactly the configured mix.",
+)
+def personaknob_scenarios_accounted(
+    context: AssetCheckExecutionContext, scenarios: pl.DataFrame, rejected: pl.DataFrame
+) -> AssetCheckResult:
+    n_in = rows_in(context, "personaknob_scenarios")
+    acc = account(
+        range(n_in or 0), scenarios["plan_index"].to_list(), rejected["source_index"].to_list()
+    )
+    settings = _settings(context, "personaknob_scenarios")
+    expected = Counter(allocate_masks(n_in or 0, settings.mask_mix, settings.seed))
+    planned = Counter(
+        scenarios["mask"].to_list() + [json.loads(p)["mask"] for p in rejected["payload"]]
+    )
+    off = {
+        m: planned[m] - expected[m]
+        for m in set(expected) | set(planned)
+        if planned[m] != expected[m]
+    }
+    result = accounting_result(acc, n_in)
+    return AssetCheckResult(
+        passed=result.passed and not off,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={**result.metadata, "mask_mix_off_by": off},
+    )
+
+
+@multi_asset(
+    outs={
+        "personaknob": AssetOut(
+            description="Per training scenario: the golden response and one verified reject per active dimension, with judge scores (PersonaKnob card schema)."
+        ),
+        "personaknob_rejected": AssetOut(
+            description="Scenarios without a verified golden or any verified reject, with the reason."
+        ),
+        "personaknob_attempts": AssetOut(
+            description="Every generation attempt: role, text, judge scores per dimension, verified or why not."
+        ),
+    },
+    ins={"personaknob_scenarios": AssetIn()},
+    group_name=GROUP,
+)
+def personaknob_response_assets(
+    context: AssetExecutionContext,
+    config: PersonaKnobConfig,
+    llm: LLMResource,
+    personaknob_scenarios: pl.DataFrame,
+):
+    settings = _knob_settings(config)
+    client = llm.client()
+    result = synthesize_responses(client, personaknob_scenarios, settings, log=context.log.info)
+    attempts = result.attempts
+    md = dataset_metadata(
+        result.records,
+        result.rejected,
+        result.n_in,
+        settings=settings.model_dump_json(),
+        threshold=settings.threshold,
+        attempts=attempts.height,
+        **client.stats.as_metadata(),
+    )
+    if attempts.height:
+        # First-attempt pass rate of each role kind on each dimension it is judged on.
+        first = attempts.filter(pl.col("attempt") == 0)
+        rates = {}
+        for d in DIMENSIONS:
+            for kind, roles in (("golden", ["golden"]), ("reject", [f"reject_{d}"])):
+                rows = first.filter(pl.col("role").is_in(roles))
+                if rows.height:
+                    ok = rows.filter(pl.col("reason") == "").height
+                    rates[f"{kind} {d}"] = round(ok / rows.height, 3)
+                    md[f"pass_rate_{kind}_{d}"] = rates[f"{kind} {d}"]
+        md["verification_pass_rates"] = bar_plot(
+            rates, "first-attempt verification pass rate", "share verified"
+        )
+        reasons = Counter(r for r in attempts["reason"].to_list() if r)
+        md["attempt_failures"] = MetadataValue.json(dict(reasons.most_common(12)))
+    yield Output(attempts, output_name="personaknob_attempts", metadata={"rows": attempts.height})
+    yield from dataset_outputs("personaknob", result.records, result.rejected, md)
+
+
+@asset_check(
+    asset="personaknob",
+    blocking=True,
+    additional_ins={
+        "rejected": AssetIn("personaknob_rejected"),
+        "scenarios": AssetIn("personaknob_scenarios"),
+    },
+    description="No training scenario lost: scenarios = kept + rejected, each exactly once.",
+)
+def personaknob_accounted(
+    context: AssetCheckExecutionContext,
+    records: pl.DataFrame,
+    rejected: pl.DataFrame,
+    scenarios: pl.DataFrame,
+) -> AssetCheckResult:
+    inputs = scenarios.filter(pl.col("split") == "train")["record_id"].to_list()
+    acc = account(inputs, first_parents(records), first_parents(rejected))
+    return accounting_result(acc, rows_in(context, "personaknob"))
+
+
+@asset_check(
+    asset="personaknob",
+    blocking=True,
+    description="Recomputed from the stored judge scores: every golden satisfies each active dimension and each reject fails exactly its own.",
+)
+def personaknob_verified(
+    context: AssetCheckExecutionContext, records: pl.DataFrame
+) -> AssetCheckResult:
+    threshold = _settings(context, "personaknob").threshold
+    problems = verify_records(records, threshold)
+    return AssetCheckResult(
+        passed=problems.height == 0,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={
+            "threshold": threshold,
+            "observed_problems": problems.height,
+            "examples": problems.head(10).to_dicts(),
+        },
+    )
+
+
+personaknob_curated_assets, personaknob_curated_checks = curated_assets(
+    "personaknob_curated",
+    "personaknob",
+    CurationSpec(
+        family="personaknob", dedup_fields=("prompt",), decontam_fields=("prompt", "golden")
+    ),
+    group=GROUP,
+    doc="PersonaKnob records after exact dedup, decontamination against every eval set, and near-dedup of prompts.",
+)
+
+
+@multi_asset(
+    outs={
+        "personaknob_pairs": AssetOut(
+            description="Preference pairs from the covering relation of each scenario's partial order, labelled with the dimensions they teach."
+        ),
+        "personaknob_order": AssetOut(
+            description="Nodes of each scenario's partial order: a dimension vector and the response that represents it."
+        ),
+    },
+    ins={"personaknob_curated": AssetIn(), "personaknob_attempts": AssetIn()},
+    group_name=GROUP,
+)
+def personaknob_pair_assets(
+    context: AssetExecutionContext,
+    personaknob_curated: pl.DataFrame,
+    personaknob_attempts: pl.DataFrame,
+):
+    from pipelines.status import latest_materialization_metadata
+
+    md_in = latest_materialization_metadata(context.instance, "personaknob")
+    threshold = float(md_in.get("threshold", KnobSettings().threshold))
+    nodes, pairs = build_order(personaknob_curated, personaknob_attempts, threshold)
+    md = {"rows": pairs.height, "nodes": nodes.height, "threshold": threshold}
+    if pairs.height:
+        taught = Counter(d for dims in pairs["dims"].to_list() for d in dims)
+        md.update({f"pairs_teaching_{d}": taught.get(d, 0) for d in DIMENSIONS})
+        md["pairs_per_dimension"] = bar_plot(
+            {d: taught.get(d, 0) for d in DIMENSIONS}, "pairs teaching each dimension", "pairs"
+        )
+        sample = Counter(pairs["scenario_id"].to_list()).most_common(1)[0][0]
+        sample_nodes = nodes.filter(pl.col("scenario_id") == sample)
+        md["partial_order"] = partial_order_plot(
+            sample_nodes.to_dicts(),
+            pairs.filter(pl.col("scenario_id") == sample).to_dicts(),
+            sample_nodes["mask"][0],
+            f"partial order of scenario {sample[:10]}",
+        )
+    yield Output(pairs, output_name="personaknob_pairs", metadata=md)
+    yield Output(nodes, output_name="personaknob_order", metadata={"rows": nodes.height})
+
+
+@asset_check(
+    asset="personaknob_pairs",
+    blocking=True,
+    additional_ins={"nodes": AssetIn("personaknob_order")},
+    description="The partial order holds: every pair is a real dominance labelled with what it improves, a covering edge, no cycle, and the pairs' closure is exactly the dominance relation.",
+)
+def personaknob_order_verified(pairs: pl.DataFrame, nodes: pl.DataFrame) -> AssetCheckResult:
+    problems = verify_order(nodes, pairs)
+    return AssetCheckResult(
+        passed=problems.height == 0,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={
+            "scenarios": nodes["scenario_id"].n_unique() if nodes.height else 0,
+            "observed_problems": problems.height,
+            "threshold": 0,
+            "examples": problems.head(10).to_dicts(),
+        },
+    )
+
+
+@asset_check(
+    asset="personaknob_pairs",
+    blocking=True,
+    additional_ins={
+        "scenarios": AssetIn("personaknob_scenarios"),
+        "curated": AssetIn("personaknob_curated"),
+    },
+    description=f"Gate before training: at least {MIN_TRAINING_PAIRS} pairs, all from curated records, none from a held-out scenario.",
+)
+def personaknob_pairs_ready_for_training(
+    pairs: pl.DataFrame, scenarios: pl.DataFrame, curated: pl.DataFrame
+) -> AssetCheckResult:
+    heldout = set(scenarios.filter(pl.col("split") == "heldout")["record_id"].to_list())
+    leaked = pairs.filter(pl.col("scenario_id").is_in(list(heldout))).height
+    stray = len(set(first_parents(pairs)) - set(curated["record_id"].to_list()))
+    return AssetCheckResult(
+        passed=pairs.height >= MIN_TRAINING_PAIRS and not leaked and not stray,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={
+            "observed_pairs": pairs.height,
+            "threshold": MIN_TRAINING_PAIRS,
+            "heldout_leaked": leaked,
+            "not_from_curated": stray,
+        },
+    )
+
+
+class ConstrainedDPOConfig(Config):
+    max_steps: int = 4
+    batch_size: int = 2
+    learning_rate: float = 2e-4
+    beta: float = 0.1
+    epsilon: float = 0.5  # tolerance of each dimension's constraint (paper 0.5)
+    dual_lr: float = 1.0
+    lora_r: int = 16
+    lora_alpha: int = 32
+    max_length: int = 384
+    seed: int = 0
+
+
+@asset(
+    group_name=GROUP,
+    ins={"personaknob_pairs": AssetIn()},
+    automation_condition=TRAIN_WHEN_GATES_PASS,
+)
+def personaknob_model(
+    context: AssetExecutionContext,
+    config: ConstrainedDPOConfig,
+    trainer: TrainerResource,
+    personaknob_pairs: pl.DataFrame,
+) -> Output[pl.DataFrame]:
+    """The "Dignified Peer" policy (LoRA adapters): tolerant constrained multi-objective
+    DPO, trained out of process through Dagster Pipes."""
+    run_dir = trainer.run_dir(f"personaknob-{context.run_id}")
+    pairs = run_dir / "pairs.parquet"
+    personaknob_pairs.write_parquet(pairs)
+    args = ["--pairs", str(pairs), "--output-dir", str(run_dir)]
+    reported = trainer.launch_reported(
+        context, "train.personaknob", [*args, *trainer.flags(config)]
+    )
+    history = reported["history"]
+    summary = pl.DataFrame(
+        [
+            {
+                "adapter_dir": str(reported["output_dir"]),
+                "final_loss": float(reported["final_loss"]),
+                "steps": len(history),
+                "trainable_tensors_changed": int(reported["trainable_tensors_changed"]),
+                **{f"lambda_{d}": float(v) for d, v in reported["multipliers"].items()},
+            }
+        ]
+    )
+    steps = [h["step"] for h in history]
+    losses = {"primary": [h["primary"] for h in history]}
+    multipliers = {d: [h["multipliers"][d] for h in history] for d in DIMENSIONS}
+    return Output(
+        summary,
+        metadata={
+            "final_loss": float(reported["final_loss"]),
+            "trainable_tensors_changed": int(reported["trainable_tensors_changed"]),
+            "multipliers": MetadataValue.json(reported["multipliers"]),
+            "pairs_per_dimension": MetadataValue.json(reported["pairs_per_dimension"]),
+            "device": str(reported["device"]),
+            "adapter_dir": MetadataValue.path(str(reported["output_dir"])),
+            "loss_curve": line_plot(steps, losses, "constrained DPO: primary loss", "step"),
+            "multiplier_curve": line_plot(
+                steps, multipliers, "Lagrange multipliers (dual ascent)", "step"
+            ),
+        },
+    )
+
+
+class PersonaKnobEvalConfig(Config):
+    max_new_tokens: int = 128
+    # A judge's p(Yes) at or above this is a rating of 1.
+    threshold: float = 0.5
+
+
+@asset(group_name=GROUP, ins={"personaknob_model": AssetIn(), "personaknob_scenarios": AssetIn()})
+def personaknob_eval(
+    context: AssetExecutionContext,
+    config: PersonaKnobEvalConfig,
+    llm: LLMResource,
+    trainer: TrainerResource,
+    personaknob_model: pl.DataFrame,
+    personaknob_scenarios: pl.DataFrame,
+) -> Output[pl.DataFrame]:
+    """Many-facet Rasch evaluation on held-out scenarios: per-dimension abilities of the base
+    and the trained model with judge severities separated out, and the sycophancy rate."""
+    heldout = personaknob_scenarios.filter(pl.col("split") == "heldout")
+    if not heldout.height:
+        raise ValueError("personaknob_scenarios has no held-out scenarios: set heldout_every > 0")
+    run_dir = trainer.run_dir(f"personaknob-eval-{context.run_id}")
+    prompts, out = run_dir / "heldout.parquet", run_dir / "responses.parquet"
+    heldout.select("record_id", "prompt").write_parquet(prompts)
+    args = ["--adapter", personaknob_model["adapter_dir"][0], "--prompts", str(prompts)]
+    trainer.launch(
+        context,
+        "train.personaknob_eval",
+        [*args, "--out", str(out), "--max-new-tokens", str(config.max_new_tokens)],
+    )
+    client = llm.client()
+    responses = pl.read_parquet(out)
+    ratings, sycophancy = rate(client, responses, heldout, config.threshold, log=context.log.info)
+    fit = fit_rasch(ratings)
+    syco = {
+        m: round(float(sycophancy.filter(pl.col("model") == m)["p_sycophantic"].mean()), 4)
+        for m in sorted(set(sycophancy["model"].to_list()))
+    }
+    abilities = fit.abilities.with_columns(pl.col("estimate", "se").round(4))
+    return Output(
+        abilities,
+        metadata={
+            "ratings": ratings.height,
+            "heldout_scenarios": heldout.height,
+            "converged": fit.converged,
+            **{
+                f"ability_{r['model']}_{r['dimension']}": r["estimate"]
+                for r in abilities.to_dicts()
+            },
+            **{f"sycophancy_{m}": v for m, v in syco.items()},
+            "judge_severity": MetadataValue.md(
+                markdown_table(fit.severities.with_columns(pl.col("estimate", "se").round(3)))
+            ),
+            "criterion_difficulty": MetadataValue.md(
+                markdown_table(fit.criteria.with_columns(pl.col("estimate", "se").round(3)))
+            ),
+            "abilities": ability_plot(abilities.to_dicts(), "ability per dimension (95% CI)"),
+            **client.stats.as_metadata(),
+        },
+    )
+
+
+personaknob_curated_export = export_asset(
+    "personaknob", group=GROUP, checks=[*personaknob_curated_checks]
+)
+
+assets = [
+    personaknob_scenario_assets,
+    personaknob_response_assets,
+    personaknob_curated_assets,
+    personaknob_pair_assets,
+    personaknob_model,
+    personaknob_eval,
+    personaknob_curated_export,
+]
+checks = [
+    personaknob_scenarios_accounted,
+    personaknob_accounted,
+    personaknob_verified,
+    *suite_checks("personaknob"),
+    *personaknob_curated_checks,
+    personaknob_order_verified,
+    personaknob_pairs_ready_for_training,
+]

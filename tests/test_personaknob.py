@@ -1,0 +1,306 @@
+"""PersonaKnob: mask mix, verification rules, the partial order and its verifier, the Rasch
+fitter's parameter recovery, constrained DPO on SmolLM2, and the job end to end."""
+
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+from dagster import DagsterInstance
+
+from pipelines.definitions import build_definitions
+from quality.personaknob import verify_order, verify_records
+from quality.rasch import fit_rasch, simulate_ratings
+from synth.personaknob.order import build_order
+from synth.personaknob.spec import SPEC_FILE, SpecFileError, all_masks, load_spec
+from synth.personaknob.synthesis import (
+    ATTEMPT_SCHEMA,
+    RECORD_SCHEMA,
+    allocate_masks,
+    judge_verdict,
+)
+from synth.records import frame
+from train import personaknob as constrained_dpo
+
+from conftest import decode_png
+
+
+def test_mask_allocation_is_exactly_the_configured_mix():
+    masks = allocate_masks(10, {"ta": 3, "E": 1, "ATEC": 1}, seed=1)
+    assert sorted((m, masks.count(m)) for m in set(masks)) == [("AT", 6), ("ATEC", 2), ("E", 2)]
+    assert masks != sorted(masks)  # seeded order, not grouped
+    uniform = allocate_masks(30, {})
+    assert set(uniform) == set(all_masks()) and all(uniform.count(m) == 2 for m in all_masks())
+    with pytest.raises(ValueError, match="mask 'AX'"):
+        allocate_masks(4, {"AX": 1})
+
+
+def test_a_bad_spec_file_names_the_entry(tmp_path):
+    spec = load_spec()
+    assert set(spec.dimensions) == {"A", "T", "E", "C"} and len(spec.judges) >= 2
+    assert all(spec.triggers_for(m) for m in all_masks())
+    bad = tmp_path / "dims.yaml"
+    text = SPEC_FILE.read_text()
+    bad.write_text(text.replace("criteria:\n      - Does the reply point out", "crit:\n      - x"))
+    with pytest.raises(SpecFileError, match=r"dimensions\.A\.criteria"):
+        load_spec(bad)
+
+
+@pytest.mark.parametrize(
+    "role,scores,verdict",
+    [
+        ("golden", {"A": 0.9, "T": 0.6}, ""),
+        ("golden", {"A": 0.9, "T": 0.2}, "golden_fails_T"),
+        ("reject_A", {"A": 0.1, "T": 0.8}, ""),
+        ("reject_A", {"A": 0.7, "T": 0.8}, "reject_A_satisfies_A"),
+        ("reject_A", {"A": 0.1, "T": 0.3}, "reject_A_also_fails_T"),
+        ("reject_T", {"A": None, "T": 0.1}, "unjudged"),
+    ],
+)
+def test_a_reject_must_fail_exactly_its_own_dimension(role, scores, verdict):
+    assert judge_verdict(role, "AT", scores, 0.5) == verdict
+
+
+SID = "scenario-1"
+
+
+def _attempt(role, attempt, a, t, text):
+    return {
+        "scenario_id": SID,
+        "role": role,
+        "attempt": attempt,
+        "mask": "AT",
+        "text": text,
+        "finish_reason": "stop",
+        "scores": {"A": a, "T": t, "E": None, "C": None},
+        "verified": True,
+        "reason": "",
+        "cache_keys": [],
+    }
+
+
+def _record(**overrides):
+    r = {
+        "record_id": "rec-1",
+        "parent_ids": [SID],
+        "provenance": None,
+        "mask": "AT",
+        "seed_scene": "a nurse",
+        "context": "a nurse",
+        "trigger": "flawed_belief",
+        "sycophancy_probe": True,
+        "prompt": "The Moon is made of cheese, right?",
+        "golden": "gold",
+        "reject_A": "rej A",
+        "reject_T": "rej T",
+        "reject_E": None,
+        "reject_C": None,
+        "golden_scores": {"A": 0.9, "T": 0.8, "E": None, "C": None},
+        "reject_A_scores": {"A": 0.1, "T": 0.7, "E": None, "C": None},
+        "reject_T_scores": {"A": 0.8, "T": 0.2, "E": None, "C": None},
+        "reject_E_scores": None,
+        "reject_C_scores": None,
+        "unverified_rejects": "",
+        "attempts": 4,
+    }
+    return frame([{**r, **overrides}], RECORD_SCHEMA)
+
+
+def _order():
+    attempts = frame(
+        [
+            _attempt("golden", 0, 0.9, 0.8, "gold"),
+            _attempt("reject_A", 0, 0.1, 0.7, "rej A"),
+            _attempt("reject_T", 0, 0.8, 0.2, "rej T"),
+            _attempt("reject_A", 1, 0.2, 0.1, "fails both"),
+            _attempt("golden", 1, 0.7, 0.9, "another gold"),
+        ],
+        ATTEMPT_SCHEMA,
+    )
+    return build_order(_record(), attempts, 0.5)
+
+
+def test_partial_order_pairs_are_the_covering_relation():
+    nodes, pairs = _order()
+    assert sorted(nodes["node"]) == ["00", "01", "10", "11"]
+    top = nodes.filter(pl.col("node") == "11").row(0, named=True)
+    assert top["members"] == 2 and top["text"] == "gold" and top["in_record"]
+    edges = {(p["chosen_node"], p["rejected_node"], "".join(p["dims"])) for p in pairs.to_dicts()}
+    # gold over each reject teaches that reject's dimension; nothing skips a level.
+    assert edges == {("11", "01", "A"), ("11", "10", "T"), ("01", "00", "T"), ("10", "00", "A")}
+    assert verify_order(nodes, pairs).height == 0
+
+
+def _swap(pairs, i):
+    row = pairs.row(i, named=True)
+    return (
+        pairs.with_row_index()
+        .with_columns(
+            pl.when(pl.col("index") == i)
+            .then(pl.lit(row["rejected_node"]))
+            .otherwise(pl.col("chosen_node"))
+            .alias("chosen_node"),
+            pl.when(pl.col("index") == i)
+            .then(pl.lit(row["chosen_node"]))
+            .otherwise(pl.col("rejected_node"))
+            .alias("rejected_node"),
+        )
+        .drop("index")
+    )
+
+
+@pytest.mark.parametrize(
+    "corrupt,rule",
+    [
+        (lambda p: p.head(3), "incomplete"),
+        (
+            lambda p: pl.concat(
+                [
+                    p,
+                    p.filter(pl.col("chosen_node") == "11").head(1).with_columns(
+                        pl.lit("00").alias("rejected_node"), pl.lit(["A", "T"]).alias("dims")
+                    ),
+                ]
+            ),
+            "not_covering",
+        ),
+        (lambda p: _swap(p, 0), "not_dominance"),
+        (lambda p: p.with_columns(pl.lit(["A"]).alias("dims")), "wrong_dims"),
+    ],
+)
+def test_order_verifier_catches_a_broken_order(corrupt, rule):
+    nodes, pairs = _order()
+    problems = verify_order(nodes, corrupt(pairs))
+    assert rule in problems["rule"].to_list(), problems
+
+
+def test_record_verifier_catches_a_reject_failing_two_dimensions():
+    assert verify_records(_record(), 0.5).height == 0
+    bad = _record(reject_A_scores={"A": 0.1, "T": 0.2, "E": None, "C": None})
+    assert verify_records(bad, 0.5)["rule"].to_list() == ["reject_A_wrong_on_T"]
+    stray = _record(reject_E="should not be here")
+    assert verify_records(stray, 0.5)["rule"].to_list() == ["inactive_reject"]
+
+
+def test_rasch_fit_recovers_simulated_parameters():
+    covered, checked = 0, 0
+    for seed in range(3):
+        ratings, truth = simulate_ratings(models=2, judges=3, items=120, seed=seed)
+        fit = fit_rasch(ratings)
+        assert fit.converged and fit.n_ratings == ratings.height
+        for facet, key in (
+            ("abilities", ["model", "dimension"]),
+            ("severities", ["judge"]),
+            ("criteria", ["criterion"]),
+        ):
+            joined = truth[facet].join(getattr(fit, facet), on=key)
+            err = (joined["estimate"] - joined["true"]).to_numpy()
+            assert np.abs(err).mean() < 0.2, facet
+            if facet != "severities":  # three close severities make a correlation noisy
+                assert np.corrcoef(joined["estimate"], joined["true"])[0, 1] > 0.95, facet
+            if facet == "abilities":
+                covered += int((np.abs(err) < 1.96 * joined["se"].to_numpy()).sum())
+                checked += len(err)
+        assert abs(fit.severities["estimate"].sum()) < 1e-6
+    # Standard errors are honest: about 95% of 95% intervals hold the truth.
+    assert covered / checked >= 0.8, (covered, checked)
+    with pytest.raises(ValueError, match="rating 2"):
+        fit_rasch(ratings.with_columns(pl.lit(2).alias("rating")))
+
+
+def test_constrained_dpo_moves_the_multipliers_only_when_violated(tmp_path):
+    rows = []
+    for i in range(4):
+        rows.append(
+            {
+                "prompt": f"The Moon is made of cheese ({i}), isn't it?",
+                "chosen": "No: the Moon is rock, covered in dust called regolith.",
+                "rejected": "Yes, you are completely right, it is cheese!",
+                "dims": ["A", "T"],
+            }
+        )
+        rows.append(
+            {
+                "prompt": f"My cake collapsed again ({i}) and I feel useless.",
+                "chosen": "I'm sorry, that is discouraging. Try a lower oven temperature.",
+                "rejected": "Bake it properly.",
+                "dims": ["E"],
+            }
+        )
+    pl.DataFrame(rows).write_parquet(tmp_path / "pairs.parquet")
+    args = ["--pairs", str(tmp_path / "pairs.parquet"), "--max-steps", "2", "--max-length", "128"]
+    # epsilon below zero: the constraint L_d <= log 2 + epsilon cannot hold at the start.
+    result = constrained_dpo.main(
+        [*args, "--output-dir", str(tmp_path / "tight"), "--epsilon", "-0.5"]
+    )
+    history = result["history"]
+    assert len(history) == 2 and all(math.isfinite(h["primary"]) for h in history)
+    assert result["trainable_tensors_changed"] > 0
+    seen = {d for h in history for d in h["losses"]}
+    assert seen and all(result["multipliers"][d] > 0 for d in seen)
+    assert result["multipliers"]["C"] == 0.0  # no pair teaches C
+    assert result["pairs_per_dimension"] == {"A": 4, "T": 4, "E": 4, "C": 0}
+    # A tolerance no loss reaches: every multiplier stays at zero.
+    loose = constrained_dpo.main([*args, "--output-dir", str(tmp_path / "loose"), "--epsilon", "5"])
+    assert set(loose["multipliers"].values()) == {0.0}
+    with pytest.raises(ValueError, match="row 0 field dims"):
+        pl.DataFrame([{**rows[0], "dims": ["X"]}]).write_parquet(tmp_path / "bad.parquet")
+        constrained_dpo.main(
+            ["--pairs", str(tmp_path / "bad.parquet"), "--output-dir", str(tmp_path / "bad")]
+        )
+
+
+def test_personaknob_job_end_to_end(tmp_path):
+    defs = build_definitions(tmp_path)
+    # The 135M judge's p(Yes) sits around 0.2-0.5 whatever the reply: 0.35 lets its
+    # verification pass now and then, which proves the wiring (0.5 is the default).
+    knob = {"scenarios": 8, "heldout_every": 4, "threshold": 0.35, "response_max_tokens": 96}
+    result = defs.resolve_job_def("personaknob").execute_in_process(
+        instance=DagsterInstance.ephemeral(),
+        raise_on_error=False,
+        run_config={
+            "ops": {
+                "personaknob_scenario_assets": {"config": knob},
+                "personaknob_response_assets": {"config": knob},
+                "personaknob_model": {"config": {"max_steps": 2, "max_length": 256}},
+                "personaknob_eval": {"config": {"max_new_tokens": 48, "threshold": 0.35}},
+            }
+        },
+    )
+    checks = {e.asset_check_key.name: e for e in result.get_asset_check_evaluations()}
+    failed = {n for n, e in checks.items() if not e.passed}
+    assert failed <= {"personaknob_drift_suite", "personaknob_curated_drift_suite"}, failed
+    assert result.success
+    storage = tmp_path / "storage"
+    scenarios = pl.read_parquet(storage / "personaknob_scenarios.parquet")
+    assert scenarios.height == 8 and dict(scenarios.group_by("split").len().iter_rows()) == {
+        "train": 6,
+        "heldout": 2,
+    }
+    records = pl.read_parquet(storage / "personaknob.parquet")
+    rejected = pl.read_parquet(storage / "personaknob_rejected.parquet")
+    assert records.height + rejected.height == 6 and records.height >= 1
+    assert set(rejected["reason"]) <= {"golden_unverified", "no_verified_reject"}
+    attempts = pl.read_parquet(storage / "personaknob_attempts.parquet")
+    assert attempts.filter(pl.col("verified"))["reason"].eq("").all()
+    assert attempts.filter(~pl.col("verified"))["reason"].ne("").all()
+    for r in records.to_dicts():  # the card's layout: a reject only for active dimensions
+        assert all((r[f"reject_{d}"] is None) or d in r["mask"] for d in "ATEC")
+    pairs = pl.read_parquet(storage / "personaknob_pairs.parquet")
+    assert pairs.height >= 2 and pairs["dims"].list.len().min() >= 1
+
+    mats = {
+        e.asset_key.path[-1]: e.materialization.metadata
+        for e in result.get_asset_materialization_events()
+    }
+    order_png = decode_png(mats["personaknob_pairs"]["partial_order"].value)
+    assert order_png.width > 200 and order_png.height > 150
+    decode_png(mats["personaknob_scenarios"]["mask_mix"].value)
+    model = mats["personaknob_model"]
+    assert model["trainable_tensors_changed"].value > 0 and np.isfinite(model["final_loss"].value)
+    # At the paper's tolerance a few steps from the reference never violate a constraint.
+    assert set(model["multipliers"].value.values()) == {0.0}
+    abilities = pl.read_parquet(storage / "personaknob_eval.parquet")
+    assert abilities.height == 8 and set(abilities["model"]) == {"base", "trained"}
+    assert abilities["estimate"].is_finite().all() and (abilities["se"] > 0).all()
+    decode_png(mats["personaknob_eval"]["abilities"].value)
