@@ -157,7 +157,9 @@ def _swap(pairs, i):
             lambda p: pl.concat(
                 [
                     p,
-                    p.filter(pl.col("chosen_node") == "11").head(1).with_columns(
+                    p.filter(pl.col("chosen_node") == "11")
+                    .head(1)
+                    .with_columns(
                         pl.lit("00").alias("rejected_node"), pl.lit(["A", "T"]).alias("dims")
                     ),
                 ]
@@ -250,23 +252,43 @@ def test_constrained_dpo_moves_the_multipliers_only_when_violated(tmp_path):
         )
 
 
-def test_personaknob_job_end_to_end(tmp_path):
-    defs = build_definitions(tmp_path)
-    # The 135M judge's p(Yes) sits around 0.2-0.5 whatever the reply: 0.35 lets its
-    # verification pass now and then, which proves the wiring (0.5 is the default).
-    knob = {"scenarios": 8, "heldout_every": 4, "threshold": 0.35, "response_max_tokens": 96}
-    result = defs.resolve_job_def("personaknob").execute_in_process(
-        instance=DagsterInstance.ephemeral(),
-        raise_on_error=False,
-        run_config={
-            "ops": {
-                "personaknob_scenario_assets": {"config": knob},
-                "personaknob_response_assets": {"config": knob},
-                "personaknob_model": {"config": {"max_steps": 2, "max_length": 256}},
-                "personaknob_eval": {"config": {"max_new_tokens": 48, "threshold": 0.35}},
-            }
-        },
+def _run_job(tmp_path, knob, model=None, evaluation=None):
+    return (
+        build_definitions(tmp_path)
+        .resolve_job_def("personaknob")
+        .execute_in_process(
+            instance=DagsterInstance.ephemeral(),
+            raise_on_error=False,
+            run_config={
+                "ops": {
+                    "personaknob_scenario_assets": {"config": knob},
+                    "personaknob_response_assets": {"config": knob},
+                    "personaknob_model": {"config": model or {"max_steps": 2, "max_length": 256}},
+                    "personaknob_eval": {"config": evaluation or {"max_new_tokens": 48}},
+                }
+            },
+        )
     )
+
+
+def test_failed_gate_stops_the_constrained_dpo(tmp_path):
+    # Every scenario is held out: no responses, no pairs, nothing to train on.
+    result = _run_job(tmp_path, {"scenarios": 2, "heldout_every": 1})
+    checks = {e.asset_check_key.name: e for e in result.get_asset_check_evaluations()}
+    gate = checks["personaknob_pairs_ready_for_training"]
+    assert not gate.passed and gate.metadata["observed_pairs"].value == 0
+    assert checks["personaknob_scenarios_accounted"].passed
+    materialized = {e.asset_key.path[-1] for e in result.get_asset_materialization_events()}
+    assert "personaknob_pairs" in materialized
+    assert not materialized & {"personaknob_model", "personaknob_eval"}
+
+
+def test_personaknob_job_end_to_end(tmp_path):
+    # The 135M judge's p(Yes) sits at 0.2-0.4 whatever the reply (median 0.27 measured):
+    # a threshold at its median lets verification pass about half the time, which proves
+    # the wiring, not the data (0.5 is the default for a real judge).
+    knob = {"scenarios": 8, "heldout_every": 4, "threshold": 0.27, "response_max_tokens": 96}
+    result = _run_job(tmp_path, knob, evaluation={"max_new_tokens": 48, "threshold": 0.27})
     checks = {e.asset_check_key.name: e for e in result.get_asset_check_evaluations()}
     failed = {n for n, e in checks.items() if not e.passed}
     assert failed <= {"personaknob_drift_suite", "personaknob_curated_drift_suite"}, failed

@@ -14,3 +14,4 @@ def test_dagster_dev_serves_the_asset_graph(cli_env):
             groups["ultraprompt_trees"] == "ultraprompt"
             and groups["paligner_eval"] == "ultraprompt"
         )
+        assert groups["personaknob_pairs"] == groups["personaknob_eval"] == "personaknob"

@@ -148,6 +148,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", default="", help="local path or hub id; empty = embedded SmolLM2")
     ap.add_argument("--max-steps", type=int, default=4)
     ap.add_argument("--dpo-steps", type=int, default=2)
+    add_lora_preference_args(ap)
+    return ap
+
+
+def add_lora_preference_args(ap: argparse.ArgumentParser) -> None:
+    """Flags every LoRA preference-training entry point shares."""
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--learning-rate", type=float, default=2e-4)
     ap.add_argument("--beta", type=float, default=0.1)
@@ -155,7 +161,6 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--lora-alpha", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=384)
     ap.add_argument("--seed", type=int, default=0)
-    return ap
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from synth.personaknob.spec import DIMENSIONS
-from train.paligner import LORA_TARGETS, _common
+from train.paligner import LORA_TARGETS, _common, add_lora_preference_args
 from train.reporting import reporter
 
 REFERENCE_LOSS = math.log(2)  # sigmoid DPO loss when policy == reference
@@ -206,15 +206,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--output-dir", required=True)
     ap.add_argument("--model", default="", help="local path or hub id; empty = embedded SmolLM2")
     ap.add_argument("--max-steps", type=int, default=4)
-    ap.add_argument("--batch-size", type=int, default=2)
-    ap.add_argument("--learning-rate", type=float, default=2e-4)
-    ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--epsilon", type=float, default=0.5, help="tolerance (paper 0.5)")
     ap.add_argument("--dual-lr", type=float, default=1.0, help="step of the dual ascent")
-    ap.add_argument("--lora-r", type=int, default=16)
-    ap.add_argument("--lora-alpha", type=int, default=32)
-    ap.add_argument("--max-length", type=int, default=384)
-    ap.add_argument("--seed", type=int, default=0)
+    add_lora_preference_args(ap)
     return ap
 
 
