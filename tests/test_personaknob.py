@@ -287,7 +287,16 @@ def test_personaknob_job_end_to_end(tmp_path):
     # The 135M judge's p(Yes) sits at 0.2-0.4 whatever the reply (median 0.27 measured):
     # a threshold at its median lets verification pass about half the time, which proves
     # the wiring, not the data (0.5 is the default for a real judge).
-    knob = {"scenarios": 8, "heldout_every": 4, "threshold": 0.27, "response_max_tokens": 96}
+    # Masks of one or two dimensions and four attempts keep the chance that fewer than two
+    # of the six training scenarios verify small.
+    knob = {
+        "scenarios": 8,
+        "heldout_every": 4,
+        "threshold": 0.27,
+        "max_attempts": 4,
+        "response_max_tokens": 96,
+        "mask_mix": {"A": 1, "T": 1, "E": 1, "C": 1, "AT": 1, "AE": 1, "TE": 1, "EC": 1},
+    }
     result = _run_job(tmp_path, knob, evaluation={"max_new_tokens": 48, "threshold": 0.27})
     checks = {e.asset_check_key.name: e for e in result.get_asset_check_evaluations()}
     failed = {n for n, e in checks.items() if not e.passed}
@@ -301,7 +310,7 @@ def test_personaknob_job_end_to_end(tmp_path):
     }
     records = pl.read_parquet(storage / "personaknob.parquet")
     rejected = pl.read_parquet(storage / "personaknob_rejected.parquet")
-    assert records.height + rejected.height == 6 and records.height >= 1
+    assert records.height + rejected.height == 6 and records.height >= 2
     assert set(rejected["reason"]) <= {"golden_unverified", "no_verified_reject"}
     attempts = pl.read_parquet(storage / "personaknob_attempts.parquet")
     assert attempts.filter(pl.col("verified"))["reason"].eq("").all()
