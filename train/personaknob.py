@@ -17,7 +17,8 @@ lambda_d <- max(0, lambda_d + dual_lr * (L_d - L_d_ref - epsilon)). A dimension 
 pairs are not in a batch keeps its multiplier. The multipliers are logged every step.
 
 Built on TRL's DPOTrainer: its loss on a subset of the batch is the per-dimension loss,
-so a step costs one forward over the batch plus one over each dimension's rows.
+so a step costs one forward over the batch plus one over each distinct set of rows that
+teaches a dimension (dimensions taught by the same rows, or by every row, share one).
 """
 
 from __future__ import annotations
@@ -79,11 +80,16 @@ def constrained_dpo_trainer(base: type) -> type:
             primary = super().compute_loss(model, inputs, return_outputs=False)
             counted = self._total_train_tokens
             loss, losses = primary, {}
+            # Dimensions taught by the same rows share one forward pass (all rows: the primary's).
+            by_rows = {tuple(range(n)): primary}
             for k, d in enumerate(DIMENSIONS):
                 rows = torch.nonzero(dim_mask[:, k] > 0).flatten()
                 if not len(rows):
                     continue
-                losses[d] = super().compute_loss(model, self._rows(inputs, rows, n))
+                key = tuple(rows.tolist())
+                if key not in by_rows:
+                    by_rows[key] = super().compute_loss(model, self._rows(inputs, rows, n))
+                losses[d] = by_rows[key]
                 loss = loss + self.multipliers[d] * (losses[d] - REFERENCE_LOSS - self.epsilon)
             # TRL counts tokens on every forward: count the batch once.
             self._total_train_tokens = counted
