@@ -21,7 +21,7 @@ import polars as pl
 import torch
 
 from quality.rasch import fit_rasch, simulate_ratings
-from train.paligner import LORA_TARGETS, _common, add_lora_preference_args
+from train.paligner import _common, add_lora_preference_args
 from train.personaknob import _pairs_dataset, constrained_dpo_trainer
 
 PAIRS = [
@@ -47,23 +47,11 @@ PAIRS = [
 
 
 def _dpo_seconds(trainer_cls, a, path: str, out: str, **extra) -> float:
-    from peft import LoraConfig, get_peft_model
     from trl import DPOConfig
 
-    from train.models import load_causal_lm
+    from train.models import load_lora_policy
 
-    torch.manual_seed(0)
-    base, tok = load_causal_lm("")
-    model = get_peft_model(
-        base,
-        LoraConfig(
-            r=16,
-            lora_alpha=32,
-            lora_dropout=0.0,
-            target_modules=LORA_TARGETS,
-            task_type="CAUSAL_LM",
-        ),
-    )
+    model, tok, _ = load_lora_policy("", 16, 32, 0.0, 0)
     ds = _pairs_dataset(path)
     if not extra:
         ds = ds.remove_columns("dim_mask")

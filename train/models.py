@@ -62,3 +62,28 @@ def load_causal_lm(model: str = "", dtype: str = "float32") -> tuple[Any, Any]:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return lm, tok
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def load_lora_policy(
+    model: str, lora_r: int, lora_alpha: int, dropout: float, seed: int
+) -> tuple[Any, Any, bool]:
+    """(peft model with fresh LoRA adapters, tokenizer, on_cuda): bf16 on a GPU, fp32 on CPU."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    cuda = torch.cuda.is_available()
+    torch.manual_seed(seed)
+    base, tok = load_causal_lm(model, "bfloat16" if cuda else "float32")
+    if cuda:
+        base = base.to("cuda")
+    config = LoraConfig(
+        r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=dropout,
+        target_modules=LORA_TARGETS,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(base, config), tok, cuda

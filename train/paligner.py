@@ -23,8 +23,6 @@ import torch
 
 from train.reporting import reporter
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-
 
 def _common(a: argparse.Namespace, cuda: bool, stage: str) -> dict[str, Any]:
     return {
@@ -67,26 +65,11 @@ def _fit(trainer_cls: Any, args: Any, model: Any, tok: Any, ds: Any) -> tuple[li
 def train(a: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     import polars as pl
     from datasets import Dataset
-    from peft import LoraConfig, get_peft_model
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-    from train.models import load_causal_lm
+    from train.models import load_lora_policy
 
-    cuda = torch.cuda.is_available()
-    torch.manual_seed(a.seed)
-    base, tok = load_causal_lm(a.model, "bfloat16" if cuda else "float32")
-    if cuda:
-        base = base.to("cuda")
-    model = get_peft_model(
-        base,
-        LoraConfig(
-            r=a.lora_r,
-            lora_alpha=a.lora_alpha,
-            lora_dropout=0.05,
-            target_modules=LORA_TARGETS,
-            task_type="CAUSAL_LM",
-        ),
-    )
+    model, tok, cuda = load_lora_policy(a.model, a.lora_r, a.lora_alpha, 0.05, a.seed)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     sft_rows = pl.read_parquet(a.sft).select("prompt", "completion").to_dicts()
     sft = Dataset.from_list([_chat(r["prompt"], r["completion"]) for r in sft_rows])

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from synth.personaknob.spec import DIMENSIONS
-from train.paligner import LORA_TARGETS, _common, add_lora_preference_args
+from train.paligner import _common, add_lora_preference_args
 from train.reporting import reporter
 
 REFERENCE_LOSS = math.log(2)  # sigmoid DPO loss when policy == reference
@@ -142,27 +142,12 @@ def _pairs_dataset(path: str) -> Any:
 def train(a: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     import time
 
-    from peft import LoraConfig, get_peft_model
     from trl import DPOConfig, DPOTrainer
 
-    from train.models import load_causal_lm
+    from train.models import load_lora_policy
 
-    cuda = torch.cuda.is_available()
-    torch.manual_seed(a.seed)
     ds = _pairs_dataset(a.pairs)
-    base, tok = load_causal_lm(a.model, "bfloat16" if cuda else "float32")
-    if cuda:
-        base = base.to("cuda")
-    model = get_peft_model(
-        base,
-        LoraConfig(
-            r=a.lora_r,
-            lora_alpha=a.lora_alpha,
-            lora_dropout=0.0,
-            target_modules=LORA_TARGETS,
-            task_type="CAUSAL_LM",
-        ),
-    )
+    model, tok, cuda = load_lora_policy(a.model, a.lora_r, a.lora_alpha, 0.0, a.seed)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     a.dpo_steps = a.max_steps
     args = DPOConfig(**_common(a, cuda, "dpo"), beta=a.beta)
