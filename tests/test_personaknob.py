@@ -284,18 +284,19 @@ def test_failed_gate_stops_the_constrained_dpo(tmp_path):
 
 
 def test_personaknob_job_end_to_end(tmp_path):
-    # The 135M judge's p(Yes) sits at 0.2-0.4 whatever the reply (median 0.27 measured):
-    # a threshold at its median lets verification pass about half the time, which proves
-    # the wiring, not the data (0.5 is the default for a real judge).
-    # Masks of one or two dimensions and four attempts keep the chance that fewer than two
-    # of the six training scenarios verify small.
+    # The 135M judge's p(Yes) sits at 0.2-0.4 whatever the reply (median 0.27 measured),
+    # so a threshold at its median proves the wiring, not the data (0.5 is the default
+    # for a real judge). It is noise around that median (it even scored rejects higher on
+    # their own dimension than goldens): about one training scenario in three gave a
+    # record (5 of 14 measured). With 22 training scenarios, mostly of one dimension,
+    # fewer than two records has a chance of about 1 in 1,500.
     knob = {
-        "scenarios": 8,
-        "heldout_every": 4,
+        "scenarios": 24,
+        "heldout_every": 12,
         "threshold": 0.27,
         "max_attempts": 4,
         "response_max_tokens": 96,
-        "mask_mix": {"A": 1, "T": 1, "E": 1, "C": 1, "AT": 1, "AE": 1, "TE": 1, "EC": 1},
+        "mask_mix": {"A": 1, "T": 1, "E": 1, "C": 1, "AT": 1},
     }
     result = _run_job(tmp_path, knob, evaluation={"max_new_tokens": 48, "threshold": 0.27})
     checks = {e.asset_check_key.name: e for e in result.get_asset_check_evaluations()}
@@ -304,13 +305,13 @@ def test_personaknob_job_end_to_end(tmp_path):
     assert result.success
     storage = tmp_path / "storage"
     scenarios = pl.read_parquet(storage / "personaknob_scenarios.parquet")
-    assert scenarios.height == 8 and dict(scenarios.group_by("split").len().iter_rows()) == {
-        "train": 6,
+    assert scenarios.height == 24 and dict(scenarios.group_by("split").len().iter_rows()) == {
+        "train": 22,
         "heldout": 2,
     }
     records = pl.read_parquet(storage / "personaknob.parquet")
     rejected = pl.read_parquet(storage / "personaknob_rejected.parquet")
-    assert records.height + rejected.height == 6 and records.height >= 2
+    assert records.height + rejected.height == 22 and records.height >= 2
     assert set(rejected["reason"]) <= {"golden_unverified", "no_verified_reject"}
     attempts = pl.read_parquet(storage / "personaknob_attempts.parquet")
     assert attempts.filter(pl.col("verified"))["reason"].eq("").all()
