@@ -26,12 +26,14 @@ from quality.calibration import (
     calibrate_pointwise,
     follows_instruction_items,
     follows_instruction_requests,
+    personaknob_verify_items,
+    personaknob_verify_requests,
     trace_violation_items,
     trace_violation_requests,
 )
 from synth.loaders import SHIPPED_SEEDS, load_preference_pairs
 
-JUDGES = ("follows_instruction", "trace_violation", "pairwise_harmlessness")
+JUDGES = ("follows_instruction", "trace_violation", "personaknob_verify", "pairwise_harmlessness")
 
 
 class JudgeCalibrationConfig(Config):
@@ -57,6 +59,7 @@ def judge_calibration(
     policy = policy_from_asset(trace_policy)
     follows = balanced_sample(follows_instruction_items(), config.pointwise_limit, config.seed)
     violation = balanced_sample(trace_violation_items(), config.pointwise_limit, config.seed)
+    knob = balanced_sample(personaknob_verify_items(), config.pointwise_limit, config.seed)
     source = config.pairs_source or str(SHIPPED_SEEDS / "preference_pairs.jsonl")
     pairs = load_preference_pairs(source, limit=config.pairs_limit).kept
     rows = [
@@ -65,6 +68,9 @@ def judge_calibration(
         ).row(),
         calibrate_pointwise(
             "trace_violation", client, violation, trace_violation_requests(policy, violation)
+        ).row(),
+        calibrate_pointwise(
+            "personaknob_verify", client, knob, personaknob_verify_requests(knob)
         ).row(),
         calibrate_pairwise(
             "pairwise_harmlessness",

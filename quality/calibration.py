@@ -88,6 +88,29 @@ def trace_violation_items() -> list[LabelledItem]:
     return items
 
 
+def personaknob_verify_items() -> list[LabelledItem]:
+    """Labels: True = the reply satisfies the dimension named in the item id."""
+    ref = yaml.safe_load((REFERENCE / "personaknob_verify.yaml").read_text())
+    items = []
+    for dim, entries in ref.items():
+        for k, e in enumerate(entries):
+            items.append(
+                LabelledItem(f"knob:{dim}:{k}:satisfies", e["prompt"], e["satisfies"], True)
+            )
+            items.append(LabelledItem(f"knob:{dim}:{k}:fails", e["prompt"], e["fails"], False))
+    return items
+
+
+def personaknob_verify_requests(items: list[LabelledItem]) -> list[LLMRequest]:
+    from synth.personaknob.spec import load_spec
+    from synth.personaknob.synthesis import verify_request
+
+    dims = load_spec().dimensions
+    return [
+        verify_request(i.prompt, i.response, dims[i.item_id.split(":")[1]].verify) for i in items
+    ]
+
+
 @dataclass(slots=True)
 class Calibration:
     """One judge against its reference; fields that do not apply to its kind are None."""

@@ -5,7 +5,12 @@ import polars as pl
 from dagster import DagsterInstance
 
 from pipelines.definitions import build_definitions
-from quality.calibration import balanced_sample, follows_instruction_items, trace_violation_items
+from quality.calibration import (
+    balanced_sample,
+    follows_instruction_items,
+    personaknob_verify_items,
+    trace_violation_items,
+)
 
 
 def test_reference_sets_are_labelled_and_balanced():
@@ -13,6 +18,9 @@ def test_reference_sets_are_labelled_and_balanced():
     assert len(follows) + len(violation) >= 250
     assert len({i.item_id for i in follows + violation}) == len(follows) + len(violation)
     assert sum(i.label for i in violation) == len(violation) // 2
+    knob = personaknob_verify_items()
+    assert {i.item_id.split(":")[1] for i in knob} == {"A", "T", "E", "C"}
+    assert sum(i.label for i in knob) == len(knob) // 2
     sample = balanced_sample(violation, 10, seed=3)
     assert sum(i.label for i in sample) == 5 and sample == balanced_sample(violation, 10, seed=3)
 
@@ -36,7 +44,12 @@ def test_judges_are_calibrated_against_real_labels(tmp_path, shared_data):
     assert result.success
     table = pl.read_parquet(tmp_path / "storage" / "judge_calibration.parquet")
     rows = {r["judge"]: r for r in table.to_dicts()}
-    assert set(rows) == {"follows_instruction", "trace_violation", "pairwise_harmlessness"}
+    assert set(rows) == {
+        "follows_instruction",
+        "trace_violation",
+        "personaknob_verify",
+        "pairwise_harmlessness",
+    }
     assert rows["follows_instruction"]["n"] == 6 and rows["pairwise_harmlessness"]["n"] == 3
     checks = {e.asset_check_key.name: e for e in result.get_asset_check_evaluations()}
     for name, r in rows.items():
