@@ -36,7 +36,7 @@ from pipelines.automation import TRAIN_WHEN_GATES_PASS
 from pipelines.resources import LLMResource, TrainerResource
 from quality.accounting import account
 from quality.curation import CurationSpec
-from quality.personaknob import verify_order, verify_records
+from quality.personaknob import pass_rates, verify_order, verify_records
 from quality.rasch import fit_rasch
 from synth.personaknob.evaluation import rate
 from synth.personaknob.order import build_order
@@ -51,6 +51,8 @@ from synth.personaknob.synthesis import (
 GROUP = "personaknob"
 # Fewer preference pairs than this teach nothing: the gate blocks training.
 MIN_TRAINING_PAIRS = 2
+# Below this first-attempt pass rate a dimension mostly burns its regeneration budget.
+MIN_PASS_RATE = 0.25
 
 
 class PersonaKnobConfig(Config, KnobSettings):
@@ -176,16 +178,8 @@ def personaknob_response_assets(
         **client.stats.as_metadata(),
     )
     if attempts.height:
-        # First-attempt pass rate of each role kind on each dimension it is judged on.
-        first = attempts.filter(pl.col("attempt") == 0)
-        rates = {}
-        for d in DIMENSIONS:
-            for kind, roles in (("golden", ["golden"]), ("reject", [f"reject_{d}"])):
-                rows = first.filter(pl.col("role").is_in(roles))
-                if rows.height:
-                    ok = rows.filter(pl.col("reason") == "").height
-                    rates[f"{kind} {d}"] = round(ok / rows.height, 3)
-                    md[f"pass_rate_{kind}_{d}"] = rates[f"{kind} {d}"]
+        rates = pass_rates(attempts)
+        md.update({f"pass_rate_{k.replace(' ', '_')}": v for k, v in rates.items()})
         md["verification_pass_rates"] = bar_plot(
             rates, "first-attempt verification pass rate", "share verified"
         )
@@ -232,6 +226,28 @@ def personaknob_verified(
             "threshold": threshold,
             "observed_problems": problems.height,
             "examples": problems.head(10).to_dicts(),
+        },
+    )
+
+
+@asset_check(
+    asset="personaknob",
+    additional_ins={"attempts": AssetIn("personaknob_attempts")},
+    description=f"Every dimension verifies at a workable rate: first-attempt pass rate of goldens and of rejects at least {MIN_PASS_RATE} per dimension (a lower one means the steering or the judge is off for it).",
+)
+def personaknob_verification_rates(
+    records: pl.DataFrame, attempts: pl.DataFrame
+) -> AssetCheckResult:
+    rates = pass_rates(attempts)
+    low = {k: v for k, v in rates.items() if v < MIN_PASS_RATE}
+    return AssetCheckResult(
+        passed=not low,
+        severity=AssetCheckSeverity.WARN,
+        metadata={
+            "observed_min": min(rates.values()) if rates else 0.0,
+            "threshold": MIN_PASS_RATE,
+            "below": low,
+            "rates": rates,
         },
     )
 
@@ -478,6 +494,7 @@ checks = [
     personaknob_scenarios_accounted,
     personaknob_accounted,
     personaknob_verified,
+    personaknob_verification_rates,
     *suite_checks("personaknob"),
     *personaknob_curated_checks,
     personaknob_order_verified,

@@ -50,6 +50,24 @@ def verify_records(records: pl.DataFrame, threshold: float) -> pl.DataFrame:
     return pl.DataFrame(problems, schema=PROBLEM_SCHEMA, orient="row")
 
 
+def pass_rates(attempts: pl.DataFrame) -> dict[str, float]:
+    """First-attempt verification pass rate per role kind and dimension: 'golden A' is the
+    share of goldens of scenarios with A active that verified, 'reject A' the share of
+    A-rejects that did."""
+    first = attempts.filter(pl.col("attempt") == 0)
+    rates = {}
+    for d in DIMENSIONS:
+        for kind, rows in (
+            ("golden", first.filter((pl.col("role") == "golden") & pl.col("mask").str.contains(d))),
+            ("reject", first.filter(pl.col("role") == f"reject_{d}")),
+        ):
+            if rows.height:
+                rates[f"{kind} {d}"] = round(
+                    rows.filter(pl.col("verified")).height / rows.height, 3
+                )
+    return rates
+
+
 def _closure(edges: set[tuple[str, str]]) -> set[tuple[str, str]]:
     closure = set(edges)
     while True:

@@ -9,7 +9,7 @@ import pytest
 from dagster import DagsterInstance
 
 from pipelines.definitions import build_definitions
-from quality.personaknob import verify_order, verify_records
+from quality.personaknob import pass_rates, verify_order, verify_records
 from quality.rasch import fit_rasch, simulate_ratings
 from synth.personaknob.order import build_order
 from synth.personaknob.spec import SPEC_FILE, SpecFileError, all_masks, load_spec
@@ -301,8 +301,16 @@ def test_personaknob_job_end_to_end(tmp_path):
     result = _run_job(tmp_path, knob, evaluation={"max_new_tokens": 48, "threshold": 0.27})
     checks = {e.asset_check_key.name: e for e in result.get_asset_check_evaluations()}
     failed = {n for n, e in checks.items() if not e.passed}
-    assert failed <= {"personaknob_drift_suite", "personaknob_curated_drift_suite"}, failed
+    # WARN checks the noisy judge may fail; every blocking check must pass.
+    warn = {
+        "personaknob_drift_suite",
+        "personaknob_curated_drift_suite",
+        "personaknob_verification_rates",
+    }
+    assert failed <= warn, failed
     assert result.success
+    rates = checks["personaknob_verification_rates"].metadata["rates"].value
+    assert rates and all(0 <= v <= 1 for v in rates.values())
     storage = tmp_path / "storage"
     scenarios = pl.read_parquet(storage / "personaknob_scenarios.parquet")
     assert scenarios.height == 24 and dict(scenarios.group_by("split").len().iter_rows()) == {
@@ -336,3 +344,14 @@ def test_personaknob_job_end_to_end(tmp_path):
     assert abilities.height == 8 and set(abilities["model"]) == {"base", "trained"}
     assert abilities["estimate"].is_finite().all() and (abilities["se"] > 0).all()
     decode_png(mats["personaknob_eval"]["abilities"].value)
+
+
+def test_pass_rates_count_first_attempts_per_dimension():
+    rows = [
+        _attempt("golden", 0, 0.9, 0.8, "gold"),
+        _attempt("reject_A", 0, 0.1, 0.7, "rej A"),
+        {**_attempt("reject_T", 0, 0.8, 0.9, "rej T"), "verified": False, "reason": "x"},
+        {**_attempt("reject_T", 1, 0.8, 0.1, "rej T 2")},  # a retry does not count
+    ]
+    rates = pass_rates(frame(rows, ATTEMPT_SCHEMA))
+    assert rates == {"golden A": 1.0, "reject A": 1.0, "golden T": 1.0, "reject T": 0.0}
