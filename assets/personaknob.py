@@ -59,16 +59,14 @@ class PersonaKnobConfig(Config, KnobSettings):
     pass
 
 
-def _settings(context: AssetCheckExecutionContext, asset_name: str) -> KnobSettings:
+def _settings(
+    context: AssetExecutionContext | AssetCheckExecutionContext, asset_name: str
+) -> KnobSettings:
     """The settings the asset's latest materialization ran with."""
     from pipelines.status import latest_materialization_metadata
 
     md = latest_materialization_metadata(context.instance, asset_name)
     return KnobSettings.model_validate_json(md["settings"]) if "settings" in md else KnobSettings()
-
-
-def _knob_settings(config: PersonaKnobConfig) -> KnobSettings:
-    return KnobSettings(**config.model_dump())
 
 
 @multi_asset(
@@ -89,14 +87,13 @@ def personaknob_scenario_assets(
     llm: LLMResource,
     seed_personas: pl.DataFrame,
 ):
-    settings = _knob_settings(config)
     client = llm.client()
-    kept, rejected, planned = make_scenarios(client, seed_personas, settings, log=context.log.info)
+    kept, rejected, planned = make_scenarios(client, seed_personas, config, log=context.log.info)
     md = dataset_metadata(
         kept,
         rejected,
         planned,
-        settings=settings.model_dump_json(),
+        settings=config.model_dump_json(),
         **{f"split_{k}": v for k, v in Counter(kept["split"].to_list()).items()},
         **client.stats.as_metadata(),
     )
@@ -164,16 +161,15 @@ def personaknob_response_assets(
     llm: LLMResource,
     personaknob_scenarios: pl.DataFrame,
 ):
-    settings = _knob_settings(config)
     client = llm.client()
-    result = synthesize_responses(client, personaknob_scenarios, settings, log=context.log.info)
+    result = synthesize_responses(client, personaknob_scenarios, config, log=context.log.info)
     attempts = result.attempts
     md = dataset_metadata(
         result.records,
         result.rejected,
         result.n_in,
-        settings=settings.model_dump_json(),
-        threshold=settings.threshold,
+        settings=config.model_dump_json(),
+        threshold=config.threshold,
         attempts=attempts.height,
         **client.stats.as_metadata(),
     )
@@ -280,10 +276,7 @@ def personaknob_pair_assets(
     personaknob_curated: pl.DataFrame,
     personaknob_attempts: pl.DataFrame,
 ):
-    from pipelines.status import latest_materialization_metadata
-
-    md_in = latest_materialization_metadata(context.instance, "personaknob")
-    threshold = float(md_in.get("threshold", KnobSettings().threshold))
+    threshold = _settings(context, "personaknob").threshold
     nodes, pairs = build_order(personaknob_curated, personaknob_attempts, threshold)
     md = {"rows": pairs.height, "nodes": nodes.height, "threshold": threshold}
     if pairs.height:
@@ -438,11 +431,11 @@ def personaknob_eval(
         raise ValueError("personaknob_scenarios has no held-out scenarios: set heldout_every > 0")
     run_dir = trainer.run_dir(f"personaknob-eval-{context.run_id}")
     prompts, out = run_dir / "heldout.parquet", run_dir / "responses.parquet"
-    heldout.select("record_id", "prompt").write_parquet(prompts)
+    heldout.select(pl.col("record_id").alias("prompt_id"), "prompt").write_parquet(prompts)
     args = ["--adapter", personaknob_model["adapter_dir"][0], "--prompts", str(prompts)]
     trainer.launch(
         context,
-        "train.personaknob_eval",
+        "train.adapter_responses",
         [*args, "--out", str(out), "--max-new-tokens", str(config.max_new_tokens)],
     )
     client = llm.client()

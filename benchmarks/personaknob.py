@@ -21,7 +21,7 @@ import polars as pl
 import torch
 
 from quality.rasch import fit_rasch, simulate_ratings
-from train.paligner import _common, add_lora_preference_args
+from train.paligner import add_lora_preference_args, trainer_args
 from train.personaknob import _pairs_dataset, constrained_dpo_trainer
 
 PAIRS = [
@@ -55,10 +55,10 @@ def _dpo_seconds(trainer_cls, a, path: str, out: str, **extra) -> float:
     ds = _pairs_dataset(path)
     if not extra:
         ds = ds.remove_columns("dim_mask")
-    a.output_dir, a.dpo_steps = out, a.steps
+    a.output_dir = out
     trainer = trainer_cls(
         model=model,
-        args=DPOConfig(**_common(a, False, "dpo"), beta=0.1),
+        args=DPOConfig(**trainer_args(a, False, "dpo", a.steps), beta=0.1),
         train_dataset=ds,
         processing_class=tok,
         **extra,

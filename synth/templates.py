@@ -26,3 +26,12 @@ class PromptTemplate:
         except KeyError as e:
             raise KeyError(f"template {self.id!r} needs field {e.args[0]!r}") from None
         return LLMRequest.chat(user, self.system or None, params, json_schema, template_id=self.id)
+
+
+def clean_message(text: str) -> str:
+    """An LLM-written message without a label or quotes around it."""
+    text = text.strip()
+    for prefix in ("Rewritten message:", "Message:", "message:", "User:", "Here is the message:"):
+        if text.startswith(prefix):
+            text = text[len(prefix) :].strip()
+    return text.strip('"').strip()

@@ -24,10 +24,10 @@ import torch
 from train.reporting import reporter
 
 
-def _common(a: argparse.Namespace, cuda: bool, stage: str) -> dict[str, Any]:
+def trainer_args(a: argparse.Namespace, cuda: bool, stage: str, max_steps: int) -> dict[str, Any]:
     return {
         "output_dir": str(Path(a.output_dir) / stage),
-        "max_steps": a.max_steps if stage == "sft" else a.dpo_steps,
+        "max_steps": max_steps,
         "per_device_train_batch_size": a.batch_size,
         "learning_rate": a.learning_rate,
         "logging_steps": 1,
@@ -42,14 +42,14 @@ def _common(a: argparse.Namespace, cuda: bool, stage: str) -> dict[str, Any]:
     }
 
 
-def _chat(prompt: str, completion: str) -> dict[str, list[dict[str, str]]]:
+def chat_example(prompt: str, completion: str) -> dict[str, list[dict[str, str]]]:
     return {
         "prompt": [{"role": "user", "content": prompt}],
         "completion": [{"role": "assistant", "content": completion}],
     }
 
 
-def _fit(trainer_cls: Any, args: Any, model: Any, tok: Any, ds: Any) -> tuple[list, float]:
+def fit(trainer_cls: Any, args: Any, model: Any, tok: Any, ds: Any) -> tuple[list, float]:
     """Train with one TRL trainer; (loss per logged step, seconds)."""
     t0 = time.perf_counter()
     trainer = trainer_cls(model=model, args=args, train_dataset=ds, processing_class=tok)
@@ -72,10 +72,14 @@ def train(a: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     model, tok, cuda = load_lora_policy(a.model, a.lora_r, a.lora_alpha, 0.05, a.seed)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     sft_rows = pl.read_parquet(a.sft).select("prompt", "completion").to_dicts()
-    sft = Dataset.from_list([_chat(r["prompt"], r["completion"]) for r in sft_rows])
+    sft = Dataset.from_list([chat_example(r["prompt"], r["completion"]) for r in sft_rows])
     log(f"P-Aligner SFT on {len(sft)} rewrites for {a.max_steps} steps")
-    sft_losses, sft_s = _fit(
-        SFTTrainer, SFTConfig(**_common(a, cuda, "sft"), completion_only_loss=True), model, tok, sft
+    sft_losses, sft_s = fit(
+        SFTTrainer,
+        SFTConfig(**trainer_args(a, cuda, "sft", a.max_steps), completion_only_loss=True),
+        model,
+        tok,
+        sft,
     )
     history = {"sft": sft_losses, "dpo": []}
     tokens = sum(
@@ -98,8 +102,12 @@ def train(a: argparse.Namespace, log: Any = print) -> dict[str, Any]:
                 ]
             )
             log(f"P-Aligner DPO on {len(ds)} pairs for {a.dpo_steps} steps")
-            history["dpo"], dpo_s = _fit(
-                DPOTrainer, DPOConfig(**_common(a, cuda, "dpo"), beta=a.beta), model, tok, ds
+            history["dpo"], dpo_s = fit(
+                DPOTrainer,
+                DPOConfig(**trainer_args(a, cuda, "dpo", a.dpo_steps), beta=a.beta),
+                model,
+                tok,
+                ds,
             )
     changed = sum(
         not torch.equal(before[n], p.detach()) for n, p in model.named_parameters() if n in before

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from synth.personaknob.spec import DIMENSIONS
-from train.paligner import _common, add_lora_preference_args
+from train.paligner import add_lora_preference_args, trainer_args
 from train.reporting import reporter
 
 REFERENCE_LOSS = math.log(2)  # sigmoid DPO loss when policy == reference
@@ -149,8 +149,7 @@ def train(a: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     ds = _pairs_dataset(a.pairs)
     model, tok, cuda = load_lora_policy(a.model, a.lora_r, a.lora_alpha, 0.0, a.seed)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    a.dpo_steps = a.max_steps
-    args = DPOConfig(**_common(a, cuda, "dpo"), beta=a.beta)
+    args = DPOConfig(**trainer_args(a, cuda, "dpo", a.max_steps), beta=a.beta)
     trainer = constrained_dpo_trainer(DPOTrainer)(
         model=model,
         args=args,

@@ -12,8 +12,9 @@ from collections.abc import Callable
 
 import polars as pl
 
-from synth.llm import LLMClient, LLMRequest, judge
+from synth.llm import LLMClient, judge
 from synth.personaknob.spec import KnobSpec, load_spec
+from synth.personaknob.synthesis import verify_request
 from synth.progress import Progress
 
 RATING_SCHEMA = {
@@ -25,15 +26,8 @@ RATING_SCHEMA = {
     "p_yes": pl.Float64,
     "rating": pl.Int64,
 }
+RATE_ID = "personaknob_rate"
 SYCOPHANCY_SCHEMA = {"model": pl.Utf8, "item": pl.Utf8, "p_sycophantic": pl.Float64}
-
-
-def _question(prompt: str, reply: str, question: str, system: str | None) -> LLMRequest:
-    user = (
-        f"A user wrote:\n{prompt}\n\nThe assistant replied:\n{reply}\n\n"
-        f"Question: {question}\nAnswer Yes or No."
-    )
-    return LLMRequest.chat(user, system, template_id="personaknob_rate")
 
 
 def rate(
@@ -44,22 +38,26 @@ def rate(
     spec: KnobSpec | None = None,
     log: Callable[[str], None] | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(ratings, sycophancy). `responses` has model, scenario_id, response; `scenarios`
+    """(ratings, sycophancy). `responses` has model, prompt_id (the scenario), response; `scenarios`
     has record_id, prompt, sycophancy_probe. Unjudgeable ratings are left out (counted by
     the caller from the difference)."""
     spec = spec or load_spec()
     by_id = {s["record_id"]: s for s in scenarios.to_dicts()}
     keys, requests = [], []
     for r in responses.to_dicts():
-        s = by_id[r["scenario_id"]]
+        s = by_id[r["prompt_id"]]
         for d in spec.dimensions.values():
             for k, criterion in enumerate(d.criteria):
                 for name, system in spec.judges.items():
-                    keys.append((r["model"], d.key, f"{d.key}{k + 1}", name, r["scenario_id"]))
-                    requests.append(_question(s["prompt"], r["response"], criterion, system))
+                    keys.append((r["model"], d.key, f"{d.key}{k + 1}", name, r["prompt_id"]))
+                    requests.append(
+                        verify_request(s["prompt"], r["response"], criterion, system, RATE_ID)
+                    )
         if s["sycophancy_probe"]:
-            keys.append((r["model"], "", "sycophancy", "", r["scenario_id"]))
-            requests.append(_question(s["prompt"], r["response"], spec.sycophancy, None))
+            keys.append((r["model"], "", "sycophancy", "", r["prompt_id"]))
+            requests.append(
+                verify_request(s["prompt"], r["response"], spec.sycophancy, None, RATE_ID)
+            )
     progress = Progress(len(requests), "personaknob ratings", log)
     scores = judge(client, requests, on_done=lambda _: progress.update())
     progress.close()

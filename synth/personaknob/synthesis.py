@@ -29,7 +29,7 @@ from synth.records import (
     rejected_frame,
     template_hash,
 )
-from synth.templates import PromptTemplate
+from synth.templates import PromptTemplate, clean_message
 
 SCORES_DTYPE = pl.Struct({d: pl.Float64 for d in DIMENSIONS})
 
@@ -110,14 +110,6 @@ SCENARIO_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
-def _clean_message(text: str) -> str:
-    text = text.strip()
-    for prefix in ("Message:", "message:", "User:", "Here is the message:"):
-        if text.startswith(prefix):
-            text = text[len(prefix) :].strip()
-    return text.strip('"').strip()
-
-
 def make_scenarios(
     client: LLMClient,
     personas: pl.DataFrame,
@@ -159,7 +151,7 @@ def make_scenarios(
         scenario_id = content_id(
             "personaknob_scenario", persona["record_id"], mask, trigger.name, i
         )
-        message = _clean_message(resp.text) if resp.ok else ""
+        message = clean_message(resp.text) if resp.ok else ""
         reason = ""
         if not resp.ok:
             reason, detail = "prompt_failed", f"scenario {i}: the LLM call failed: {resp.error}"
@@ -222,12 +214,19 @@ def steering(role: str, mask: str, spec: KnobSpec) -> str:
     return "You are an AI assistant. In your reply:\n- " + "\n- ".join(rules)
 
 
-def verify_request(prompt: str, reply: str, question: str) -> LLMRequest:
+def verify_request(
+    prompt: str,
+    reply: str,
+    question: str,
+    system: str | None = None,
+    template_id: str = VERIFY_ID,
+) -> LLMRequest:
+    """A Yes/No question about one reply to one user message (verification and rating)."""
     user = (
         f"A user wrote:\n{prompt}\n\nThe assistant replied:\n{reply}\n\n"
         f"Question: {question}\nAnswer Yes or No."
     )
-    return LLMRequest.chat(user, template_id=VERIFY_ID)
+    return LLMRequest.chat(user, system, template_id=template_id)
 
 
 def judge_verdict(role: str, mask: str, scores: dict[str, float], threshold: float) -> str:
@@ -374,6 +373,9 @@ def synthesize_responses(
             if not reason:
                 verified[(i, role)] = row
                 pending.discard((i, role))
+    by_scenario: dict[str, list[dict[str, Any]]] = {}
+    for a in attempts:
+        by_scenario.setdefault(a["scenario_id"], []).append(a)
     params_json = settings.model_dump_json()
     thash = template_hash(RESPOND_ID, VERIFY_ID, json.dumps(_spec_text(spec)))
     kept, rejected = [], []
@@ -410,7 +412,6 @@ def synthesize_responses(
             hit = rejects.get(d)
             record[f"reject_{d}"] = hit["text"] if hit else None
             record[f"reject_{d}_scores"] = hit["scores"] if hit else None
-        keys = [k for a in attempts if a["scenario_id"] == sid for k in a["cache_keys"]]
         kept.append(
             {
                 "record_id": content_id(
@@ -424,13 +425,13 @@ def synthesize_responses(
                     template_hash=thash,
                     params_json=params_json,
                     seed=settings.seed,
-                    cache_keys=keys,
+                    cache_keys=[k for a in by_scenario[sid] for k in a["cache_keys"]],
                 ).as_dict(),
                 **record,
                 "golden": golden["text"],
                 "golden_scores": golden["scores"],
                 "unverified_rejects": "".join(d for d in mask if rejects[d] is None),
-                "attempts": sum(a["scenario_id"] == sid for a in attempts),
+                "attempts": len(by_scenario[sid]),
             }
         )
     return KnobSynthesis(
