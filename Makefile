@@ -63,6 +63,7 @@ bench: venv
 	$(PY) -m benchmarks.expectations_rate
 	$(PY) -m benchmarks.ultraprompt_search
 	$(PY) -m benchmarks.personaknob
+	$(PY) -m benchmarks.personaatlas
 
 clean:
 	rm -rf $(VENV) .pytest_cache

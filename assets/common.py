@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import polars as pl
 from dagster import (
     AssetCheckExecutionContext,
     AssetCheckResult,
     AssetCheckSeverity,
+    AssetExecutionContext,
     MetadataValue,
     Output,
 )
@@ -16,6 +17,8 @@ from dagster import (
 from pipelines.status import latest_materialization_metadata
 from quality.accounting import Accounting
 from synth.records import drop_counts
+
+S = TypeVar("S")
 
 
 def dataset_metadata(
@@ -59,6 +62,15 @@ def markdown_table(df: pl.DataFrame, width: int = 80) -> str:
 def first_parents(df: pl.DataFrame) -> list[str]:
     """The parent record id of every row (derived rows have exactly one)."""
     return df["parent_ids"].list.first().to_list()
+
+
+def run_settings(
+    context: AssetExecutionContext | AssetCheckExecutionContext, asset: str, model: type[S]
+) -> S:
+    """The settings (a pydantic model) the asset's latest materialization ran with,
+    from its `settings` metadata; the defaults when it has none."""
+    md = latest_materialization_metadata(context.instance, asset)
+    return model.model_validate_json(md["settings"]) if "settings" in md else model()
 
 
 def rows_in(context: AssetCheckExecutionContext, asset: str) -> int | None:

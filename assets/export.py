@@ -68,6 +68,12 @@ EXPORTABLE = {
         "seed_personas",
         "Scenarios with active persona dimensions (anti-sycophancy, trustworthiness, empathy, creativity), a golden response and one judge-verified reject per active dimension (PersonaKnob, Dual Optimal), deduplicated and decontaminated.",
     ),
+    "personaatlas": Exportable(
+        "personaatlas",
+        "personaatlas_curated",
+        "seed_personas",
+        "Multi-turn conversations between a simulated user with a hidden, partially observed persona and assistants that never see it, each user turn kept clean and as noised by a layered distractor (PersonaAtlas, PersonaGym), with near-duplicate queries removed.",
+    ),
 }
 
 

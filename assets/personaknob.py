@@ -27,6 +27,7 @@ from assets.common import (
     first_parents,
     markdown_table,
     rows_in,
+    run_settings,
 )
 from assets.curation import curated_assets
 from assets.export import export_asset
@@ -57,16 +58,6 @@ MIN_PASS_RATE = 0.25
 
 class PersonaKnobConfig(Config, KnobSettings):
     pass
-
-
-def _settings(
-    context: AssetExecutionContext | AssetCheckExecutionContext, asset_name: str
-) -> KnobSettings:
-    """The settings the asset's latest materialization ran with."""
-    from pipelines.status import latest_materialization_metadata
-
-    md = latest_materialization_metadata(context.instance, asset_name)
-    return KnobSettings.model_validate_json(md["settings"]) if "settings" in md else KnobSettings()
 
 
 @multi_asset(
@@ -122,7 +113,7 @@ def personaknob_scenarios_accounted(
     acc = account(
         range(n_in or 0), scenarios["plan_index"].to_list(), rejected["source_index"].to_list()
     )
-    settings = _settings(context, "personaknob_scenarios")
+    settings = run_settings(context, "personaknob_scenarios", KnobSettings)
     expected = Counter(allocate_masks(n_in or 0, settings.mask_mix, settings.seed))
     planned = Counter(
         scenarios["mask"].to_list() + [json.loads(p)["mask"] for p in rejected["payload"]]
@@ -213,7 +204,7 @@ def personaknob_accounted(
 def personaknob_verified(
     context: AssetCheckExecutionContext, records: pl.DataFrame
 ) -> AssetCheckResult:
-    threshold = _settings(context, "personaknob").threshold
+    threshold = run_settings(context, "personaknob", KnobSettings).threshold
     problems = verify_records(records, threshold)
     return AssetCheckResult(
         passed=problems.height == 0,
@@ -276,7 +267,7 @@ def personaknob_pair_assets(
     personaknob_curated: pl.DataFrame,
     personaknob_attempts: pl.DataFrame,
 ):
-    threshold = _settings(context, "personaknob").threshold
+    threshold = run_settings(context, "personaknob", KnobSettings).threshold
     nodes, pairs = build_order(personaknob_curated, personaknob_attempts, threshold)
     md = {"rows": pairs.height, "nodes": nodes.height, "threshold": threshold}
     if pairs.height:

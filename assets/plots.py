@@ -30,6 +30,23 @@ def bar_plot(counts: dict[str, float], title: str, ylabel: str) -> MetadataValue
     return png_markdown(fig, title)
 
 
+def barh_plot(values: dict[str, float], title: str, xlabel: str) -> MetadataValue:
+    """Horizontal bars, for many labelled categories (one bar per schema dimension)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 0.22 * len(values) + 1.2))
+    ax.barh(list(values), list(values.values()), color="#4c72b0")
+    ax.invert_yaxis()
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    fig.tight_layout()
+    return png_markdown(fig, title)
+
+
 def histogram(
     values: list[float], title: str, xlabel: str, ylabel: str = "rows", bins: int = 20
 ) -> MetadataValue:

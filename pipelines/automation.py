@@ -130,7 +130,13 @@ def build_schedules() -> list[ScheduleDefinition]:
 TRAIN_WHEN_GATES_PASS = (
     AutomationCondition.eager() & AutomationCondition.all_deps_blocking_checks_passed()
 ).with_label("train when gates pass")
-TRAINING_ASSETS = ("trace_model", "trace_weighted", "paligner_model", "personaknob_model")
+TRAINING_ASSETS = (
+    "trace_model",
+    "trace_weighted",
+    "paligner_model",
+    "personaknob_model",
+    "personaatlas_model",
+)
 
 
 def build_training_automation_sensor() -> AutomationConditionSensorDefinition:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from dagster import Definitions, EnvVar
 
-from assets import calibration, personaknob, responses, seeds, trace, ultraprompt
+from assets import calibration, personaatlas, personaknob, responses, seeds, trace, ultraprompt
 from pipelines.automation import (
     build_failure_sensor,
     build_inbox_sensor,
@@ -57,6 +57,7 @@ def build_definitions(
             *trace.assets,
             *ultraprompt.assets,
             *personaknob.assets,
+            *personaatlas.assets,
             *calibration.assets,
         ],
         asset_checks=[
@@ -65,6 +66,7 @@ def build_definitions(
             *trace.checks,
             *ultraprompt.checks,
             *personaknob.checks,
+            *personaatlas.checks,
             *calibration.checks,
         ],
         jobs=jobs,

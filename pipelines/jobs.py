@@ -27,6 +27,11 @@ personaknob_job = define_asset_job(
     selection=AssetSelection.groups("personaknob").upstream().required_multi_asset_neighbors(),
     description="PersonaKnob: scenarios, verified golden and per-dimension rejects, partial-order pairs, constrained DPO, IRT evaluation.",
 )
+personaatlas_job = define_asset_job(
+    "personaatlas",
+    selection=AssetSelection.groups("personaatlas").upstream().required_multi_asset_neighbors(),
+    description="PersonaAtlas: personas, simulated multi-turn trajectories with a noise distractor, PPOpt data, SFT + GRPO, win-rate evaluation.",
+)
 demo_job = define_asset_job(
     "demo",
     selection=AssetSelection.groups("seeds", "responses"),
@@ -51,6 +56,7 @@ jobs = [
     trace_job,
     ultraprompt_job,
     personaknob_job,
+    personaatlas_job,
     demo_job,
     judges_job,
     everything_job,

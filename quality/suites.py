@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from quality.expectations import ExpectationDecl, Suite
 from synth.loaders import INSTRUCTION_SCHEMA, PERSONA_SCHEMA, PREFERENCE_SCHEMA
+from synth.personaatlas.trajectories import TRAJECTORY_SCHEMA
 from synth.personaknob.spec import all_masks
 from synth.personaknob.synthesis import RECORD_SCHEMA as PERSONAKNOB_SCHEMA
 from synth.responses import RESPONSE_SCHEMA
@@ -179,6 +180,38 @@ def _personaknob(name: str, extra: tuple[str, ...] = ()) -> list[Suite]:
     ]
 
 
+def _personaatlas(name: str, extra: tuple[str, ...] = ()) -> list[Suite]:
+    integrity = [
+        columns(TRAJECTORY_SCHEMA, extra),
+        *identity(),
+        *derived(),
+        *text("original_query"),
+        *text("initial_query"),
+        ("ExpectColumnValuesToNotBeNull", {"column": "persona_id"}),
+        ("ExpectColumnValuesToBeInSet", {"column": "split", "value_set": ["train", "heldout"]}),
+        ("ExpectColumnValuesToBeBetween", {"column": "num_turns", "min_value": 1}),
+        (
+            "ExpectColumnPairValuesAToBeGreaterThanB",
+            {"column_A": "num_turns", "column_B": "noised_turns", "or_equal": True},
+        ),
+    ]
+    drift = [
+        # A user simulator that is never (or always) satisfied is more likely broken than picky.
+        (
+            "ExpectColumnMeanToBeBetween",
+            {"column": "num_turns", "min_value": 2.0, "max_value": 5.0},
+        ),
+        (
+            "ExpectColumnProportionOfUniqueValuesToBeBetween",
+            {"column": "initial_query", "min_value": 0.9},
+        ),
+    ]
+    return [
+        Suite(f"{name}.integrity", "error", tuple(integrity)),
+        Suite(f"{name}.drift", "warn", tuple(drift)),
+    ]
+
+
 def _curated(suites: list[Suite]) -> list[Suite]:
     extra: list[ExpectationDecl] = [
         ("ExpectColumnValuesToBeBetween", {"column": "cluster_size", "min_value": 1}),
@@ -204,4 +237,6 @@ SUITES: dict[str, list[Suite]] = {
     "ultraprompt_curated": _curated(_ultraprompt("ultraprompt_curated", CURATION_COLUMNS)),
     "personaknob": _personaknob("personaknob"),
     "personaknob_curated": _curated(_personaknob("personaknob_curated", CURATION_COLUMNS)),
+    "personaatlas_trajectories": _personaatlas("personaatlas_trajectories"),
+    "personaatlas_curated": _curated(_personaatlas("personaatlas_curated", CURATION_COLUMNS)),
 }

@@ -28,7 +28,15 @@ FLAGS = [
     "--disable-default-apps",
 ]
 RUNS = "{ runsOrError(limit: 5) { ... on Runs { results { runId status jobName } } } }"
-FAMILY_GROUPS = ("seeds", "responses", "trace", "ultraprompt", "personaknob", "quality")
+FAMILY_GROUPS = (
+    "seeds",
+    "responses",
+    "trace",
+    "ultraprompt",
+    "personaknob",
+    "personaatlas",
+    "quality",
+)
 
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(), reason="needs Debian's chromium (make browser installs it)"

@@ -23,7 +23,7 @@ def test_errors_are_one_line_with_a_nonzero_exit(tmp_path, cli_env):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "alignfoundry: error: unknown family 'nosuch' (exportable: responses, trace, ultraprompt, personaknob)"
+        "alignfoundry: error: unknown family 'nosuch' (exportable: responses, trace, ultraprompt, personaknob, personaatlas)"
     ]
     env = {k: v for k, v in cli_env.items() if k != "DAGSTER_HOME"}
     proc = subprocess.run([str(ALIGNFOUNDRY), "status"], env=env, capture_output=True, text=True)

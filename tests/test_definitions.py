@@ -137,5 +137,6 @@ def test_schedules_ship_stopped_and_target_family_jobs(tmp_path):
         "trace",
         "ultraprompt",
         "personaknob",
+        "personaatlas",
         "judges",
     } <= {j.name for j in repo.get_all_jobs()}

@@ -136,6 +136,7 @@ def test_training_waits_for_its_gates(tmp_path, gate_passes):
         "trace_model": ("trace_curated", "trace_curated_enough_conflicts"),
         "paligner_model": ("ultraprompt_curated", "ultraprompt_curated_ready_for_training"),
         "personaknob_model": ("personaknob_pairs", "personaknob_pairs_ready_for_training"),
+        "personaatlas_model": ("personaatlas_ppopt", "personaatlas_ppopt_ready_for_training"),
     }
     for target, (gated, gate) in gates.items():
         for parent in graph.get(AssetKey(target)).parent_keys:

@@ -15,3 +15,4 @@ def test_dagster_dev_serves_the_asset_graph(cli_env):
             and groups["paligner_eval"] == "ultraprompt"
         )
         assert groups["personaknob_pairs"] == groups["personaknob_eval"] == "personaknob"
+        assert groups["personaatlas_trajectories"] == groups["personaatlas_eval"] == "personaatlas"

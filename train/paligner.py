@@ -49,8 +49,8 @@ def chat_example(prompt: str, completion: str) -> dict[str, list[dict[str, str]]
     }
 
 
-def fit(trainer_cls: Any, args: Any, model: Any, tok: Any, ds: Any) -> tuple[list, float]:
-    """Train with one TRL trainer; (loss per logged step, seconds)."""
+def fit(trainer_cls: Any, args: Any, model: Any, tok: Any, ds: Any) -> tuple[list, float, int]:
+    """Train with one TRL trainer; (loss per logged step, seconds, tokens TRL counted)."""
     t0 = time.perf_counter()
     trainer = trainer_cls(model=model, args=args, train_dataset=ds, processing_class=tok)
     trainer.train()
@@ -59,7 +59,11 @@ def fit(trainer_cls: Any, args: Any, model: Any, tok: Any, ds: Any) -> tuple[lis
         for h in trainer.state.log_history
         if "loss" in h
     ]
-    return losses, time.perf_counter() - t0
+    tokens = max(
+        (int(float(h["num_tokens"])) for h in trainer.state.log_history if "num_tokens" in h),
+        default=0,
+    )
+    return losses, time.perf_counter() - t0, tokens
 
 
 def train(a: argparse.Namespace, log: Any = print) -> dict[str, Any]:
@@ -74,7 +78,7 @@ def train(a: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     sft_rows = pl.read_parquet(a.sft).select("prompt", "completion").to_dicts()
     sft = Dataset.from_list([chat_example(r["prompt"], r["completion"]) for r in sft_rows])
     log(f"P-Aligner SFT on {len(sft)} rewrites for {a.max_steps} steps")
-    sft_losses, sft_s = fit(
+    sft_losses, sft_s, sft_tokens = fit(
         SFTTrainer,
         SFTConfig(**trainer_args(a, cuda, "sft", a.max_steps), completion_only_loss=True),
         model,
@@ -82,10 +86,6 @@ def train(a: argparse.Namespace, log: Any = print) -> dict[str, Any]:
         sft,
     )
     history = {"sft": sft_losses, "dpo": []}
-    tokens = sum(
-        len(tok.apply_chat_template(r["prompt"] + r["completion"], tokenize=True))
-        for r in sft.select(range(min(len(sft), a.max_steps * a.batch_size)))
-    )
     dpo_pairs, dpo_s = 0, 0.0
     if a.dpo and a.dpo_steps > 0:
         rows = pl.read_parquet(a.dpo).select("prompt", "chosen", "rejected").to_dicts()
@@ -102,7 +102,7 @@ def train(a: argparse.Namespace, log: Any = print) -> dict[str, Any]:
                 ]
             )
             log(f"P-Aligner DPO on {len(ds)} pairs for {a.dpo_steps} steps")
-            history["dpo"], dpo_s = fit(
+            history["dpo"], dpo_s, _ = fit(
                 DPOTrainer,
                 DPOConfig(**trainer_args(a, cuda, "dpo", a.dpo_steps), beta=a.beta),
                 model,
@@ -123,7 +123,7 @@ def train(a: argparse.Namespace, log: Any = print) -> dict[str, Any]:
         "dpo_pairs": dpo_pairs,
         "sft_seconds": round(sft_s, 3),
         "dpo_seconds": round(dpo_s, 3),
-        "sft_tokens_per_s": round(tokens / sft_s, 1) if sft_s else 0.0,
+        "sft_tokens_per_s": round(sft_tokens / sft_s, 1) if sft_s else 0.0,
         "trainable_tensors_changed": changed,
         "trainable_tensors": len(before),
         "output_dir": str(out),

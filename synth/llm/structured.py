@@ -93,3 +93,8 @@ def parse_structured(text: str, schema: dict[str, Any]) -> tuple[Any, str | None
     if violation is not None:
         return None, "schema_violation", violation
     return obj, None, ""
+
+
+def failure_kind(error: str | None) -> str:
+    """How a structured call failed: `invalid_json`, `schema_violation`, or `failed` (the call)."""
+    return error if error in ("invalid_json", "schema_violation") else "failed"

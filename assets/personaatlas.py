@@ -1,0 +1,550 @@
+"""PersonaAtlas (PersonaGym / PPOpt): personas over many preference dimensions, multi-turn
+trajectories with a hidden-persona user simulator and a noise-injecting distractor, the
+PPOpt data view, SFT + GRPO training, and the rewritten-vs-original win-rate evaluation."""
+
+from collections import Counter
+
+import polars as pl
+from dagster import (
+    AssetCheckExecutionContext,
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetExecutionContext,
+    AssetIn,
+    AssetOut,
+    Config,
+    MetadataValue,
+    Output,
+    asset,
+    asset_check,
+    multi_asset,
+)
+
+from assets.common import (
+    accounting_result,
+    dataset_metadata,
+    dataset_outputs,
+    first_parents,
+    markdown_table,
+    rows_in,
+    run_settings,
+)
+from assets.curation import curated_assets
+from assets.export import export_asset
+from assets.plots import bar_plot, barh_plot, line_plot
+from assets.quality import suite_checks
+from pipelines.automation import TRAIN_WHEN_GATES_PASS
+from pipelines.resources import LLMResource, TrainerResource
+from quality.accounting import account
+from quality.curation import CurationSpec
+from quality.personaatlas import coverage, noise_report, persona_problems, turn_problems
+from synth.personaatlas.noise import layer_shares
+from synth.personaatlas.personas import build_personas
+from synth.personaatlas.ppopt import answer_requests, build_ppopt, parse_output, task_scores
+from synth.personaatlas.trajectories import AtlasSettings, pool_clients, synthesize_trajectories
+
+GROUP = "personaatlas"
+# Fewer PPOpt rows than this teach nothing: the gate blocks training.
+MIN_TRAINING_ROWS = 2
+
+
+class PersonaAtlasConfig(Config, AtlasSettings):
+    pass
+
+
+@multi_asset(
+    outs={
+        "personaatlas_personas": AssetOut(
+            description="Personas: a value for every schema dimension (hidden) and the observed part, from Persona Hub text mapped by the LLM and from seeded sampling."
+        ),
+        "personaatlas_personas_rejected": AssetOut(
+            description="Persona Hub texts whose mapping onto the schema did not parse, was too sparse or not distinct, with the reason."
+        ),
+    },
+    ins={"seed_personas": AssetIn()},
+    group_name=GROUP,
+)
+def personaatlas_persona_assets(
+    context: AssetExecutionContext,
+    config: PersonaAtlasConfig,
+    llm: LLMResource,
+    seed_personas: pl.DataFrame,
+):
+    client = llm.client()
+    schema = config.schema()
+    kept, rejected, n_in = build_personas(
+        client, seed_personas, schema, config, log=context.log.info
+    )
+    md = dataset_metadata(
+        kept,
+        rejected,
+        n_in,
+        settings=config.model_dump_json(),
+        dimensions=len(schema.dimensions),
+        **{f"source_{k}": v for k, v in Counter(kept["source"].to_list()).items()},
+        **{f"split_{k}": v for k, v in Counter(kept["split"].to_list()).items()},
+        **client.stats.as_metadata(),
+    )
+    if kept.height:
+        md["mean_observed_dims"] = round(float(kept["observed_dims"].mean()), 2)
+        md["coverage_per_dimension"] = barh_plot(
+            coverage(kept, schema), "share of personas exposing each dimension", "share of personas"
+        )
+    yield from dataset_outputs("personaatlas_personas", kept, rejected, md)
+
+
+@asset_check(
+    asset="personaatlas_personas",
+    blocking=True,
+    additional_ins={"rejected": AssetIn("personaatlas_personas_rejected")},
+    description="No persona lost: Persona Hub texts mapped + sampled personas = kept + rejected.",
+)
+def personaatlas_personas_accounted(
+    context: AssetCheckExecutionContext, personas: pl.DataFrame, rejected: pl.DataFrame
+) -> AssetCheckResult:
+    n_in = rows_in(context, "personaatlas_personas")
+    acc = account(
+        range(n_in or 0), personas["persona_index"].to_list(), rejected["source_index"].to_list()
+    )
+    return accounting_result(acc, n_in)
+
+
+@asset_check(
+    asset="personaatlas_personas",
+    blocking=True,
+    description="Recomputed from the stored personas: any two differ on at least min_distance dimensions, each exposes at least min_constraints hard constraints, and no dimension is outside the schema.",
+)
+def personaatlas_personas_distinct(
+    context: AssetCheckExecutionContext, personas: pl.DataFrame
+) -> AssetCheckResult:
+    s = run_settings(context, "personaatlas_personas", AtlasSettings)
+    problems = persona_problems(personas, s.schema(), s.min_distance, s.min_constraints)
+    return AssetCheckResult(
+        passed=not problems,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={
+            "personas": personas.height,
+            "min_distance": s.min_distance,
+            "min_constraints": s.min_constraints,
+            "observed_problems": len(problems),
+            "examples": problems[:10],
+        },
+    )
+
+
+@multi_asset(
+    outs={
+        "personaatlas_trajectories": AssetOut(
+            description="Conversations: persona (full and observed), original and initial query, every turn with clean and sent user text, noise, assistant reply and model, and the user simulator's verdict."
+        ),
+        "personaatlas_trajectories_rejected": AssetOut(
+            description="Planned conversations that could not be completed (failed call, empty assistant turn, unparseable verdict), with the turn and the reason."
+        ),
+    },
+    ins={"personaatlas_personas": AssetIn(), "seed_instructions": AssetIn()},
+    group_name=GROUP,
+)
+def personaatlas_trajectory_assets(
+    context: AssetExecutionContext,
+    config: PersonaAtlasConfig,
+    llm: LLMResource,
+    personaatlas_personas: pl.DataFrame,
+    seed_instructions: pl.DataFrame,
+):
+    client = llm.client()
+    pool = pool_clients(llm.cache_path, llm.max_concurrency, config.assistants_file)
+    kept, rejected, n_in = synthesize_trajectories(
+        client, personaatlas_personas, seed_instructions, config, pool, log=context.log.info
+    )
+    md = dataset_metadata(
+        kept, rejected, n_in, settings=config.model_dump_json(), **client.stats.as_metadata()
+    )
+    if kept.height:
+        turns = [t for ts in kept["turns"].to_list() for t in ts]
+        mix = Counter(t["noise_layer"] or "clean" for t in turns)
+        md["noise_mix"] = bar_plot(dict(mix), "user messages per noise layer", "messages")
+        md["assistant_mix"] = MetadataValue.json(dict(Counter(t["assistant_model"] for t in turns)))
+        md["mean_turns"] = round(float(kept["num_turns"].mean()), 3)
+        md["satisfied_share"] = round(sum(t["satisfied"] for t in turns) / len(turns), 4)
+        by_turn = [
+            [t["satisfied"] for t in turns if t["turn"] == k]
+            for k in range(kept["num_turns"].max())
+        ]
+        md["satisfaction_by_turn"] = line_plot(
+            list(range(1, len(by_turn) + 1)),
+            {"satisfied": [sum(v) / len(v) for v in by_turn]},
+            "share of satisfied verdicts per turn",
+            "turn",
+        )
+    yield from dataset_outputs("personaatlas_trajectories", kept, rejected, md)
+
+
+@asset_check(
+    asset="personaatlas_trajectories",
+    blocking=True,
+    additional_ins={"rejected": AssetIn("personaatlas_trajectories_rejected")},
+    description="No planned conversation lost: planned = kept + rejected, each exactly once.",
+)
+def personaatlas_trajectories_accounted(
+    context: AssetCheckExecutionContext, trajectories: pl.DataFrame, rejected: pl.DataFrame
+) -> AssetCheckResult:
+    n_in = rows_in(context, "personaatlas_trajectories")
+    acc = account(
+        range(n_in or 0), trajectories["plan_index"].to_list(), rejected["source_index"].to_list()
+    )
+    return accounting_result(acc, n_in)
+
+
+@asset_check(
+    asset="personaatlas_trajectories",
+    blocking=True,
+    description="Recomputed from the stored turns: no empty assistant turn, and every conversation has exactly its target number of turns, within [min_turns, max_turns].",
+)
+def personaatlas_turns_valid(
+    context: AssetCheckExecutionContext, trajectories: pl.DataFrame
+) -> AssetCheckResult:
+    s = run_settings(context, "personaatlas_trajectories", AtlasSettings)
+    problems = turn_problems(trajectories, s.min_turns, s.max_turns)
+    return AssetCheckResult(
+        passed=not problems,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={
+            "conversations": trajectories.height,
+            "bounds": [s.min_turns, s.max_turns],
+            "observed_problems": len(problems),
+            "examples": problems[:10],
+        },
+    )
+
+
+@asset_check(
+    asset="personaatlas_trajectories",
+    description="The realised noise rate over user messages and the layer mix over noised ones are within three binomial standard errors (at least 0.05) of the configuration.",
+)
+def personaatlas_noise_mix(
+    context: AssetCheckExecutionContext, trajectories: pl.DataFrame
+) -> AssetCheckResult:
+    s = run_settings(context, "personaatlas_trajectories", AtlasSettings)
+    report = noise_report(trajectories, s.noise_rate, layer_shares(s.noise()))
+    return AssetCheckResult(
+        passed=report["passed"],
+        severity=AssetCheckSeverity.ERROR,
+        metadata={
+            k: MetadataValue.json(v) if isinstance(v, dict) else v for k, v in report.items()
+        },
+    )
+
+
+personaatlas_curated_assets, personaatlas_curated_checks = curated_assets(
+    "personaatlas_curated",
+    "personaatlas_trajectories",
+    CurationSpec(
+        family="personaatlas", dedup_fields=("initial_query",), decontam_fields=("initial_query",)
+    ),
+    group=GROUP,
+    doc="PersonaAtlas conversations after exact dedup, decontamination against every eval set, and near-dedup of the initial queries.",
+)
+
+
+@multi_asset(
+    outs={
+        "personaatlas_ppopt": AssetOut(
+            description="PPOpt rows, one per persona: history (user turns, replies masked; noised and clean) + target query -> the teacher's <REASONING>profile</REASONING><PROMPT>rewrite</PROMPT>."
+        ),
+        "personaatlas_ppopt_rejected": AssetOut(
+            description="Personas without a PPOpt row (one curated session only, or a teacher output that did not parse), with the reason."
+        ),
+    },
+    ins={"personaatlas_curated": AssetIn()},
+    group_name=GROUP,
+)
+def personaatlas_ppopt_assets(
+    context: AssetExecutionContext, llm: LLMResource, personaatlas_curated: pl.DataFrame
+):
+    client = llm.client()
+    s = run_settings(context, "personaatlas_trajectories", AtlasSettings)
+    kept, rejected, n_in = build_ppopt(
+        client, personaatlas_curated, s.schema(), s.seed, log=context.log.info
+    )
+    md = dataset_metadata(kept, rejected, n_in, **client.stats.as_metadata())
+    md.update({f"split_{k}": v for k, v in Counter(kept["split"].to_list()).items()})
+    if kept.height:
+        md["mean_history_sessions"] = round(float(kept["history_ids"].list.len().mean()), 3)
+        md["noised_history_turns"] = int(kept["noised_history_turns"].sum())
+    yield from dataset_outputs("personaatlas_ppopt", kept, rejected, md)
+
+
+@asset_check(
+    asset="personaatlas_ppopt",
+    blocking=True,
+    additional_ins={
+        "rejected": AssetIn("personaatlas_ppopt_rejected"),
+        "curated": AssetIn("personaatlas_curated"),
+    },
+    description="No persona lost: personas in the curated conversations = PPOpt rows + rejected.",
+)
+def personaatlas_ppopt_accounted(
+    context: AssetCheckExecutionContext,
+    rows: pl.DataFrame,
+    rejected: pl.DataFrame,
+    curated: pl.DataFrame,
+) -> AssetCheckResult:
+    personas = sorted(set(curated["persona_id"].to_list()))
+    acc = account(personas, rows["persona_id"].to_list(), first_parents(rejected))
+    return accounting_result(acc, rows_in(context, "personaatlas_ppopt"))
+
+
+@asset_check(
+    asset="personaatlas_ppopt",
+    blocking=True,
+    additional_ins={"curated": AssetIn("personaatlas_curated")},
+    description=f"Gate before training: at least {MIN_TRAINING_ROWS} training rows, each with a well-formed teacher output; history only from the persona's own curated sessions, never the target; held-out personas carry no teacher output.",
+)
+def personaatlas_ppopt_ready_for_training(
+    rows: pl.DataFrame, curated: pl.DataFrame
+) -> AssetCheckResult:
+    owner = dict(zip(curated["record_id"].to_list(), curated["persona_id"].to_list(), strict=True))
+    train = rows.filter(pl.col("split") == "train")
+    malformed = sum(parse_output(c) is None for c in train["completion"].to_list())
+    leaked = rows.filter((pl.col("split") == "heldout") & (pl.col("completion") != "")).height
+    bad_history = sum(
+        any(owner.get(h) != r["persona_id"] or h == r["parent_ids"][0] for h in r["history_ids"])
+        for r in rows.to_dicts()
+    )
+    return AssetCheckResult(
+        passed=train.height >= MIN_TRAINING_ROWS
+        and not malformed
+        and not leaked
+        and not bad_history,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={
+            "observed_train_rows": train.height,
+            "threshold": MIN_TRAINING_ROWS,
+            "malformed_completions": malformed,
+            "heldout_with_teacher_output": leaked,
+            "rows_with_bad_history": bad_history,
+        },
+    )
+
+
+class PPOptConfig(Config):
+    sft_steps: int = 4
+    grpo_steps: int = 2
+    num_generations: int = 2
+    max_completion_length: int = 96
+    w_profile: float = 0.3  # paper 0.3
+    w_task: float = 0.7  # paper 0.7
+    kl_beta: float = 0.0
+    temperature: float = 1.0
+    batch_size: int = 2
+    learning_rate: float = 2e-4
+    lora_r: int = 16
+    lora_alpha: int = 32
+    max_length: int = 1024
+    seed: int = 0
+
+
+@asset(
+    group_name=GROUP,
+    ins={"personaatlas_ppopt": AssetIn()},
+    automation_condition=TRAIN_WHEN_GATES_PASS,
+)
+def personaatlas_model(
+    context: AssetExecutionContext,
+    config: PPOptConfig,
+    llm: LLMResource,
+    trainer: TrainerResource,
+    personaatlas_ppopt: pl.DataFrame,
+) -> Output[pl.DataFrame]:
+    """The PPOpt prompt optimizer (LoRA adapters): SFT on teacher outputs, then GRPO with
+    profile and task rewards judged by the run's LLM, trained out of process through Pipes."""
+    run_dir = trainer.run_dir(f"personaatlas-{context.run_id}")
+    data = run_dir / "ppopt.parquet"
+    personaatlas_ppopt.write_parquet(data)
+    judge = ["--judge-backend", llm.backend, "--cache-path", llm.cache_path]
+    judge += ["--judge-base-url", llm.base_url] if llm.base_url else []
+    judge += ["--judge-model", llm.model] if llm.model else []
+    args = ["--data", str(data), "--output-dir", str(run_dir), *judge]
+    reported = trainer.launch_reported(context, "train.ppopt", [*args, *trainer.flags(config)])
+    history = reported["history"]
+    summary = pl.DataFrame(
+        [
+            {
+                "adapter_dir": str(reported["output_dir"]),
+                "final_sft_loss": float(reported["final_sft_loss"]),
+                "final_reward": float(reported["final_reward"]),
+                "train_rows": int(reported["train_rows"]),
+                "trainable_tensors_changed": int(reported["trainable_tensors_changed"]),
+            }
+        ]
+    )
+    md = {
+        k: reported[k]
+        for k in (
+            "final_sft_loss",
+            "final_reward",
+            "train_rows",
+            "trainable_tensors_changed",
+            "sft_tokens_per_s",
+            "grpo_completions_per_s",
+            "device",
+        )
+    }
+    md["adapter_dir"] = MetadataValue.path(str(reported["output_dir"]))
+    md["history"] = MetadataValue.json(history)
+    if history["sft"]:
+        md["sft_loss_curve"] = line_plot(
+            [h["step"] for h in history["sft"]],
+            {"loss": [h["loss"] for h in history["sft"]]},
+            "PPOpt SFT loss",
+            "step",
+        )
+    if history["grpo"]:
+        series = {
+            k: [h.get(k, 0.0) for h in history["grpo"]]
+            for k in ("reward", "profile_score", "task_score", "format_ok")
+        }
+        md["reward_curve"] = line_plot(
+            [h["step"] for h in history["grpo"]], series, "PPOpt GRPO reward and its parts", "step"
+        )
+    return Output(summary, metadata=md)
+
+
+class PPOptEvalConfig(Config):
+    max_new_tokens: int = 96
+    answer_max_tokens: int = 96
+
+
+@asset(group_name=GROUP, ins={"personaatlas_model": AssetIn(), "personaatlas_ppopt": AssetIn()})
+def personaatlas_eval(
+    context: AssetExecutionContext,
+    config: PPOptEvalConfig,
+    llm: LLMResource,
+    trainer: TrainerResource,
+    personaatlas_model: pl.DataFrame,
+    personaatlas_ppopt: pl.DataFrame,
+) -> Output[pl.DataFrame]:
+    """Win rate of rewritten over original prompts for held-out personas, for the base and
+    the trained optimizer, from noised and from clean histories (robustness = the gap)."""
+    heldout = personaatlas_ppopt.filter(pl.col("split") == "heldout")
+    if not heldout.height:
+        raise ValueError(
+            "personaatlas_ppopt has no held-out personas: set heldout_every > 0 and enough personas"
+        )
+    run_dir = trainer.run_dir(f"personaatlas-eval-{context.run_id}")
+    prompts, out = run_dir / "heldout.parquet", run_dir / "responses.parquet"
+    items = [
+        {"prompt_id": f"{r['record_id']}|{h}", "prompt": r[col]}
+        for r in heldout.to_dicts()
+        for h, col in (("noised", "prompt"), ("clean", "prompt_clean"))
+    ]
+    pl.DataFrame(items).write_parquet(prompts)
+    args = [
+        "--adapter",
+        personaatlas_model["adapter_dir"][0],
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+    ]
+    trainer.launch(
+        context, "train.adapter_responses", [*args, "--max-new-tokens", str(config.max_new_tokens)]
+    )
+    responses = pl.read_parquet(out).to_dicts()
+    by_id = {r["record_id"]: r for r in heldout.to_dicts()}
+    rows = []
+    for r in responses:
+        rid, history = r["prompt_id"].rsplit("|", 1)
+        parsed = parse_output(r["response"])
+        rows.append(
+            {
+                "model": r["model"],
+                "history": history,
+                "row": by_id[rid],
+                "rewrite": parsed[1] if parsed else None,
+            }
+        )
+    client = llm.client()
+    scored = [x for x in rows if x["rewrite"]]
+    originals = [r["query"] for r in heldout.to_dicts()]
+    answers = client.generate(
+        answer_requests(originals + [x["rewrite"] for x in scored], config.answer_max_tokens)
+    )
+    original_answer = dict(zip(originals, [a.text for a in answers[: len(originals)]], strict=True))
+    p_better = task_scores(
+        client,
+        [x["row"]["persona"] for x in scored],
+        [x["row"]["query"] for x in scored],
+        [original_answer[x["row"]["query"]] for x in scored],
+        [a.text for a in answers[len(originals) :]],
+    )
+    for x, p in zip(scored, p_better, strict=True):
+        x["p_better"] = p
+    table = pl.DataFrame(
+        [
+            {
+                "model": x["model"],
+                "history": x["history"],
+                "persona_id": x["row"]["persona_id"],
+                "format_ok": x["rewrite"] is not None,
+                "p_better": x.get("p_better"),
+                # A rewrite that did not parse, or an unjudged one, does not win.
+                "win": x.get("p_better", 0.0) > 0.5,  # nan (unjudged) compares False
+            }
+            for x in rows
+        ],
+        schema={
+            "model": pl.Utf8,
+            "history": pl.Utf8,
+            "persona_id": pl.Utf8,
+            "format_ok": pl.Boolean,
+            "p_better": pl.Float64,
+            "win": pl.Boolean,
+        },
+    )
+    summary = (
+        table.group_by("model", "history")
+        .agg(pl.col("win").mean().alias("win_rate"), pl.col("format_ok").mean().alias("format_ok"))
+        .sort("model", "history")
+    )
+    rates = {f"{r['model']}/{r['history']}": round(r["win_rate"], 4) for r in summary.to_dicts()}
+    md = {f"win_rate_{k.replace('/', '_')}": v for k, v in rates.items()}
+    for m in sorted(set(table["model"].to_list())):
+        md[f"robustness_gap_{m}"] = round(
+            rates.get(f"{m}/clean", 0.0) - rates.get(f"{m}/noised", 0.0), 4
+        )
+    md.update(
+        {
+            "heldout_personas": heldout.height,
+            "win_rates": bar_plot(rates, "rewritten beats original (win rate)", "win rate"),
+            "summary": MetadataValue.md(markdown_table(summary)),
+            **client.stats.as_metadata(),
+        }
+    )
+    return Output(table, metadata=md)
+
+
+personaatlas_curated_export = export_asset(
+    "personaatlas", group=GROUP, checks=[*personaatlas_curated_checks]
+)
+
+assets = [
+    personaatlas_persona_assets,
+    personaatlas_trajectory_assets,
+    personaatlas_curated_assets,
+    personaatlas_ppopt_assets,
+    personaatlas_model,
+    personaatlas_eval,
+    personaatlas_curated_export,
+]
+checks = [
+    personaatlas_personas_accounted,
+    personaatlas_personas_distinct,
+    personaatlas_trajectories_accounted,
+    personaatlas_turns_valid,
+    personaatlas_noise_mix,
+    *suite_checks("personaatlas_trajectories"),
+    *personaatlas_curated_checks,
+    personaatlas_ppopt_accounted,
+    personaatlas_ppopt_ready_for_training,
+]

@@ -1,0 +1,271 @@
+"""PPOpt (personalized prompt optimization) data and judges.
+
+Per persona, a target query and up to 4 of its other sessions as history, with the
+assistant turns masked; the policy reads history + query and writes
+`<REASONING>inferred profile</REASONING><PROMPT>rewritten prompt</PROMPT>`. A teacher
+that sees the true persona writes that output for the training personas. The judges
+score an inferred profile against the true persona and a rewritten prompt against the
+original (does the answer to it serve this user better).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+import polars as pl
+
+from synth.llm import GenerationParams, LLMClient, LLMRequest, failure_kind, judge
+from synth.personaatlas.personas import PersonaSchema
+from synth.progress import Progress
+from synth.records import PROVENANCE_DTYPE, Provenance, Rejected, content_id, frame, rejected_frame
+from synth.templates import PromptTemplate
+
+MAX_HISTORY = 4  # other sessions shown as history (paper: up to 4)
+MASKED = "[assistant reply hidden]"
+
+POLICY_PROMPT = (
+    "Below are a user's earlier conversations with an AI assistant (the assistant's replies "
+    "are hidden), then the user's new query. Infer the user's profile from how they write "
+    "and what they ask, then rewrite the new query into a prompt that will get this user "
+    "the answer they want. Answer exactly as <REASONING>profile</REASONING>"
+    "<PROMPT>rewritten prompt</PROMPT>.\n\n{history}\n\nNew query: {query}"
+)
+TEACHER = PromptTemplate(
+    id="personaatlas_teacher",
+    system="You write training targets for a prompt-personalization model.",
+    user=(
+        "The user's true profile:\n{profile}\n\nTheir earlier conversations (assistant "
+        "replies hidden):\n{history}\n\nTheir new query: {query}\n\nAnswer in JSON with "
+        '"profile": the traits the history reveals, in one or two sentences, and "prompt": '
+        "the query rewritten so that an assistant who knows nothing about the user answers it "
+        "the way this user wants."
+    ),
+)
+TEACHER_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        # Bounded so that a rambling small model still closes the JSON within max_tokens.
+        "profile": {"type": "string", "minLength": 1, "maxLength": 300},
+        "prompt": {"type": "string", "minLength": 1, "maxLength": 400},
+    },
+    "required": ["profile", "prompt"],
+    "additionalProperties": False,
+}
+# A closing </PROMPT> may be cut off by the completion budget: the rewrite is still there.
+OUTPUT_RE = re.compile(
+    r"<REASONING>(?P<profile>.*?)</REASONING>\s*<PROMPT>(?P<prompt>.*?)(?:</PROMPT>|$)", re.S
+)
+
+
+def render_output(profile: str, prompt: str) -> str:
+    return f"<REASONING>{profile.strip()}</REASONING><PROMPT>{prompt.strip()}</PROMPT>"
+
+
+def parse_output(text: str) -> tuple[str, str] | None:
+    """(profile, prompt) from a policy output, or None when it is not in the format."""
+    m = OUTPUT_RE.search(text or "")
+    if not m or not m["profile"].strip() or not m["prompt"].strip():
+        return None
+    return m["profile"].strip(), m["prompt"].strip()
+
+
+def render_history(sessions: list[dict[str, Any]], clean: bool) -> str:
+    """Sessions as the policy sees them: user turns only (clean or as sent), replies masked."""
+    blocks = []
+    for k, s in enumerate(sessions, 1):
+        lines = [f"Session {k}:"]
+        for t in s["turns"]:
+            lines += [
+                f"User: {t['user_clean'] if clean else t['user_text']}",
+                f"Assistant: {MASKED}",
+            ]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+PPOPT_SCHEMA: dict[str, pl.DataType] = {
+    "record_id": pl.Utf8(),
+    "parent_ids": pl.List(pl.Utf8),  # the target conversation
+    "provenance": PROVENANCE_DTYPE,
+    "persona_id": pl.Utf8(),
+    "split": pl.Utf8(),
+    "persona": pl.Utf8(),  # the true persona, described (for judges; never in the prompt)
+    "history_ids": pl.List(pl.Utf8),
+    "query": pl.Utf8(),  # the target query as the user first wrote it
+    "prompt": pl.Utf8(),  # the policy's input, history as sent (with noise)
+    "prompt_clean": pl.Utf8(),  # the same with the clean user turns
+    "noised_history_turns": pl.Int64(),
+    "completion": pl.Utf8(),  # the teacher's tagged output; "" for held-out personas
+}
+
+
+def build_ppopt(
+    client: LLMClient,
+    trajectories: pl.DataFrame,
+    schema: PersonaSchema,
+    seed: int = 0,
+    max_tokens: int = 320,
+    log: Callable[[str], None] | None = None,
+) -> tuple[pl.DataFrame, pl.DataFrame, int]:
+    """(rows, rejected, n_in) with one row per persona: its last session is the target,
+    up to MAX_HISTORY earlier ones the history. Personas with one session are rejected."""
+    views = []
+    rejected: list[Rejected] = []
+    by_persona = trajectories.sort("session").partition_by(
+        "persona_id", as_dict=True, maintain_order=True
+    )
+    for (pid,), convs in by_persona.items():
+        rows = convs.to_dicts()
+        if len(rows) < 2:
+            rejected.append(
+                Rejected(
+                    record_id=content_id("personaatlas_ppopt_rejected", pid, "no_history"),
+                    stage="ppopt",
+                    reason="no_history",
+                    detail=f"persona {pid}: field history is empty (1 curated session; PPOpt needs 2)",
+                    parent_ids=[pid],
+                )
+            )
+            continue
+        target, history = rows[-1], rows[-1 - MAX_HISTORY : -1]
+        views.append((pid, target, history))
+    train = [v for v in views if v[1]["split"] == "train"]
+    params = GenerationParams(temperature=0.3, max_tokens=max_tokens, seed=seed)
+    requests = [
+        TEACHER.request(
+            params,
+            TEACHER_SCHEMA,
+            profile=schema.describe(json.loads(t["features"])),
+            history=render_history(h, clean=True),
+            query=t["initial_query"],
+        )
+        for _, t, h in train
+    ]
+    progress = Progress(len(requests), "personaatlas PPOpt teacher", log)
+    answers = dict(
+        zip(
+            [v[0] for v in train],
+            client.generate(requests, on_done=lambda _: progress.update()),
+            strict=True,
+        )
+    )
+    progress.close()
+    kept = []
+    for pid, target, history in views:
+        completion, keys = "", []
+        if pid in answers:
+            r = answers[pid]
+            keys = r.cache_keys
+            obj, why = r.parsed, "" if r.ok else failure_kind(r.error)
+            what = f"{r.error}: {r.first.error_detail}"[:400]
+            if why:
+                rejected.append(
+                    Rejected(
+                        record_id=content_id("personaatlas_ppopt_rejected", pid, why),
+                        stage="ppopt",
+                        reason=f"teacher_{why}",
+                        detail=f"persona {pid}: field completion: {what}",
+                        parent_ids=[pid],
+                        payload={"target": target["record_id"], "text": r.text if r.ok else ""},
+                    )
+                )
+                continue
+            completion = render_output(obj["profile"], obj["prompt"])
+        kept.append(
+            {
+                "record_id": content_id("personaatlas_ppopt", target["record_id"], completion),
+                "parent_ids": [target["record_id"]],
+                "provenance": Provenance(
+                    backend=client.backend.kind,
+                    model=client.backend.model,
+                    template_id=TEACHER.id,
+                    template_hash=TEACHER.hash,
+                    params_json=json.dumps({"max_tokens": max_tokens, "max_history": MAX_HISTORY}),
+                    seed=seed,
+                    cache_keys=keys,
+                ).as_dict(),
+                "persona_id": pid,
+                "split": target["split"],
+                "persona": schema.describe(json.loads(target["features"])),
+                "history_ids": [h["record_id"] for h in history],
+                "query": target["initial_query"],
+                "prompt": POLICY_PROMPT.format(
+                    history=render_history(history, clean=False), query=target["initial_query"]
+                ),
+                "prompt_clean": POLICY_PROMPT.format(
+                    history=render_history(history, clean=True), query=target["initial_query"]
+                ),
+                "noised_history_turns": sum(h["noised_turns"] for h in history),
+                "completion": completion,
+            }
+        )
+    return frame(kept, PPOPT_SCHEMA), rejected_frame(rejected), len(by_persona)
+
+
+# ---- judges --------------------------------------------------------------------------
+
+PROFILE_JUDGE_ID = "personaatlas_profile_judge"
+TASK_JUDGE_ID = "personaatlas_task_judge"
+ANSWER_ID = "personaatlas_answer"
+SCALE = ("1", "2", "3", "4", "5")
+
+
+def answer_requests(prompts: list[str], max_tokens: int = 128) -> list[LLMRequest]:
+    """The plain assistant (no persona) answering a prompt: original or rewritten."""
+    params = GenerationParams(temperature=0.0, max_tokens=max_tokens, seed=0, repeat_penalty=1.1)
+    return [LLMRequest.chat(p, None, params, None, ANSWER_ID) for p in prompts]
+
+
+def profile_scores(client: LLMClient, personas: list[str], profiles: list[str]) -> list[float]:
+    """How well each inferred profile matches the true persona: the expected 1-5 rating
+    from the judge's token probabilities, mapped to [0, 1]; nan when it did not answer."""
+    reqs = [
+        LLMRequest.chat(
+            f"True user profile:\n{p}\n\nInferred profile:\n{q}\n\nHow well does the inferred "
+            "profile match the true one, from 1 (not at all) to 5 (fully)? Answer with one digit.",
+            None,
+            template_id=PROFILE_JUDGE_ID,
+        )
+        for p, q in zip(personas, profiles, strict=True)
+    ]
+    scores = judge(client, reqs, SCALE)
+    return [
+        (s.expected({c: int(c) for c in SCALE}) - 1) / 4 if s.ok else float("nan") for s in scores
+    ]
+
+
+def _task_request(persona: str, query: str, first: str, second: str) -> LLMRequest:
+    return LLMRequest.chat(
+        f"User profile:\n{persona}\n\nUser query:\n{query}\n\nResponse A:\n{first}\n\n"
+        f"Response B:\n{second}\n\nWhich response serves this user better? Answer A or B.",
+        None,
+        template_id=TASK_JUDGE_ID,
+    )
+
+
+def task_scores(
+    client: LLMClient,
+    personas: list[str],
+    queries: list[str],
+    original_answers: list[str],
+    rewritten_answers: list[str],
+    both_orders: bool = True,
+) -> list[float]:
+    """p(the answer to the rewritten prompt is better), averaged over both presentation
+    orders when `both_orders` (position bias cancels); nan when the judge did not answer."""
+    items = list(zip(personas, queries, original_answers, rewritten_answers, strict=True))
+    reqs = [_task_request(p, q, o, r) for p, q, o, r in items]
+    if both_orders:
+        reqs += [_task_request(p, q, r, o) for p, q, o, r in items]
+    scores = judge(client, reqs, ("A", "B"))
+    n = len(items)
+    out = []
+    for i in range(n):
+        ps = [scores[i].p("B")] if scores[i].ok else []
+        if both_orders and scores[n + i].ok:
+            ps.append(scores[n + i].p("A"))
+        out.append(sum(ps) / len(ps) if ps else float("nan"))
+    return out
