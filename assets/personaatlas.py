@@ -40,7 +40,7 @@ from quality.curation import CurationSpec
 from quality.personaatlas import coverage, noise_report, persona_problems, turn_problems
 from synth.personaatlas.noise import layer_shares
 from synth.personaatlas.personas import build_personas
-from synth.personaatlas.ppopt import answer_requests, build_ppopt, parse_output, task_scores
+from synth.personaatlas.ppopt import build_ppopt, parse_output, score_rewrites
 from synth.personaatlas.trajectories import AtlasSettings, pool_clients, synthesize_trajectories
 
 GROUP = "personaatlas"
@@ -450,57 +450,9 @@ def personaatlas_eval(
     trainer.launch(
         context, "train.adapter_responses", [*args, "--max-new-tokens", str(config.max_new_tokens)]
     )
-    responses = pl.read_parquet(out).to_dicts()
-    by_id = {r["record_id"]: r for r in heldout.to_dicts()}
-    rows = []
-    for r in responses:
-        rid, history = r["prompt_id"].rsplit("|", 1)
-        parsed = parse_output(r["response"])
-        rows.append(
-            {
-                "model": r["model"],
-                "history": history,
-                "row": by_id[rid],
-                "rewrite": parsed[1] if parsed else None,
-            }
-        )
     client = llm.client()
-    scored = [x for x in rows if x["rewrite"]]
-    originals = [r["query"] for r in heldout.to_dicts()]
-    answers = client.generate(
-        answer_requests(originals + [x["rewrite"] for x in scored], config.answer_max_tokens)
-    )
-    original_answer = dict(zip(originals, [a.text for a in answers[: len(originals)]], strict=True))
-    p_better = task_scores(
-        client,
-        [x["row"]["persona"] for x in scored],
-        [x["row"]["query"] for x in scored],
-        [original_answer[x["row"]["query"]] for x in scored],
-        [a.text for a in answers[len(originals) :]],
-    )
-    for x, p in zip(scored, p_better, strict=True):
-        x["p_better"] = p
-    table = pl.DataFrame(
-        [
-            {
-                "model": x["model"],
-                "history": x["history"],
-                "persona_id": x["row"]["persona_id"],
-                "format_ok": x["rewrite"] is not None,
-                "p_better": x.get("p_better"),
-                # A rewrite that did not parse, or an unjudged one, does not win.
-                "win": x.get("p_better", 0.0) > 0.5,  # nan (unjudged) compares False
-            }
-            for x in rows
-        ],
-        schema={
-            "model": pl.Utf8,
-            "history": pl.Utf8,
-            "persona_id": pl.Utf8,
-            "format_ok": pl.Boolean,
-            "p_better": pl.Float64,
-            "win": pl.Boolean,
-        },
+    table = score_rewrites(
+        client, heldout, pl.read_parquet(out).to_dicts(), config.answer_max_tokens
     )
     summary = (
         table.group_by("model", "history")

@@ -44,6 +44,11 @@ class Provenance:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @staticmethod
+    def of_client(client: Any, template_id: str, **rest: Any) -> Provenance:
+        """Provenance of a record an LLM client generated: its backend and model."""
+        return Provenance(client.backend.kind, client.backend.model, template_id, **rest)
+
 
 PROVENANCE_DTYPE = pl.Struct(
     {

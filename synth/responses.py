@@ -173,9 +173,8 @@ def judged_responses(
                 )
             )
             continue
-        prov = Provenance(
-            backend=client.backend.kind,
-            model=client.backend.model,
+        prov = Provenance.of_client(
+            client,
             template_id=tmpl.id,
             template_hash=tmpl.hash,
             params_json=params_json,

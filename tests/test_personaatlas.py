@@ -237,12 +237,19 @@ def _run_job(tmp_path, atlas, model=None):
                 "ops": {
                     "personaatlas_persona_assets": {"config": atlas},
                     "personaatlas_trajectory_assets": {"config": atlas},
+                    # Ten SFT steps at a high rate: enough for the 135M model to start
+                    # writing the tags, so GRPO and the evaluation see some rewrites.
                     "personaatlas_model": {
                         "config": model
-                        or {"sft_steps": 2, "grpo_steps": 1, "max_completion_length": 48}
+                        or {
+                            "sft_steps": 10,
+                            "learning_rate": 2e-3,
+                            "grpo_steps": 1,
+                            "max_completion_length": 128,
+                        }
                     },
                     "personaatlas_eval": {
-                        "config": {"max_new_tokens": 48, "answer_max_tokens": 48}
+                        "config": {"max_new_tokens": 192, "answer_max_tokens": 48}
                     },
                 }
             },
@@ -318,9 +325,16 @@ def test_personaatlas_job_end_to_end(tmp_path):
     decode_png(eval_md["win_rates"].value)
 
 
-def test_ppopt_reward_scores_formatted_rewrites_and_zeroes_the_rest(embedded_backend, tmp_path):
+def test_ppopt_reward_and_win_rate_score_formatted_rewrites_and_zero_the_rest(
+    embedded_backend, tmp_path
+):
     from synth.llm import ResponseCache
-    from synth.personaatlas.ppopt import answer_requests, profile_scores, task_scores
+    from synth.personaatlas.ppopt import (
+        answer_requests,
+        profile_scores,
+        score_rewrites,
+        task_scores,
+    )
     from train.ppopt import ppopt_reward
 
     # The cache makes the reward's judge calls and the recomputation below the same calls.
@@ -344,3 +358,17 @@ def test_ppopt_reward_scores_formatted_rewrites_and_zeroes_the_rest(embedded_bac
     assert 0 <= profile <= 1 and 0 <= task <= 1
     assert rewards[0] == pytest.approx(0.3 * profile + 0.7 * task)
     assert rewards[0] > 0
+    # The evaluation: the same rewrite judged in both orders wins or not; no tags loses.
+    heldout = pl.DataFrame(
+        {"record_id": ["r"], "persona_id": ["p"], "persona": [persona], "query": [query]}
+    )
+    outputs = [
+        {"model": "trained", "prompt_id": "r|noised", "response": completions[0][0]["content"]},
+        {"model": "base", "prompt_id": "r|clean", "response": "Sure, here are tips."},
+    ]
+    table = score_rewrites(client, heldout, outputs, 128)
+    both = task_scores(client, [persona], [query], [original.text], [rewritten.text])[0]
+    trained, base = table.to_dicts()
+    assert trained["format_ok"] and trained["p_better"] == pytest.approx(both)
+    assert trained["win"] == (both > 0.5) and trained["history"] == "noised"
+    assert not base["format_ok"] and base["p_better"] is None and not base["win"]

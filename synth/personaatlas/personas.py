@@ -215,16 +215,16 @@ def build_personas(
     rejected: list[Rejected] = []
     taken: list[dict[str, str]] = []
 
-    def provenance(template: str, cache_keys: list[str]) -> dict[str, Any]:
-        return Provenance(
-            backend=client.backend.kind if template else "",
-            model=client.backend.model if template else "",
-            template_id=template,
-            template_hash=MAP_PROMPT.hash if template else "",
-            params_json=settings.model_dump_json(),
-            seed=settings.seed,
-            cache_keys=cache_keys,
-        ).as_dict()
+    params_json = settings.model_dump_json()
+    mapped = Provenance.of_client(
+        client,
+        MAP_PROMPT.id,
+        template_hash=MAP_PROMPT.hash,
+        params_json=params_json,
+        seed=settings.seed,
+    )
+    # Sampled personas come from the schema and the seed alone, no LLM.
+    sampled_by = Provenance("schema_sampler", params_json=params_json, seed=settings.seed).as_dict()
 
     k = settings.heldout_every
 
@@ -287,7 +287,7 @@ def build_personas(
             full,
             observed,
             [row["record_id"]],
-            provenance(MAP_PROMPT.id, resp.cache_keys),
+            {**mapped.as_dict(), "cache_keys": resp.cache_keys},
         )
     sampled = sample_personas(
         schema,
@@ -299,7 +299,7 @@ def build_personas(
         existing=taken,
     )
     for j, (full, observed) in enumerate(sampled):
-        add("sampled", len(hub_rows) + j, "", full, observed, [], provenance("", []))
+        add("sampled", len(hub_rows) + j, "", full, observed, [], sampled_by)
     return frame(kept, PERSONA_SCHEMA), rejected_frame(rejected), len(hub_rows) + len(sampled)
 
 

@@ -48,8 +48,8 @@ TEACHER_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
         # Bounded so that a rambling small model still closes the JSON within max_tokens.
-        "profile": {"type": "string", "minLength": 1, "maxLength": 300},
-        "prompt": {"type": "string", "minLength": 1, "maxLength": 400},
+        "profile": {"type": "string", "minLength": 1, "maxLength": 200},
+        "prompt": {"type": "string", "minLength": 1, "maxLength": 300},
     },
     "required": ["profile", "prompt"],
     "additionalProperties": False,
@@ -178,9 +178,8 @@ def build_ppopt(
             {
                 "record_id": content_id("personaatlas_ppopt", target["record_id"], completion),
                 "parent_ids": [target["record_id"]],
-                "provenance": Provenance(
-                    backend=client.backend.kind,
-                    model=client.backend.model,
+                "provenance": Provenance.of_client(
+                    client,
                     template_id=TEACHER.id,
                     template_hash=TEACHER.hash,
                     params_json=json.dumps({"max_tokens": max_tokens, "max_history": MAX_HISTORY}),
@@ -260,6 +259,8 @@ def task_scores(
     reqs = [_task_request(p, q, o, r) for p, q, o, r in items]
     if both_orders:
         reqs += [_task_request(p, q, r, o) for p, q, o, r in items]
+    if not reqs:
+        return []
     scores = judge(client, reqs, ("A", "B"))
     n = len(items)
     out = []
@@ -269,3 +270,58 @@ def task_scores(
             ps.append(scores[n + i].p("A"))
         out.append(sum(ps) / len(ps) if ps else float("nan"))
     return out
+
+
+WIN_SCHEMA: dict[str, pl.DataType] = {
+    "model": pl.Utf8(),
+    "history": pl.Utf8(),  # noised | clean
+    "persona_id": pl.Utf8(),
+    "format_ok": pl.Boolean(),
+    "p_better": pl.Float64(),  # null when the output had no rewrite to judge
+    "win": pl.Boolean(),
+}
+
+
+def score_rewrites(
+    client: LLMClient,
+    heldout: pl.DataFrame,
+    responses: list[dict[str, Any]],
+    answer_max_tokens: int = 96,
+) -> pl.DataFrame:
+    """One row per optimizer output (`model`, `prompt_id` = "<ppopt record_id>|<history>",
+    `response`): does the answer to its rewrite serve the persona better than the answer
+    to the original query? Judged in both orders; an output without a rewrite loses."""
+    by_id = {r["record_id"]: r for r in heldout.to_dicts()}
+    rows = []
+    for r in responses:
+        rid, history = r["prompt_id"].rsplit("|", 1)
+        parsed = parse_output(r["response"])
+        rows.append((r["model"], history, by_id[rid], parsed[1] if parsed else None))
+    scored = [x for x in rows if x[3]]
+    originals = sorted({x[2]["query"] for x in scored})
+    answers = client.generate(
+        answer_requests(originals + [x[3] for x in scored], answer_max_tokens)
+    )
+    original_answer = {q: a.text for q, a in zip(originals, answers, strict=False)}
+    p_better = task_scores(
+        client,
+        [x[2]["persona"] for x in scored],
+        [x[2]["query"] for x in scored],
+        [original_answer[x[2]["query"]] for x in scored],
+        [a.text for a in answers[len(originals) :]],
+    )
+    judged = {id(x): p for x, p in zip(scored, p_better, strict=True)}
+    out = []
+    for x in rows:
+        p = judged.get(id(x))
+        out.append(
+            {
+                "model": x[0],
+                "history": x[1],
+                "persona_id": x[2]["persona_id"],
+                "format_ok": x[3] is not None,
+                "p_better": p,
+                "win": p is not None and p > 0.5,  # nan (unjudged) compares False
+            }
+        )
+    return frame(out, WIN_SCHEMA)

@@ -227,13 +227,18 @@ def plan_conversations(
     personas: pl.DataFrame, queries: pl.DataFrame, s: AtlasSettings
 ) -> list[Conversation]:
     """Per persona, `queries_per_persona` distinct seed queries, a target turn count, and
-    (for a `style_rate` share) 2-4 of its observed traits to restyle the query with."""
+    (for a `style_rate` share) 2-4 of its observed traits to restyle the query with.
+    Queries are dealt from one seeded permutation, so no two conversations share a seed
+    query until every query is used (a shared one would be a duplicate to curation)."""
     if not queries.height:
         raise ValueError("personaatlas trajectories: seed_instructions is empty")
+    deck = list(range(queries.height))
+    random.Random(s.seed).shuffle(deck)
+    per = min(s.queries_per_persona, queries.height)
     plan = []
-    for p in personas.to_dicts():
+    for pi, p in enumerate(personas.to_dicts()):
         rng = random.Random(content_id("personaatlas_plan", s.seed, p["record_id"]))
-        picks = rng.sample(range(queries.height), min(s.queries_per_persona, queries.height))
+        picks = [deck[(pi * per + k) % len(deck)] for k in range(per)]
         observed = list(json.loads(p["observed"]))
         for k, qi in enumerate(picks):
             traits: list[str] = []
@@ -451,9 +456,8 @@ def synthesize_trajectories(
             {
                 "record_id": cid,
                 "parent_ids": [pid],
-                "provenance": Provenance(
-                    backend=client.backend.kind,
-                    model=client.backend.model,
+                "provenance": Provenance.of_client(
+                    client,
                     template_id=ASSISTANT_ID,
                     template_hash=thash,
                     params_json=params_json,

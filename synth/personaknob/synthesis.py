@@ -178,9 +178,8 @@ def make_scenarios(
             {
                 "record_id": scenario_id,
                 "parent_ids": [persona["record_id"]],
-                "provenance": Provenance(
-                    backend=client.backend.kind,
-                    model=client.backend.model,
+                "provenance": Provenance.of_client(
+                    client,
                     template_id=SCENARIO_PROMPT.id,
                     template_hash=SCENARIO_PROMPT.hash,
                     params_json=settings.model_dump_json(),
@@ -418,9 +417,8 @@ def synthesize_responses(
                     "personaknob", sid, golden["text"], *(record[f"reject_{d}"] for d in DIMENSIONS)
                 ),
                 "parent_ids": [sid],
-                "provenance": Provenance(
-                    backend=client.backend.kind,
-                    model=client.backend.model,
+                "provenance": Provenance.of_client(
+                    client,
                     template_id=RESPOND_ID,
                     template_hash=thash,
                     params_json=params_json,

@@ -108,9 +108,8 @@ def triage_pairs(
     scores = judge(client, requests, on_done=lambda _: progress.update())
     progress.close()
 
-    prov_base = Provenance(
-        backend=client.backend.kind,
-        model=client.backend.model,
+    prov_base = Provenance.of_client(
+        client,
         template_id=VIOLATION_JUDGE.id,
         template_hash=VIOLATION_JUDGE.hash,
         params_json=json.dumps(asdict(JUDGE_PARAMS), sort_keys=True),

@@ -131,9 +131,8 @@ def synthesize(
             )
             continue
         best, worst, root = tree.best(), tree.worst(), tree.root
-        prov = Provenance(
-            backend=client.backend.kind,
-            model=client.backend.model,
+        prov = Provenance.of_client(
+            client,
             template_id=REWRITE.id,
             template_hash=template_hash,
             params_json=params_json,
