@@ -83,6 +83,8 @@ class AtlasSettings(BaseModel):
     map_max_tokens: int = 320
     queries_per_persona: int = 3  # seed queries, so PPOpt has history sessions
     style_rate: float = 0.5  # share of queries rewritten into the persona's style
+    # Of those, this share uses only 2-4 of the observed traits; the rest use them all.
+    partial_style_share: float = 0.5
     min_style_traits: int = 2
     max_style_traits: int = 4
     turns_mean: float = 3.0  # target turns ~ N(mean, sd), clipped to [min, max]
@@ -243,9 +245,9 @@ def plan_conversations(
         for k, qi in enumerate(picks):
             traits: list[str] = []
             if rng.random() < s.style_rate and observed:
-                n = rng.randint(
-                    min(s.min_style_traits, len(observed)), min(s.max_style_traits, len(observed))
-                )
+                n = len(observed)
+                if rng.random() < s.partial_style_share:
+                    n = rng.randint(min(s.min_style_traits, n), min(s.max_style_traits, n))
                 traits = sorted(rng.sample(observed, n))
             plan.append(
                 Conversation(
