@@ -470,6 +470,13 @@ def personaatlas_eval(
             "heldout_personas": heldout.height,
             "win_rates": bar_plot(rates, "rewritten beats original (win rate)", "win rate"),
             "summary": MetadataValue.md(markdown_table(summary)),
+            "per_persona": MetadataValue.md(
+                markdown_table(
+                    table.group_by("persona_id", "model")
+                    .agg(pl.col("win").mean().alias("win_rate"))
+                    .sort("persona_id", "model")
+                )
+            ),
             **client.stats.as_metadata(),
         }
     )
