@@ -15,7 +15,7 @@ from dagster import (
 )
 
 from pipelines.status import latest_materialization_metadata
-from quality.accounting import Accounting
+from quality.accounting import Accounting, account
 from synth.records import drop_counts
 
 S = TypeVar("S")
@@ -77,6 +77,15 @@ def rows_in(context: AssetCheckExecutionContext, asset: str) -> int | None:
     """`rows_in` that the asset reported when it was materialized."""
     value = latest_materialization_metadata(context.instance, asset).get("rows_in")
     return None if value is None else int(value)
+
+
+def planned_account(
+    context: AssetCheckExecutionContext, asset: str, kept_index: list[int], rejected: pl.DataFrame
+) -> tuple[Accounting, int | None]:
+    """Accounting of a planned asset: plan indices 0..rows_in-1, each kept (`kept_index`)
+    or rejected (its `source_index`) exactly once; with the reported rows_in."""
+    n_in = rows_in(context, asset)
+    return account(range(n_in or 0), kept_index, rejected["source_index"].to_list()), n_in
 
 
 def accounting_result(acc: Accounting, reported_rows_in: int | None) -> AssetCheckResult:

@@ -26,6 +26,7 @@ from assets.common import (
     dataset_outputs,
     first_parents,
     markdown_table,
+    planned_account,
     rows_in,
     run_settings,
 )
@@ -102,11 +103,11 @@ def personaatlas_persona_assets(
 def personaatlas_personas_accounted(
     context: AssetCheckExecutionContext, personas: pl.DataFrame, rejected: pl.DataFrame
 ) -> AssetCheckResult:
-    n_in = rows_in(context, "personaatlas_personas")
-    acc = account(
-        range(n_in or 0), personas["persona_index"].to_list(), rejected["source_index"].to_list()
+    return accounting_result(
+        *planned_account(
+            context, "personaatlas_personas", personas["persona_index"].to_list(), rejected
+        )
     )
-    return accounting_result(acc, n_in)
 
 
 @asset_check(
@@ -188,11 +189,11 @@ def personaatlas_trajectory_assets(
 def personaatlas_trajectories_accounted(
     context: AssetCheckExecutionContext, trajectories: pl.DataFrame, rejected: pl.DataFrame
 ) -> AssetCheckResult:
-    n_in = rows_in(context, "personaatlas_trajectories")
-    acc = account(
-        range(n_in or 0), trajectories["plan_index"].to_list(), rejected["source_index"].to_list()
+    return accounting_result(
+        *planned_account(
+            context, "personaatlas_trajectories", trajectories["plan_index"].to_list(), rejected
+        )
     )
-    return accounting_result(acc, n_in)
 
 
 @asset_check(

@@ -26,6 +26,7 @@ from assets.common import (
     dataset_outputs,
     first_parents,
     markdown_table,
+    planned_account,
     rows_in,
     run_settings,
 )
@@ -109,9 +110,8 @@ def personaknob_scenario_assets(
 def personaknob_scenarios_accounted(
     context: AssetCheckExecutionContext, scenarios: pl.DataFrame, rejected: pl.DataFrame
 ) -> AssetCheckResult:
-    n_in = rows_in(context, "personaknob_scenarios")
-    acc = account(
-        range(n_in or 0), scenarios["plan_index"].to_list(), rejected["source_index"].to_list()
+    acc, n_in = planned_account(
+        context, "personaknob_scenarios", scenarios["plan_index"].to_list(), rejected
     )
     settings = run_settings(context, "personaknob_scenarios", KnobSettings)
     expected = Counter(allocate_masks(n_in or 0, settings.mask_mix, settings.seed))

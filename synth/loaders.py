@@ -307,6 +307,11 @@ INSTRUCTION_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
+def instruction_text(row: dict[str, Any]) -> str:
+    """A seed instruction as one prompt: the instruction, then its input when it has one."""
+    return f"{row['instruction']}\n\n{row['input']}" if row.get("input") else row["instruction"]
+
+
 def _parse_instruction(row: dict[str, Any], where: str) -> dict[str, Any] | Problem:
     instruction, bad = _field(row, "instruction", where)
     if bad:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 
 class Progress:
@@ -49,3 +50,14 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+def generate_logged(
+    client: Any, requests: Sequence[Any], desc: str, log: Callable[[str], None] | None
+) -> list[Any]:
+    """`client.generate(requests)` with progress logged (and a bar on a terminal)."""
+    progress = Progress(len(requests), desc, log)
+    try:
+        return client.generate(requests, on_done=lambda _: progress.update())
+    finally:
+        progress.close()

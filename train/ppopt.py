@@ -42,7 +42,7 @@ def judge_client(a: argparse.Namespace) -> Any:
 
 def ppopt_reward(client: Any, w_profile: float, w_task: float) -> Any:
     """The GRPO reward function (TRL calls it with the dataset's persona and query columns)."""
-    from synth.personaatlas.ppopt import answer_requests, parse_output, profile_scores, task_scores
+    from synth.personaatlas.ppopt import parse_output, profile_scores, rewrite_scores
 
     def reward(
         completions: list, persona: list[str], query: list[str], log_metric=None, **_
@@ -55,16 +55,11 @@ def ppopt_reward(client: Any, w_profile: float, w_task: float) -> Any:
         task: list[float] = []
         if ok:
             prof = profile_scores(client, [persona[i] for i in ok], [parsed[i][0] for i in ok])
-            answers = client.generate(
-                answer_requests([query[i] for i in ok] + [parsed[i][1] for i in ok])
-            )
-            n = len(ok)
-            task = task_scores(
+            task = rewrite_scores(
                 client,
                 [persona[i] for i in ok],
                 [query[i] for i in ok],
-                [r.text for r in answers[:n]],
-                [r.text for r in answers[n:]],
+                [parsed[i][1] for i in ok],
                 both_orders=False,
             )
             for i, p, t in zip(ok, prof, task, strict=True):

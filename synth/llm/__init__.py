@@ -11,7 +11,12 @@ from synth.llm.cache import ResponseCache, cache_key
 from synth.llm.client import LLMClient, LLMStats
 from synth.llm.factory import make_backend, probe_server
 from synth.llm.judge import YES_NO, JudgeScore, judge, score_response
-from synth.llm.structured import InvalidSchemaError, check_schema, failure_kind, parse_structured
+from synth.llm.structured import (
+    InvalidSchemaError,
+    check_schema,
+    parse_structured,
+    structured_failure,
+)
 from synth.llm.types import (
     BackendError,
     GenerationParams,
@@ -42,7 +47,7 @@ __all__ = [
     "YES_NO",
     "cache_key",
     "check_schema",
-    "failure_kind",
+    "structured_failure",
     "embedded_model_path",
     "judge",
     "make_backend",

@@ -95,6 +95,8 @@ def parse_structured(text: str, schema: dict[str, Any]) -> tuple[Any, str | None
     return obj, None, ""
 
 
-def failure_kind(error: str | None) -> str:
-    """How a structured call failed: `invalid_json`, `schema_violation`, or `failed` (the call)."""
-    return error if error in ("invalid_json", "schema_violation") else "failed"
+def structured_failure(response: Any) -> tuple[str, str]:
+    """(kind, detail) of a failed structured call: kind is `invalid_json`,
+    `schema_violation`, or `failed` (the call itself); detail has the error and its text."""
+    kind = response.error if response.error in ("invalid_json", "schema_violation") else "failed"
+    return kind, f"{response.error}: {response.first.error_detail}"[:400]

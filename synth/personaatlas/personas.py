@@ -18,8 +18,8 @@ from typing import Any
 import polars as pl
 import yaml
 
-from synth.llm import GenerationParams, LLMClient, failure_kind
-from synth.progress import Progress
+from synth.llm import GenerationParams, LLMClient, structured_failure
+from synth.progress import generate_logged
 from synth.records import (
     PROVENANCE_DTYPE,
     Provenance,
@@ -208,9 +208,7 @@ def build_personas(
         MAP_PROMPT.request(params, json_schema, persona=r["persona"], fields=fields)
         for r in hub_rows
     ]
-    progress = Progress(len(requests), "personaatlas map personas", log)
-    responses = client.generate(requests, on_done=lambda _: progress.update())
-    progress.close()
+    responses = generate_logged(client, requests, "personaatlas map personas", log)
     kept: list[dict[str, Any]] = []
     rejected: list[Rejected] = []
     taken: list[dict[str, str]] = []
@@ -252,8 +250,8 @@ def build_personas(
         where = f"persona_hub record {row['record_id']}"
         obj, reason, detail = resp.parsed, "", ""
         if not resp.ok:
-            reason = f"mapping_{failure_kind(resp.error)}"
-            detail = f"{where}: field mapping: {resp.error}: {resp.first.error_detail}"[:400]
+            kind, what = structured_failure(resp)
+            reason, detail = f"mapping_{kind}", f"{where}: field mapping: {what}"
         elif len(obj) < settings.min_mapped_dims:
             reason = "mapping_too_sparse"
             detail = f"{where}: field mapping names {len(obj)} dimensions (min {settings.min_mapped_dims})"

@@ -17,9 +17,9 @@ from typing import Any
 
 import polars as pl
 
-from synth.llm import GenerationParams, LLMClient, LLMRequest, failure_kind, judge
+from synth.llm import GenerationParams, LLMClient, LLMRequest, judge, structured_failure
 from synth.personaatlas.personas import PersonaSchema
-from synth.progress import Progress
+from synth.progress import generate_logged
 from synth.records import PROVENANCE_DTYPE, Provenance, Rejected, content_id, frame, rejected_frame
 from synth.templates import PromptTemplate
 
@@ -144,23 +144,16 @@ def build_ppopt(
         )
         for _, t, h in train
     ]
-    progress = Progress(len(requests), "personaatlas PPOpt teacher", log)
-    answers = dict(
-        zip(
-            [v[0] for v in train],
-            client.generate(requests, on_done=lambda _: progress.update()),
-            strict=True,
-        )
-    )
-    progress.close()
+    replies = generate_logged(client, requests, "personaatlas PPOpt teacher", log)
+    answers = dict(zip([v[0] for v in train], replies, strict=True))
     kept = []
     for pid, target, history in views:
         completion, keys = "", []
         if pid in answers:
             r = answers[pid]
             keys = r.cache_keys
-            obj, why = r.parsed, "" if r.ok else failure_kind(r.error)
-            what = f"{r.error}: {r.first.error_detail}"[:400]
+            obj = r.parsed
+            why, what = ("", "") if r.ok else structured_failure(r)
             if why:
                 rejected.append(
                     Rejected(
@@ -272,6 +265,29 @@ def task_scores(
     return out
 
 
+def rewrite_scores(
+    client: LLMClient,
+    personas: list[str],
+    queries: list[str],
+    rewrites: list[str],
+    both_orders: bool,
+    answer_max_tokens: int = 128,
+) -> list[float]:
+    """Per rewrite, `task_scores` of the plain assistant's answer to it against its answer
+    to the original query (each distinct original is answered once)."""
+    originals = sorted(set(queries))
+    answers = client.generate(answer_requests(originals + rewrites, answer_max_tokens))
+    original_answer = {q: a.text for q, a in zip(originals, answers, strict=False)}
+    return task_scores(
+        client,
+        personas,
+        queries,
+        [original_answer[q] for q in queries],
+        [a.text for a in answers[len(originals) :]],
+        both_orders,
+    )
+
+
 WIN_SCHEMA: dict[str, pl.DataType] = {
     "model": pl.Utf8(),
     "history": pl.Utf8(),  # noised | clean
@@ -298,17 +314,13 @@ def score_rewrites(
         parsed = parse_output(r["response"])
         rows.append((r["model"], history, by_id[rid], parsed[1] if parsed else None))
     scored = [x for x in rows if x[3]]
-    originals = sorted({x[2]["query"] for x in scored})
-    answers = client.generate(
-        answer_requests(originals + [x[3] for x in scored], answer_max_tokens)
-    )
-    original_answer = {q: a.text for q, a in zip(originals, answers, strict=False)}
-    p_better = task_scores(
+    p_better = rewrite_scores(
         client,
         [x[2]["persona"] for x in scored],
         [x[2]["query"] for x in scored],
-        [original_answer[x[2]["query"]] for x in scored],
-        [a.text for a in answers[len(originals) :]],
+        [x[3] for x in scored],
+        both_orders=True,
+        answer_max_tokens=answer_max_tokens,
     )
     judged = {id(x): p for x, p in zip(scored, p_better, strict=True)}
     out = []

@@ -13,7 +13,7 @@ import asyncio
 import json
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +21,11 @@ import polars as pl
 import yaml
 from pydantic import BaseModel, ConfigDict
 
-from synth.llm import GenerationParams, LLMClient, LLMRequest, Message, failure_kind
+from synth.llm import GenerationParams, LLMClient, LLMRequest, Message, structured_failure
+from synth.loaders import instruction_text
 from synth.personaatlas.noise import DISTRACT_ID, distract_request, load_noise, plan_noise
 from synth.personaatlas.personas import PersonaSchema, load_schema
-from synth.progress import Progress
+from synth.progress import Progress, generate_logged
 from synth.records import (
     PROVENANCE_DTYPE,
     Provenance,
@@ -202,20 +203,11 @@ class Conversation:
     target: int
     style_traits: list[str]
     initial: str = ""
-    turns: list[dict[str, Any]] | None = None
-    messages: list[Message] | None = None
+    turns: list[dict[str, Any]] = field(default_factory=list)
+    messages: list[Message] = field(default_factory=list)  # as the assistant saw them
     next_user: str = ""
     failed: tuple[str, str] | None = None  # (reason, detail)
-    cache_keys: list[str] | None = None
-
-
-def _batch(
-    client: LLMClient, requests: list[LLMRequest], desc: str, log: Callable[[str], None] | None
-):
-    progress = Progress(len(requests), desc, log)
-    out = client.generate(requests, on_done=lambda _: progress.update())
-    progress.close()
-    return out
+    cache_keys: list[str] = field(default_factory=list)
 
 
 async def _gather(
@@ -257,10 +249,6 @@ def plan_conversations(
     return plan
 
 
-def _query_text(q: dict[str, Any]) -> str:
-    return f"{q['instruction']}\n\n{q['input']}" if q.get("input") else q["instruction"]
-
-
 def synthesize_trajectories(
     client: LLMClient,
     personas: pl.DataFrame,
@@ -275,8 +263,6 @@ def synthesize_trajectories(
     pool = load_assistants(s.assistants_file or ASSISTANTS_FILE)
     assistants = assistants or {}
     convs = plan_conversations(personas, queries, s)
-    for c in convs:
-        c.turns, c.messages, c.cache_keys = [], [], []
 
     # 1. Restyle the planned queries.
     style_params = GenerationParams(
@@ -288,12 +274,12 @@ def synthesize_trajectories(
         STYLE_PROMPT.request(
             style_params,
             traits=schema.describe({t: full[c.index][t] for t in c.style_traits}),
-            query=_query_text(c.query),
+            query=instruction_text(c.query),
         )
         for c in styled
     ]
     for c, r in zip(
-        styled, _batch(client, requests, "personaatlas style queries", log), strict=True
+        styled, generate_logged(client, requests, "personaatlas style queries", log), strict=True
     ):
         c.cache_keys += r.cache_keys
         text = clean_message(r.text) if r.ok else ""
@@ -304,7 +290,7 @@ def synthesize_trajectories(
         c.initial = text
     for c in convs:
         if not c.style_traits:
-            c.initial = _query_text(c.query)
+            c.initial = instruction_text(c.query)
         c.next_user = c.initial
 
     # 2. Turn by turn: distractor, assistant, user simulator.
@@ -317,7 +303,7 @@ def synthesize_trajectories(
         distract_params = GenerationParams(
             temperature=0.9, max_tokens=s.user_max_tokens, seed=s.seed + t, repeat_penalty=1.1
         )
-        noised = _batch(
+        noised = generate_logged(
             client,
             [distract_request(c.next_user, plans[c.index], layers, distract_params) for c in noisy],
             f"personaatlas distractor (turn {t + 1})",
@@ -386,7 +372,7 @@ def synthesize_trajectories(
         sim_params = GenerationParams(
             temperature=s.temperature, max_tokens=s.verdict_max_tokens, seed=s.seed + t
         )
-        verdicts = _batch(
+        verdicts = generate_logged(
             client,
             [
                 LLMRequest.chat(
@@ -403,8 +389,8 @@ def synthesize_trajectories(
         )
         for c, v in zip(live, verdicts, strict=True):
             c.cache_keys += v.cache_keys
-            obj, why = v.parsed, "" if v.ok else failure_kind(v.error)
-            what = f"{v.error}: {v.first.error_detail}"[:400]
+            obj = v.parsed
+            why, what = ("", "") if v.ok else structured_failure(v)
             if why:
                 c.failed = (
                     f"user_sim_{why}",
@@ -473,7 +459,7 @@ def synthesize_trajectories(
                 "features": c.persona["features"],
                 "observed": c.persona["observed"],
                 "query_id": c.query["record_id"],
-                "original_query": _query_text(c.query),
+                "original_query": instruction_text(c.query),
                 "initial_query": c.initial,
                 "styled": bool(c.style_traits),
                 "style_traits": c.style_traits,

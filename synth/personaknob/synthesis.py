@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from synth.llm import GenerationParams, LLMClient, LLMRequest, judge
 from synth.personaknob.spec import DIMENSIONS, KnobSpec, all_masks, canonical_mask, load_spec
-from synth.progress import Progress
+from synth.progress import Progress, generate_logged
 from synth.records import (
     PROVENANCE_DTYPE,
     Provenance,
@@ -143,9 +143,7 @@ def make_scenarios(
         SCENARIO_PROMPT.request(params, persona=p["persona"], situation=t.situation)
         for _, p, _, t, _ in plan
     ]
-    progress = Progress(len(requests), "personaknob scenarios", log)
-    responses = client.generate(requests, on_done=lambda _: progress.update())
-    progress.close()
+    responses = generate_logged(client, requests, "personaknob scenarios", log)
     kept, rejected = [], []
     for (i, persona, mask, trigger, split), resp in zip(plan, responses, strict=True):
         scenario_id = content_id(

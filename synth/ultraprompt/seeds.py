@@ -19,6 +19,7 @@ import numpy as np
 import polars as pl
 from pydantic import BaseModel, ConfigDict
 
+from synth.loaders import instruction_text
 from synth.records import (
     PROVENANCE_DTYPE,
     Provenance,
@@ -55,7 +56,7 @@ def candidates(instructions: pl.DataFrame, pairs: pl.DataFrame) -> list[dict[str
     """Every input row as a tagged candidate, instructions first, then pair prompts."""
     out = []
     for r in instructions.iter_rows(named=True):
-        text = f"{r['instruction']}\n\n{r['input']}" if r.get("input") else r["instruction"]
+        text = instruction_text(r)
         category, rule = categorize(r["instruction"])
         out.append(
             {
