@@ -241,3 +241,25 @@ def ability_plot(abilities: list[dict], title: str) -> MetadataValue:
     ax.set_title(title)
     ax.legend()
     return png_markdown(fig, title)
+
+
+def contact_sheet(panels: list[dict], title: str, columns: int = 6) -> MetadataValue:
+    """Image panels (`image`: HxW or HxWx3 uint8, optional `mask`: label array whose
+    outlines are drawn, `label`: caption) in a grid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = max(1, -(-len(panels) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(1.9 * columns, 2.05 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, p in zip(axes.flat, panels, strict=False):
+        ax.imshow(p["image"], cmap="gray", vmin=0, vmax=255)
+        if p.get("mask") is not None and p["mask"].any():
+            ax.contour(p["mask"] > 0, levels=[0.5], colors="#ff3030", linewidths=0.8)
+        ax.set_title(p.get("label", ""), fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return png_markdown(fig, title)

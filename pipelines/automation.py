@@ -136,6 +136,7 @@ TRAINING_ASSETS = (
     "paligner_model",
     "personaknob_model",
     "personaatlas_model",
+    "medad_model",
 )
 
 

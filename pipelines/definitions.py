@@ -7,7 +7,16 @@ from pathlib import Path
 
 from dagster import Definitions, EnvVar
 
-from assets import calibration, personaatlas, personaknob, responses, seeds, trace, ultraprompt
+from assets import (
+    calibration,
+    medad,
+    personaatlas,
+    personaknob,
+    responses,
+    seeds,
+    trace,
+    ultraprompt,
+)
 from pipelines.automation import (
     build_failure_sensor,
     build_inbox_sensor,
@@ -58,6 +67,7 @@ def build_definitions(
             *ultraprompt.assets,
             *personaknob.assets,
             *personaatlas.assets,
+            *medad.assets,
             *calibration.assets,
         ],
         asset_checks=[
@@ -67,6 +77,7 @@ def build_definitions(
             *ultraprompt.checks,
             *personaknob.checks,
             *personaatlas.checks,
+            *medad.checks,
             *calibration.checks,
         ],
         jobs=jobs,

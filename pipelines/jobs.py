@@ -32,6 +32,11 @@ personaatlas_job = define_asset_job(
     selection=AssetSelection.groups("personaatlas").upstream().required_multi_asset_neighbors(),
     description="PersonaAtlas: personas, simulated multi-turn trajectories with a noise distractor, PPOpt data, SFT + GRPO, win-rate evaluation.",
 )
+medad_job = define_asset_job(
+    "medad",
+    selection=AssetSelection.groups("medad").upstream().required_multi_asset_neighbors(),
+    description="MedAD: allow-listed base images, synthetic lesions behind acquisition centers, mask-verified VQA with reasoning, SFT + GRPO of a small VLM, per-type and per-center evaluation.",
+)
 demo_job = define_asset_job(
     "demo",
     selection=AssetSelection.groups("seeds", "responses"),
@@ -57,6 +62,7 @@ jobs = [
     ultraprompt_job,
     personaknob_job,
     personaatlas_job,
+    medad_job,
     demo_job,
     judges_job,
     everything_job,

@@ -72,6 +72,13 @@ PHI_TAGS = (
     "AdditionalPatientHistory",
     "PatientComments",
     "ImageComments",
+    "StudyComments",
+    "SeriesDescription",
+    "ProtocolName",
+    "DerivationDescription",
+    "RequestedProcedureID",
+    "PerformedProcedureStepID",
+    "ScheduledProcedureStepID",
 )
 UID_TAGS = (
     "InstanceCreatorUID",
@@ -224,11 +231,14 @@ def phi_values(ds: Any) -> set[str]:
     """The identifying values a DICOM file carries (what must never reach an output)."""
     values = set()
     for name in (*PHI_TAGS, *UID_TAGS):
-        v = str(ds.get(name, "") or "").strip()
-        # Short values (sex, an age, a time of day) are too common to scan for.
-        for part in {v, *v.replace("^", " ").split()}:
-            if len(part) >= (8 if part.isdigit() else 5):
-                values.add(part)
+        if name not in ds:
+            continue
+        elem = ds.data_element(name)
+        v = str(elem.value or "").strip()
+        # A person's name also by its parts; short values (sex, an age, a time of day)
+        # are too common to scan for.
+        parts = {v, *v.replace("^", " ").split()} if elem.VR == "PN" else {v}
+        values |= {p for p in parts if len(p) >= (8 if p.isdigit() else 5)}
     return values
 
 

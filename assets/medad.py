@@ -1,0 +1,544 @@
+"""MedAD (MedAD-R1 style): real base images from wheels, synthetic lesions behind seeded
+acquisition centers, mask-verified multiple-choice VQA with think-then-answer reasoning,
+SFT + GRPO of a small vision-language model, and per-type / per-center evaluation."""
+
+from collections import Counter
+
+import polars as pl
+from dagster import (
+    AssetCheckExecutionContext,
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetExecutionContext,
+    AssetIn,
+    AssetOut,
+    Config,
+    MetadataValue,
+    Output,
+    asset,
+    asset_check,
+    multi_asset,
+)
+
+from assets.common import (
+    accounting_result,
+    dataset_metadata,
+    dataset_outputs,
+    first_parents,
+    markdown_table,
+    planned_account,
+    rows_in,
+    run_settings,
+)
+from assets.plots import bar_plot, contact_sheet, histogram, line_plot
+from pipelines.automation import TRAIN_WHEN_GATES_PASS
+from pipelines.resources import LLMResource, TrainerResource
+from quality.accounting import account
+from quality.medad import answer_problems, balance_report, coverage_report, phi_hits
+from synth.medad.bases import (
+    ALLOWLIST,
+    bases_frame,
+    bases_from_frame,
+    decode_png,
+    load_allowlist,
+    load_bases,
+    read_dicom_phi,
+)
+from synth.medad.cases import CaseSettings, build_cases, center_profiles
+from synth.medad.vqa import QUESTION_TYPES, build_items
+from synth.records import Rejected, rejected_frame
+
+GROUP = "medad"
+# Fewer verified training items than this teach nothing: the gate blocks training.
+MIN_TRAINING_ITEMS = 8
+
+
+class MedADSettings(CaseSettings):
+    allowlist: str = ""  # empty = the shipped synth/medad/bases.yaml
+    paraphrase_rate: float = 0.0  # share of reasonings the LLM rewrites (claims re-verified)
+
+    def allowlist_path(self) -> str:
+        return self.allowlist or str(ALLOWLIST)
+
+
+class MedADConfig(Config, MedADSettings):
+    pass
+
+
+def _panels(df: pl.DataFrame, n: int) -> list[dict]:
+    return [
+        {
+            "image": decode_png(r["image_png"]),
+            "mask": decode_png(r["mask_png"]) if "mask_png" in r else None,
+            "label": r["label"],
+        }
+        for r in df.head(n).to_dicts()
+    ]
+
+
+@multi_asset(
+    outs={
+        "medad_bases": AssetOut(
+            description="Base images from the reviewed allow-list (modality, anatomy, licence, de-identified DICOM header, tissue mask); normal bases and the real-anomaly evaluation slice."
+        ),
+        "medad_bases_rejected": AssetOut(
+            description="Allow-list entries that could not be loaded or gave an unusable image, with the reason."
+        ),
+    },
+    group_name=GROUP,
+)
+def medad_base_assets(context: AssetExecutionContext, config: MedADConfig):
+    entries = load_allowlist(config.allowlist_path())
+    bases, failures = load_bases(entries, config.image_size)
+    kept = bases_frame(bases)
+    rejected = rejected_frame(
+        Rejected(e["id"], "bases", reason, detail, [e["id"]], "allowlist", entries.index(e), e)
+        for e, reason, detail in failures
+    )
+    md = dataset_metadata(
+        kept,
+        rejected,
+        len(entries),
+        settings=config.model_dump_json(),
+        **{f"role_{k}": v for k, v in Counter(kept["role"].to_list()).items()},
+    )
+    md["preview"] = MetadataValue.md(
+        markdown_table(kept.select("base_id", "role", "modality", "anatomy", "licence"), width=60)
+    )
+    md["bases"] = contact_sheet(
+        [
+            {"image": decode_png(r["image_png"]), "mask": None, "label": r["base_id"]}
+            for r in kept.to_dicts()
+        ],
+        "MedAD base images (allow-list)",
+    )
+    yield from dataset_outputs("medad_bases", kept, rejected, md)
+
+
+@multi_asset(
+    outs={
+        "medad_cases": AssetOut(
+            description="Cases: a base image with 0-3 synthetic lesions (label mask = the truth) through a seeded acquisition center; split train / test / heldout_center / real_anomaly."
+        ),
+        "medad_cases_rejected": AssetOut(
+            description="Planned cases dropped because a lesion did not fit in the tissue or was no longer visible (CNR below min_cnr) after the center transform."
+        ),
+    },
+    ins={"medad_bases": AssetIn()},
+    group_name=GROUP,
+)
+def medad_case_assets(
+    context: AssetExecutionContext, config: MedADConfig, medad_bases: pl.DataFrame
+):
+    kept, rejected, n_in = build_cases(bases_from_frame(medad_bases), config, log=context.log.info)
+    md = dataset_metadata(kept, rejected, n_in, settings=config.model_dump_json())
+    md["centers"] = MetadataValue.md(
+        markdown_table(
+            pl.DataFrame([vars(c) for c in center_profiles(config)]).with_columns(
+                pl.col(pl.Float64).round(3)
+            )
+        )
+    )
+    if kept.height:
+        md["per_split"] = MetadataValue.json(dict(Counter(kept["split"].to_list())))
+        md["abnormal_share"] = round(float(kept["abnormal"].mean()), 4)
+        cnr = [f["cnr"] for ls in kept["lesions"].to_list() for f in ls]
+        if cnr:
+            md["lesion_cnr"] = histogram(cnr, "lesion contrast-to-noise after the center", "CNR")
+        sample = (
+            kept.filter(pl.col("split") != "real_anomaly")
+            .sort("abnormal", "plan_index", descending=[True, False])
+            .with_columns(
+                label=pl.col("base_id").str.slice(0, 14)
+                + " "
+                + pl.col("center")
+                + pl.when(pl.col("abnormal"))
+                .then(pl.lit(" n=") + pl.col("lesion_count").cast(pl.Utf8))
+                .otherwise(pl.lit(" normal"))
+            )
+        )
+        abnormal = sample.filter(pl.col("abnormal"))
+        # One abnormal case per base first, so every modality shows, then normal ones.
+        shown = pl.concat(
+            [
+                abnormal.unique("base_id", keep="first", maintain_order=True),
+                sample.filter(~pl.col("abnormal")).head(6),
+            ]
+        )
+        md["contact_sheet"] = contact_sheet(
+            _panels(shown, 18), "MedAD cases with lesion contours (red)"
+        )
+    yield from dataset_outputs("medad_cases", kept, rejected, md)
+
+
+@asset_check(
+    asset="medad_cases",
+    blocking=True,
+    additional_ins={"rejected": AssetIn("medad_cases_rejected")},
+    description="No planned case lost: planned = kept + rejected, each exactly once.",
+)
+def medad_cases_accounted(
+    context: AssetCheckExecutionContext, cases: pl.DataFrame, rejected: pl.DataFrame
+) -> AssetCheckResult:
+    return accounting_result(
+        *planned_account(context, "medad_cases", cases["plan_index"].to_list(), rejected)
+    )
+
+
+@asset_check(
+    asset="medad_cases",
+    description="Class balance: the abnormal share of the synthetic cases is within 0.15 of abnormal_rate.",
+)
+def medad_class_balance(
+    context: AssetCheckExecutionContext, cases: pl.DataFrame
+) -> AssetCheckResult:
+    s = run_settings(context, "medad_cases", MedADSettings)
+    report = balance_report(cases, s.abnormal_rate)
+    return AssetCheckResult(
+        passed=report["passed"],
+        severity=AssetCheckSeverity.WARN,
+        metadata={
+            k: MetadataValue.json(v) if isinstance(v, dict) else v for k, v in report.items()
+        },
+    )
+
+
+@asset_check(
+    asset="medad_cases",
+    additional_ins={"bases": AssetIn("medad_bases")},
+    description="Per-modality and per-center counts: every center and every modality of the normal bases has cases.",
+)
+def medad_case_counts(
+    context: AssetCheckExecutionContext, cases: pl.DataFrame, bases: pl.DataFrame
+) -> AssetCheckResult:
+    s = run_settings(context, "medad_cases", MedADSettings)
+    modalities = sorted(set(bases.filter(pl.col("role") == "normal")["modality"].to_list()))
+    report = coverage_report(cases, [c.center for c in center_profiles(s)], modalities)
+    return AssetCheckResult(
+        passed=report["passed"],
+        severity=AssetCheckSeverity.WARN,
+        metadata={
+            "per_center": bar_plot(report["per_center"], "cases per center", "cases"),
+            "per_modality": MetadataValue.json(report["per_modality"]),
+            "missing": report["missing"],
+        },
+    )
+
+
+@multi_asset(
+    outs={
+        "medad_vqa": AssetOut(
+            description="Multiple-choice items (modality, anatomy, presence, 3x3 location, count, size, characterisation) with answers computed from the mask and a <think>...</think><answer>X</answer> completion."
+        ),
+        "medad_vqa_rejected": AssetOut(
+            description="Cases no item could be made from (an unreadable mask, a mask that disagrees with the recorded lesion count), with the reason."
+        ),
+    },
+    ins={"medad_cases": AssetIn()},
+    group_name=GROUP,
+)
+def medad_vqa_assets(context: AssetExecutionContext, llm: LLMResource, medad_cases: pl.DataFrame):
+    s = run_settings(context, "medad_cases", MedADSettings)
+    client = llm.client() if s.paraphrase_rate > 0 else None
+    kept, rejected, n_in = build_items(
+        medad_cases, s.seed, client, s.paraphrase_rate, log=context.log.info
+    )
+    md = dataset_metadata(
+        kept.drop("facts_json"), rejected, n_in, **(client.stats.as_metadata() if client else {})
+    )
+    if kept.height:
+        md["items_per_type"] = bar_plot(
+            {q: kept.filter(pl.col("question_type") == q).height for q in QUESTION_TYPES},
+            "items per question type",
+            "items",
+        )
+        md["answer_letters"] = MetadataValue.json(
+            dict(sorted(Counter(kept["answer"].to_list()).items()))
+        )
+        md["paraphrase"] = MetadataValue.json(dict(Counter(kept["paraphrase"].to_list())))
+        md["per_split"] = MetadataValue.json(dict(Counter(kept["split"].to_list())))
+    yield from dataset_outputs("medad_vqa", kept, rejected, md)
+
+
+@asset_check(
+    asset="medad_vqa",
+    blocking=True,
+    additional_ins={"rejected": AssetIn("medad_vqa_rejected"), "cases": AssetIn("medad_cases")},
+    description="No case lost: every case has items or a rejected row, never both.",
+)
+def medad_vqa_accounted(
+    context: AssetCheckExecutionContext,
+    items: pl.DataFrame,
+    rejected: pl.DataFrame,
+    cases: pl.DataFrame,
+) -> AssetCheckResult:
+    with_items = sorted(set(items["case_id"].to_list()))
+    acc = account(cases["record_id"].to_list(), with_items, first_parents(rejected))
+    return accounting_result(acc, rows_in(context, "medad_vqa"))
+
+
+@asset_check(
+    asset="medad_vqa",
+    blocking=True,
+    additional_ins={"cases": AssetIn("medad_cases"), "bases": AssetIn("medad_bases")},
+    description="Verifier: every answer recomputed from its case's mask and its base's allow-list metadata; the reasoning's claims agree with those facts and back the answer. Must hold for 100% of items.",
+)
+def medad_answers_verified(
+    items: pl.DataFrame, cases: pl.DataFrame, bases: pl.DataFrame
+) -> AssetCheckResult:
+    problems = answer_problems(items, cases, bases)
+    verified = items.height - len(problems)
+    return AssetCheckResult(
+        passed=items.height > 0 and not problems,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={
+            "items": items.height,
+            "verified": verified,
+            "verified_share": round(verified / items.height, 4) if items.height else 0.0,
+            "examples": problems[:10],
+        },
+    )
+
+
+@asset_check(
+    asset="medad_vqa",
+    blocking=True,
+    additional_ins={
+        "bases": AssetIn("medad_bases"),
+        "bases_rejected": AssetIn("medad_bases_rejected"),
+        "cases": AssetIn("medad_cases"),
+        "cases_rejected": AssetIn("medad_cases_rejected"),
+        "items_rejected": AssetIn("medad_vqa_rejected"),
+    },
+    description="No PHI: the identifying values of every allow-listed DICOM file (names, ids, dates, UIDs, institutions) appear in no cell of any MedAD output, images included.",
+)
+def medad_no_phi(
+    context: AssetCheckExecutionContext,
+    items: pl.DataFrame,
+    bases: pl.DataFrame,
+    bases_rejected: pl.DataFrame,
+    cases: pl.DataFrame,
+    cases_rejected: pl.DataFrame,
+    items_rejected: pl.DataFrame,
+) -> AssetCheckResult:
+    s = run_settings(context, "medad_cases", MedADSettings)
+    phi = read_dicom_phi(load_allowlist(s.allowlist_path()))
+    hits = phi_hits(
+        {
+            "medad_bases": bases,
+            "medad_bases_rejected": bases_rejected,
+            "medad_cases": cases,
+            "medad_cases_rejected": cases_rejected,
+            "medad_vqa": items,
+            "medad_vqa_rejected": items_rejected,
+        },
+        phi,
+    )
+    return AssetCheckResult(
+        passed=not hits,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={"identifying_values_scanned": len(phi), "hits": len(hits), "examples": hits[:10]},
+    )
+
+
+@asset_check(
+    asset="medad_vqa",
+    blocking=True,
+    additional_ins={"cases": AssetIn("medad_cases")},
+    description=f"Gate before training: at least {MIN_TRAINING_ITEMS} training items; no case of the test, held-out-center or real-anomaly splits among them; every training completion well-formed.",
+)
+def medad_vqa_ready_for_training(items: pl.DataFrame, cases: pl.DataFrame) -> AssetCheckResult:
+    from synth.medad.vqa import parse_completion
+
+    split_of = dict(zip(cases["record_id"].to_list(), cases["split"].to_list(), strict=True))
+    train = items.filter(pl.col("split") == "train")
+    leaked = sum(split_of.get(c) != "train" for c in train["case_id"].to_list())
+    malformed = sum(parse_completion(c) is None for c in train["completion"].to_list())
+    types = sorted(set(train["question_type"].to_list()))
+    return AssetCheckResult(
+        passed=train.height >= MIN_TRAINING_ITEMS and not leaked and not malformed,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={
+            "observed_train_items": train.height,
+            "threshold": MIN_TRAINING_ITEMS,
+            "train_items_from_eval_cases": leaked,
+            "malformed_completions": malformed,
+            "question_types": types,
+        },
+    )
+
+
+class MedADTrainConfig(Config):
+    sft_steps: int = 4
+    grpo_steps: int = 2
+    num_generations: int = 4
+    max_completion_length: int = 96
+    temperature: float = 1.0
+    w_format: float = 0.2
+    w_accuracy: float = 0.6
+    w_consistency: float = 0.2
+    batch_size: int = 4
+    learning_rate: float = 2e-4
+    grid: int = 4
+    lora_r: int = 16
+    lora_alpha: int = 32
+    seed: int = 0
+
+
+def _training_inputs(run_dir, items: pl.DataFrame, cases: pl.DataFrame) -> list[str]:
+    items_path, cases_path = run_dir / "items.parquet", run_dir / "cases.parquet"
+    items.write_parquet(items_path)
+    cases.select("record_id", "image_png").write_parquet(cases_path)
+    return ["--items", str(items_path), "--cases", str(cases_path)]
+
+
+@asset(
+    group_name=GROUP,
+    ins={"medad_vqa": AssetIn(), "medad_cases": AssetIn()},
+    automation_condition=TRAIN_WHEN_GATES_PASS,
+)
+def medad_model(
+    context: AssetExecutionContext,
+    config: MedADTrainConfig,
+    trainer: TrainerResource,
+    medad_vqa: pl.DataFrame,
+    medad_cases: pl.DataFrame,
+) -> Output[pl.DataFrame]:
+    """The MedAD vision-language model: think/answer SFT, then GRPO with the format,
+    accuracy and consistency rewards, trained out of process through Pipes. On a CPU a
+    prefix VLM on SmolLM2-135M; with ALIGNFOUNDRY_BASE_MODEL a local HF VLM."""
+    run_dir = trainer.run_dir(f"medad-{context.run_id}")
+    s = run_settings(context, "medad_cases", MedADSettings)
+    args = [
+        *_training_inputs(run_dir, medad_vqa, medad_cases),
+        "--output-dir",
+        str(run_dir / "model"),
+        "--image-size",
+        str(s.image_size),
+    ]
+    if trainer.base_model:
+        args += ["--model", trainer.base_model]
+    reported = trainer.launch_reported(context, "train.medad", [*args, *trainer.flags(config)])
+    history = reported["history"]
+    keys = (
+        "final_sft_loss",
+        "final_reward",
+        "train_items",
+        "trainable_tensors_changed",
+        "trainable_tensors",
+        "sft_tokens_per_s",
+        "grpo_completions_per_s",
+        "device",
+    )
+    md = {k: reported[k] for k in keys}
+    md["model_dir"] = MetadataValue.path(str(reported["output_dir"]))
+    md["history"] = MetadataValue.json(history)
+    if history["sft"]:
+        md["sft_loss_curve"] = line_plot(
+            [h["step"] for h in history["sft"]],
+            {"loss": [h["loss"] for h in history["sft"]]},
+            "MedAD SFT loss (think/answer)",
+            "step",
+        )
+    if history["grpo"]:
+        md["reward_curve"] = line_plot(
+            [h["step"] for h in history["grpo"]],
+            {
+                k: [h[k] for h in history["grpo"]]
+                for k in ("reward", "format", "accuracy", "consistency")
+            },
+            "MedAD GRPO reward and its parts",
+            "step",
+        )
+    summary = pl.DataFrame(
+        [{"model_dir": str(reported["output_dir"]), **{k: reported[k] for k in keys}}]
+    )
+    return Output(summary, metadata=md)
+
+
+class MedADEvalConfig(Config):
+    max_new_tokens: int = 96
+    limit_per_split: int = 0  # 0 = every evaluation item
+    batch_size: int = 8
+
+
+@asset(
+    group_name=GROUP,
+    ins={"medad_model": AssetIn(), "medad_vqa": AssetIn(), "medad_cases": AssetIn()},
+)
+def medad_eval(
+    context: AssetExecutionContext,
+    config: MedADEvalConfig,
+    trainer: TrainerResource,
+    medad_model: pl.DataFrame,
+    medad_vqa: pl.DataFrame,
+    medad_cases: pl.DataFrame,
+) -> Output[pl.DataFrame]:
+    """Accuracy per question type and per center (in-distribution test vs held-out
+    center vs the real-anomaly slice), format rate and reasoning-answer consistency of
+    the trained model, against the chance rate of each question type."""
+    run_dir = trainer.run_dir(f"medad-eval-{context.run_id}")
+    out = run_dir / "predictions.parquet"
+    args = [
+        "--model-dir",
+        medad_model["model_dir"][0],
+        *_training_inputs(run_dir, medad_vqa, medad_cases),
+        "--out",
+        str(out),
+    ]
+    trainer.launch(context, "train.medad_eval", [*args, *trainer.flags(config)])
+    table = pl.read_parquet(out)
+    table = table.with_columns(chance=1.0 / pl.col("options"))
+
+    def rates(by: str) -> pl.DataFrame:
+        return (
+            table.group_by(by)
+            .agg(
+                pl.len().alias("items"),
+                pl.col("correct").mean().alias("accuracy"),
+                pl.col("chance").mean().alias("chance"),
+                pl.col("format_ok").mean().alias("format_ok"),
+                pl.col("consistency").mean().alias("consistency"),
+            )
+            .sort(by)
+            .with_columns(pl.col(pl.Float64).round(4))
+        )
+
+    per_type, per_split, per_center = rates("question_type"), rates("split"), rates("center")
+    md = {
+        "items": table.height,
+        "accuracy": round(float(table["correct"].mean()), 4),
+        "format_ok": round(float(table["format_ok"].mean()), 4),
+        "consistency": round(float(table["consistency"].mean()), 4),
+        **{f"accuracy_{r['split']}": r["accuracy"] for r in per_split.to_dicts()},
+        "per_question_type": MetadataValue.md(markdown_table(per_type)),
+        "per_split": MetadataValue.md(markdown_table(per_split)),
+        "per_center": MetadataValue.md(markdown_table(per_center)),
+        "accuracy_by_type": bar_plot(
+            dict(
+                zip(
+                    per_type["question_type"].to_list(), per_type["accuracy"].to_list(), strict=True
+                )
+            ),
+            "MedAD accuracy per question type",
+            "accuracy",
+        ),
+        "accuracy_by_split": bar_plot(
+            dict(zip(per_split["split"].to_list(), per_split["accuracy"].to_list(), strict=True)),
+            "MedAD accuracy: test vs held-out center vs real",
+            "accuracy",
+        ),
+    }
+    return Output(table, metadata=md)
+
+
+assets = [medad_base_assets, medad_case_assets, medad_vqa_assets, medad_model, medad_eval]
+checks = [
+    medad_cases_accounted,
+    medad_class_balance,
+    medad_case_counts,
+    medad_vqa_accounted,
+    medad_answers_verified,
+    medad_no_phi,
+    medad_vqa_ready_for_training,
+]

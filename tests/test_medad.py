@@ -1,0 +1,377 @@
+"""MedAD: the allow-list and its loaders (wheels, a local folder, a local HF dataset),
+DICOM de-identification and the PHI scan, lesions that sit where the mask says and are
+rejected when the center hides them, the verifier catching tampering, the rewards, the
+LLM paraphrase with its claims re-verified, and the job end to end (SFT + GRPO + eval)."""
+
+import io
+import json
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+from dagster import DagsterInstance
+
+from pipelines.definitions import build_definitions
+from quality.medad import answer_problems, balance_report, phi_hits
+from synth.llm import EmbeddedBackend, LLMClient, OpenAICompatBackend
+from synth.medad.bases import (
+    PHI_TAGS,
+    AllowListError,
+    bases_frame,
+    decode_png,
+    encode_png,
+    load_allowlist,
+    load_bases,
+    luminance,
+    package_file,
+    phi_values,
+    read_dicom_phi,
+)
+from synth.medad.cases import DIRECTION, CaseSettings, build_cases, center_profiles
+from synth.medad.vqa import (
+    LETTERS,
+    build_items,
+    completion,
+    parse_claims,
+    parse_completion,
+)
+from train.medad_rewards import rewards
+
+from conftest import decode_png as decode_plot
+from faulty_server import FaultyOpenAIServer
+
+# Files the issue rules out as normal bases: pathology, overlays, bit-depth test patterns.
+NOT_NORMAL = ("RG1_", "RG3_", "693_", "J2K_pixelrep_mismatch", "WithOverlays", "microaneurysms")
+
+
+@pytest.fixture(scope="module")
+def entries():
+    return load_allowlist()
+
+
+@pytest.fixture(scope="module")
+def small(entries):
+    """Bases, cases and items for four bases (MRI, CT, ultrasound, fundus) at 96 px."""
+    keep = {"dipy_t1_coronal", "pydicom_ct_small", "pydicom_us_aloka", "skimage_retina"}
+    keep |= {"pydicom_tibia_fibroma"}
+    bases, failures = load_bases([e for e in entries if e["id"] in keep], 96)
+    assert not failures
+    s = CaseSettings(image_size=96, centers=3, cases_per_base=2)
+    cases, rejected, n = build_cases(bases, s)
+    items, item_rejects, _ = build_items(cases, s.seed)
+    return bases, s, cases, rejected, n, items, item_rejects
+
+
+def test_allowlist_is_reviewed_and_a_bad_entry_is_named(entries, tmp_path):
+    normal = [e for e in entries if e["role"] == "normal"]
+    assert {e["modality"] for e in normal} >= {
+        "MRI",
+        "CT",
+        "ultrasound",
+        "fundus photography",
+        "histopathology",
+    }
+    assert not [e["path"] for e in normal if any(bad in e["path"] for bad in NOT_NORMAL)]
+    real = [e for e in entries if e["role"] == "real_anomaly"]
+    assert len(real) >= 2 and all(e["finding"] for e in real)
+    assert all(e["licence"] and package_file(e).exists() for e in entries)
+
+    bad = tmp_path / "bases.yaml"
+    bad.write_text(
+        "bases:\n  - {id: x, role: normal, loader: npy, modality: MRI, anatomy: brain}\n"
+    )
+    with pytest.raises(AllowListError, match=r"x\.licence: missing"):
+        load_allowlist(bad)
+    bad.write_text(
+        "bases:\n  - {id: y, role: normal, loader: zip, modality: MRI, anatomy: brain, licence: MIT}\n"
+    )
+    with pytest.raises(AllowListError, match=r"y\.loader: 'zip' is not one of"):
+        load_allowlist(bad)
+
+
+def test_dicom_headers_are_deidentified(entries):
+    import pydicom
+
+    dicom = [e for e in entries if e["loader"] == "dicom"]
+    bases, _ = load_bases(dicom, 64)
+    assert len(bases) == len(dicom)
+    for e, b in zip(dicom, bases, strict=True):
+        ds = pydicom.dcmread(package_file(e), stop_before_pixels=True)
+        identifying = phi_values(ds)
+        assert not set(b.header) & set(PHI_TAGS)
+        text = json.dumps(b.header)
+        assert not [v for v in identifying if v in text], b.base_id
+        if "SOPInstanceUID" in b.header:  # replaced, not copied
+            assert b.header["SOPInstanceUID"] != str(ds.SOPInstanceUID)
+    # The shipped files do carry identifiers, so the scan has something to find.
+    assert "CompressedSamples^CT1" in read_dicom_phi(dicom)
+
+
+def test_folder_and_huggingface_loaders_read_local_copies(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "isic_like"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(
+            folder / f"img{i}.png"
+        )
+    (folder / "notes.txt").write_text("not an image")
+    spec = {
+        "role": "normal",
+        "modality": "dermoscopy",
+        "anatomy": "skin",
+        "licence": "test",
+        "tissue": {"method": "fov"},
+    }
+    bases, failures = load_bases(
+        [{**spec, "id": "local", "loader": "folder", "path": str(folder)}], 32
+    )
+    assert not failures and [b.base_id for b in bases] == ["local-img0", "local-img1", "local-img2"]
+    assert bases[0].image.shape == (32, 32, 3) and bases[0].image.max() <= 1.0
+    # A local copy of a Hugging Face image dataset (an imagefolder), through load_dataset.
+    bases, failures = load_bases(
+        [{**spec, "id": "hf", "loader": "hf", "dataset": str(folder), "limit": 2}], 32
+    )
+    assert not failures and len(bases) == 2
+    bases, failures = load_bases(
+        [{**spec, "id": "gone", "loader": "folder", "path": str(tmp_path / "nope")}], 32
+    )
+    assert not bases and failures[0][1] == "load_failed" and "gone.path" in failures[0][2]
+
+
+def test_lesions_sit_where_the_mask_says_and_hidden_ones_are_rejected(small):
+    bases, s, cases, rejected, n, _, _ = small
+    assert cases.height + rejected.height == n
+    assert set(cases["plan_index"]) | set(rejected["source_index"]) == set(range(n))
+    abnormal = cases.filter(pl.col("abnormal") & (pl.col("split") != "real_anomaly"))
+    assert abnormal.height and cases.filter(~pl.col("abnormal")).height
+    for r in abnormal.to_dicts():
+        img, mask = decode_png(r["image_png"]).astype(np.float32), decode_png(r["mask_png"])
+        lum = luminance(img)
+        assert r["lesion_count"] == len(np.unique(mask)) - 1 >= 1
+        for lesion in r["lesions"]:
+            inside = lum[mask == lesion["label"]].mean()
+            tissue = decode_png(r["tissue_png"]).astype(bool) & (mask == 0)
+            outside = lum[tissue].mean()
+            # The finding's direction of contrast holds against the surrounding tissue.
+            assert (inside < outside) == (DIRECTION[r["finding"]] == "dark"), r["record_id"]
+            assert lesion["cnr"] >= s.min_cnr
+    assert balance_report(cases, s.abnormal_rate)["passed"]
+    # A center so noisy that no lesion stays visible: every abnormal case is rejected.
+    hidden, dropped, m = build_cases(
+        bases, CaseSettings(image_size=96, centers=2, cases_per_base=2, min_cnr=50.0)
+    )
+    assert hidden.height + dropped.height == m
+    assert set(dropped["reason"]) == {"lesion_not_visible"}
+    assert not hidden.filter(pl.col("lesion_count") > 0).height
+    assert all("CNR" in d and "min_cnr 50.0" in d for d in dropped["detail"])
+
+
+def test_centers_are_seeded_and_the_heldout_one_shifts_more():
+    a, b = center_profiles(CaseSettings(seed=3)), center_profiles(CaseSettings(seed=3))
+    assert a == b and a != center_profiles(CaseSettings(seed=4))
+    assert [c.heldout for c in a] == [False, False, False, True]
+    assert a[-1].severity == 1.5 and a[0].severity == 1.0
+    with pytest.raises(ValueError, match="heldout_centers=4 must be"):
+        center_profiles(CaseSettings(centers=4, heldout_centers=4))
+
+
+def test_verifier_catches_tampered_answers_masks_and_reasoning(small):
+    bases, _, cases, _, _, items, item_rejects = small
+    base_table = bases_frame(bases)
+    assert item_rejects.height == 0
+    assert answer_problems(items, cases, base_table) == []
+    types = set(items["question_type"])
+    assert types == {
+        "modality",
+        "anatomy",
+        "presence",
+        "location",
+        "count",
+        "size",
+        "characterisation",
+    }
+
+    # A wrong letter.
+    i = items["question_type"].to_list().index("count")
+    wrong = LETTERS[(LETTERS.index(items["answer"][i]) + 1) % len(items["options"][i])]
+    tampered = items.with_columns(
+        answer=pl.when(pl.int_range(pl.len()) == i).then(pl.lit(wrong)).otherwise(pl.col("answer"))
+    )
+    problems = answer_problems(tampered, cases, base_table)
+    assert len(problems) == 1 and problems[0].startswith(
+        f"item {items['record_id'][i]} (count): answer"
+    )
+    # Reasoning that claims another count than the mask holds.
+    think, letter = parse_completion(items["completion"][i])
+    facts = json.loads(items["facts_json"][i])
+    words = ("one", "two", "three", "four")
+    lie = think.replace(words[facts["count"] - 1], words[facts["count"] % 4], 1)
+    bad_cot = items.with_columns(
+        completion=pl.when(pl.int_range(pl.len()) == i)
+        .then(pl.lit(completion(lie, letter)))
+        .otherwise(pl.col("completion"))
+    )
+    assert any("completion" in p for p in answer_problems(bad_cot, cases, base_table))
+    # A mask edited after the items were made: the facts no longer match.
+    case_id = items["case_id"][i]
+    blank = encode_png(np.zeros((96, 96), np.uint8))
+    edited = cases.with_columns(
+        mask_png=pl.when(pl.col("record_id") == case_id)
+        .then(pl.lit(blank))
+        .otherwise(pl.col("mask_png"))
+    )
+    broken = answer_problems(items, edited, base_table)
+    assert broken and all(case_id in "".join(broken) or "item" in p for p in broken)
+    assert len(broken) >= items.filter(pl.col("case_id") == case_id).height
+
+
+def test_phi_scan_finds_an_identifier_in_text_and_in_image_bytes(small):
+    _, _, cases, _, _, items, _ = small
+    phi = {"CompressedSamples^CT1", "19450312"}
+    assert phi_hits({"medad_vqa": items, "medad_cases": cases}, phi) == []
+    leaked = items.with_columns(question=pl.lit("patient compressedsamples^ct1: what is this?"))
+    assert len(phi_hits({"medad_vqa": leaked}, phi)) == items.height
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "PatientBirthDate 19450312")
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(buf, format="PNG", pnginfo=info)
+    burned = cases.head(1).with_columns(image_png=pl.lit(buf.getvalue()))
+    hits = phi_hits({"medad_cases": burned}, phi)
+    assert hits == ["medad_cases.image_png[0]: '19450312'"]
+
+
+def test_rewards_separate_right_wrong_malformed_and_inconsistent(small):
+    items = small[5]
+    row = items.filter(pl.col("question_type") == "count").row(0, named=True)
+    item = {**row, "facts": json.loads(row["facts_json"])}
+    right = rewards(row["completion"], item)
+    assert right == {
+        "format": 1.0,
+        "accuracy": 1.0,
+        "consistency": 1.0,
+        "total": pytest.approx(1.0),
+    }
+    think, letter = parse_completion(row["completion"])
+    other = next(c for c in LETTERS[: len(row["options"])] if c != letter)
+    wrong = rewards(completion(think, other), item)
+    assert wrong["accuracy"] == 0.0 and wrong["consistency"] == 0.0 and wrong["format"] == 1.0
+    assert rewards(f"{think} so {letter}", item) == {
+        "format": 0.0,
+        "accuracy": 0.0,
+        "consistency": 0.0,
+        "total": 0.0,
+    }
+    silent = rewards(completion("Looking carefully at the image.", letter), item)
+    assert silent["consistency"] == 0.5 and silent["accuracy"] == 1.0
+    both = rewards(completion(think + " I see no focal lesion.", letter), item)
+    assert both["consistency"] == 0.0
+    assert parse_claims(think + " I see no focal lesion.")["abnormal"] == [False, True]
+
+
+def test_paraphrase_is_kept_only_when_its_claims_survive(small):
+    cases = small[2].filter(~pl.col("abnormal")).head(1)
+    client = LLMClient(EmbeddedBackend())
+    items, _, _ = build_items(cases, 0, client, paraphrase_rate=1.0)
+    assert items.height == 3 and set(items["paraphrase"]) <= {
+        "accepted",
+        "rejected_claims_changed",
+        "failed",
+    }
+    original, _, _ = build_items(cases, 0)
+    for para, orig in zip(items.to_dicts(), original.to_dicts(), strict=True):
+        claims = parse_claims(parse_completion(para["completion"])[0])
+        assert claims == parse_claims(parse_completion(orig["completion"])[0])
+        if para["paraphrase"] != "accepted":
+            assert para["completion"] == orig["completion"]
+    # A server that fails every call: the original reasoning stays, marked failed.
+    with FaultyOpenAIServer("server_error") as server:
+        faulty = LLMClient(OpenAICompatBackend(server.base_url, "faulty", max_retries=0))
+        failed, _, _ = build_items(cases, 0, faulty, paraphrase_rate=1.0)
+    assert set(failed["paraphrase"]) == {"failed"}
+    assert failed["completion"].to_list() == original["completion"].to_list()
+
+
+MEDAD = {"image_size": 96, "centers": 3, "cases_per_base": 1, "paraphrase_rate": 0.03}
+
+
+def _run_job(tmp_path, medad):
+    return (
+        build_definitions(tmp_path)
+        .resolve_job_def("medad")
+        .execute_in_process(
+            instance=DagsterInstance.ephemeral(),
+            raise_on_error=False,
+            run_config={
+                "ops": {
+                    "medad_base_assets": {"config": medad},
+                    "medad_case_assets": {"config": medad},
+                    "medad_model": {
+                        "config": {
+                            "sft_steps": 2,
+                            "grpo_steps": 1,
+                            "num_generations": 2,
+                            "batch_size": 2,
+                            "max_completion_length": 32,
+                        }
+                    },
+                    "medad_eval": {"config": {"max_new_tokens": 24, "limit_per_split": 2}},
+                }
+            },
+        )
+    )
+
+
+def test_failed_gate_stops_medad_training(tmp_path):
+    # Every in-distribution case is a test case: nothing to train on.
+    result = _run_job(tmp_path, {**MEDAD, "test_every": 1, "paraphrase_rate": 0.0})
+    checks = {e.asset_check_key.name: e for e in result.get_asset_check_evaluations()}
+    gate = checks["medad_vqa_ready_for_training"]
+    assert not gate.passed and gate.metadata["observed_train_items"].value == 0
+    assert checks["medad_answers_verified"].passed and checks["medad_no_phi"].passed
+    materialized = {e.asset_key.path[-1] for e in result.get_asset_materialization_events()}
+    assert "medad_vqa" in materialized and not materialized & {"medad_model", "medad_eval"}
+
+
+def test_medad_job_end_to_end(tmp_path):
+    result = _run_job(tmp_path, MEDAD)
+    checks = {e.asset_check_key.name: e for e in result.get_asset_check_evaluations()}
+    assert {n for n, e in checks.items() if not e.passed} == set()
+    assert result.success
+    assert checks["medad_answers_verified"].metadata["verified_share"].value == 1.0
+    assert checks["medad_no_phi"].metadata["identifying_values_scanned"].value > 10
+    storage = tmp_path / "storage"
+    bases = pl.read_parquet(storage / "medad_bases.parquet")
+    assert bases.filter(pl.col("role") == "real_anomaly").height == 3
+    cases = pl.read_parquet(storage / "medad_cases.parquet")
+    dropped = pl.read_parquet(storage / "medad_cases_rejected.parquet")
+    normal_bases = bases.filter(pl.col("role") == "normal").height
+    assert cases.height + dropped.height == 3 * normal_bases + 3
+    assert set(cases["split"]) == {"train", "test", "heldout_center", "real_anomaly"}
+    items = pl.read_parquet(storage / "medad_vqa.parquet")
+    assert set(items["case_id"]) == set(cases["record_id"])
+    assert set(items["paraphrase"]) - {"none"}  # some reasonings went to the LLM
+
+    mats = {
+        e.asset_key.path[-1]: e.materialization.metadata
+        for e in result.get_asset_materialization_events()
+    }
+    sheet = decode_plot(mats["medad_cases"]["contact_sheet"].value)
+    assert sheet.width > 600 and sheet.height > 200
+    model = mats["medad_model"]
+    assert model["trainable_tensors_changed"].value == model["trainable_tensors"].value > 0
+    assert math.isfinite(model["final_sft_loss"].value)
+    grpo = model["history"].value["grpo"]
+    assert len(grpo) == 1 and 0.0 <= grpo[0]["reward"] <= 1.0 and grpo[0]["completion_tokens"] > 0
+    decode_plot(model["sft_loss_curve"].value)
+    evaluation = pl.read_parquet(storage / "medad_eval.parquet")
+    assert set(evaluation["split"]) == {"test", "heldout_center", "real_anomaly"}
+    assert evaluation.height == 6 and evaluation["generation"].str.len_chars().min() > 0
+    md = mats["medad_eval"]
+    assert 0.0 <= md["accuracy_heldout_center"].value <= 1.0
+    decode_plot(md["accuracy_by_split"].value)
