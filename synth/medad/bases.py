@@ -80,6 +80,20 @@ PHI_TAGS = (
     "PerformedProcedureStepID",
     "ScheduledProcedureStepID",
 )
+# Removed, but not scanned for: their values ("SHOULDER", "abdomen^liver") describe the
+# study rather than identify anyone, and would match ordinary metadata.
+FREE_TEXT_TAGS = frozenset(
+    {
+        "StudyDescription",
+        "SeriesDescription",
+        "ProtocolName",
+        "DerivationDescription",
+        "RequestedProcedureDescription",
+        "PerformedProcedureStepDescription",
+        "ImageComments",
+        "StudyComments",
+    }
+)
 UID_TAGS = (
     "InstanceCreatorUID",
     "StudyInstanceUID",
@@ -231,14 +245,14 @@ def phi_values(ds: Any) -> set[str]:
     """The identifying values a DICOM file carries (what must never reach an output)."""
     values = set()
     for name in (*PHI_TAGS, *UID_TAGS):
-        if name not in ds:
+        if name not in ds or name in FREE_TEXT_TAGS:
             continue
-        elem = ds.data_element(name)
-        v = str(elem.value or "").strip()
-        # A person's name also by its parts; short values (sex, an age, a time of day)
+        v = str(ds.data_element(name).value or "").strip()
+        # A name also as it reads in prose; short values (sex, an age, a time of day)
         # are too common to scan for.
-        parts = {v, *v.replace("^", " ").split()} if elem.VR == "PN" else {v}
-        values |= {p for p in parts if len(p) >= (8 if p.isdigit() else 5)}
+        for form in {v, " ".join(v.replace("^", " ").split())}:
+            if len(form) >= (8 if form.isdigit() else 5):
+                values.add(form)
     return values
 
 
