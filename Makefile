@@ -62,6 +62,7 @@ bench: venv
 	$(PY) -m benchmarks.semantic_dedup
 	$(PY) -m benchmarks.expectations_rate
 	$(PY) -m benchmarks.ultraprompt_search
+	$(PY) -m benchmarks.medad
 	$(PY) -m benchmarks.personaknob
 	$(PY) -m benchmarks.personaatlas
 

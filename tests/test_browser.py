@@ -35,6 +35,7 @@ FAMILY_GROUPS = (
     "ultraprompt",
     "personaknob",
     "personaatlas",
+    "medad",
     "quality",
 )
 

@@ -138,5 +138,6 @@ def test_schedules_ship_stopped_and_target_family_jobs(tmp_path):
         "ultraprompt",
         "personaknob",
         "personaatlas",
+        "medad",
         "judges",
     } <= {j.name for j in repo.get_all_jobs()}

@@ -137,11 +137,15 @@ def test_training_waits_for_its_gates(tmp_path, gate_passes):
         "paligner_model": ("ultraprompt_curated", "ultraprompt_curated_ready_for_training"),
         "personaknob_model": ("personaknob_pairs", "personaknob_pairs_ready_for_training"),
         "personaatlas_model": ("personaatlas_ppopt", "personaatlas_ppopt_ready_for_training"),
+        "medad_model": ("medad_vqa", "medad_vqa_ready_for_training"),
     }
     for target, (gated, gate) in gates.items():
-        for parent in graph.get(AssetKey(target)).parent_keys:
+        parents = graph.get(AssetKey(target)).parent_keys
+        assert AssetKey(gated) in parents
+        for parent in parents:
             instance.report_runless_asset_event(AssetMaterialization(parent))
-        for ck in [ck for ck in graph.asset_check_keys if ck.asset_key == AssetKey(gated)]:
+        # Every check on every parent passes, but the gate when gate_passes is False.
+        for ck in [ck for ck in graph.asset_check_keys if ck.asset_key in parents]:
             instance.report_runless_asset_event(
                 AssetCheckEvaluation(
                     asset_key=ck.asset_key,

@@ -16,3 +16,4 @@ def test_dagster_dev_serves_the_asset_graph(cli_env):
         )
         assert groups["personaknob_pairs"] == groups["personaknob_eval"] == "personaknob"
         assert groups["personaatlas_trajectories"] == groups["personaatlas_eval"] == "personaatlas"
+        assert groups["medad_cases"] == groups["medad_eval"] == "medad"
