@@ -212,7 +212,7 @@ class HFVLM:
         config = LoraConfig(
             r=lora_r,
             lora_alpha=lora_alpha,
-            target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)",
+            target_modules=r".*(language_model|text_model).*\.(q_proj|k_proj|v_proj|o_proj)$",
             task_type="CAUSAL_LM",
         )
         self.lm = get_peft_model(model, config)
@@ -281,6 +281,12 @@ def _until_eos(tokens: list[int], eos: int) -> list[int]:
     return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
 
 
+def is_hf_vlm(model: str) -> bool:
+    """A local Hugging Face vision-language model: its config has a vision part."""
+    config = Path(model) / "config.json" if model else None
+    return bool(config and config.exists() and "vision_config" in json.loads(config.read_text()))
+
+
 def build_model(model: str, image_size: int, grid: int, lora_r: int, lora_alpha: int, seed: int):
     import torch
 
@@ -288,7 +294,7 @@ def build_model(model: str, image_size: int, grid: int, lora_r: int, lora_alpha:
 
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if model and (Path(model) / "preprocessor_config.json").exists():
+    if is_hf_vlm(model):
         return HFVLM(model, lora_r, lora_alpha, device)
     lm, tok, _ = load_lora_policy(model, lora_r, lora_alpha, 0.0, seed)
     return PrefixVLM(lm, tok, image_size, grid, device)
@@ -437,7 +443,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--model",
         default="",
-        help="empty = prefix VLM on the embedded SmolLM2; a causal LM path = prefix VLM on it; a HF VLM folder (with preprocessor_config.json) = that VLM",
+        help="empty = prefix VLM on the embedded SmolLM2; a causal LM path = prefix VLM on it; a local HF vision-language model (config with vision_config) = that VLM",
     )
     ap.add_argument("--image-size", type=int, default=128)
     ap.add_argument("--grid", type=int, default=4, help="prefix tokens per side (grid^2 tokens)")
