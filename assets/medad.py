@@ -2,6 +2,7 @@
 acquisition centers, mask-verified multiple-choice VQA with think-then-answer reasoning,
 SFT + GRPO of a small vision-language model, and per-type / per-center evaluation."""
 
+import os
 from collections import Counter
 
 import polars as pl
@@ -15,6 +16,7 @@ from dagster import (
     Config,
     MetadataValue,
     Output,
+    StaticPartitionsDefinition,
     asset,
     asset_check,
     multi_asset,
@@ -33,6 +35,7 @@ from assets.common import (
 from assets.plots import bar_plot, contact_sheet, histogram, line_plot
 from pipelines.automation import TRAIN_WHEN_GATES_PASS
 from pipelines.resources import LLMResource, TrainerResource
+from pipelines.status import latest_materialization_metadata
 from quality.accounting import account
 from quality.medad import answer_problems, balance_report, coverage_report, phi_hits
 from synth.medad.bases import (
@@ -44,7 +47,13 @@ from synth.medad.bases import (
     load_bases,
     read_dicom_phi,
 )
-from synth.medad.cases import CaseSettings, build_cases, center_profiles
+from synth.medad.cases import (
+    CaseSettings,
+    build_cases,
+    center_names,
+    center_profiles,
+    plan_cases,
+)
 from synth.medad.vqa import QUESTION_TYPES, build_items
 from synth.records import Rejected, rejected_frame
 
@@ -115,26 +124,133 @@ def medad_base_assets(context: AssetExecutionContext, config: MedADConfig):
     yield from dataset_outputs("medad_bases", kept, rejected, md)
 
 
+# One partition per acquisition center. The count is fixed when the code location loads
+# (ALIGNFOUNDRY_MEDAD_CENTERS, default 4) and must equal the `centers` setting.
+MEDAD_CENTERS = StaticPartitionsDefinition(
+    center_names(int(os.environ.get("ALIGNFOUNDRY_MEDAD_CENTERS", "4")))
+)
+
+
+def _case_sheet(cases: pl.DataFrame, title: str, n: int) -> MetadataValue:
+    sample = (
+        cases.filter(pl.col("split") != "real_anomaly")
+        .sort("abnormal", "plan_index", descending=[True, False])
+        .with_columns(
+            label=pl.col("base_id").str.slice(0, 14)
+            + " "
+            + pl.col("center")
+            + pl.when(pl.col("abnormal"))
+            .then(pl.lit(" n=") + pl.col("lesion_count").cast(pl.Utf8))
+            .otherwise(pl.lit(" normal"))
+        )
+    )
+    abnormal = sample.filter(pl.col("abnormal"))
+    # One abnormal case per base first, so every modality shows, then normal ones.
+    shown = pl.concat(
+        [
+            abnormal.unique("base_id", keep="first", maintain_order=True),
+            sample.filter(~pl.col("abnormal")).head(6),
+        ]
+    )
+    return contact_sheet(_panels(shown, n), title)
+
+
 @multi_asset(
     outs={
-        "medad_cases": AssetOut(
-            description="Cases: a base image with 0-3 synthetic lesions (label mask = the truth) through a seeded acquisition center; split train / test / heldout_center / real_anomaly."
+        "medad_center_cases": AssetOut(
+            description="One acquisition center's cases (a partition per center): the normal bases with 0-3 synthetic lesions through that center's profile."
         ),
-        "medad_cases_rejected": AssetOut(
-            description="Planned cases dropped because a lesion did not fit in the tissue or was no longer visible (CNR below min_cnr) after the center transform."
+        "medad_center_cases_rejected": AssetOut(
+            description="That center's planned cases dropped because a lesion did not fit in the tissue or was no longer visible (CNR below min_cnr)."
         ),
     },
     ins={"medad_bases": AssetIn()},
+    partitions_def=MEDAD_CENTERS,
+    group_name=GROUP,
+)
+def medad_center_case_assets(
+    context: AssetExecutionContext, config: MedADConfig, medad_bases: pl.DataFrame
+):
+    partitions = MEDAD_CENTERS.get_partition_keys()
+    if config.centers != len(partitions):
+        raise ValueError(
+            f"medad config centers={config.centers}, but the medad_center_cases partitions are "
+            f"{len(partitions)} centers (ALIGNFOUNDRY_MEDAD_CENTERS): make them equal"
+        )
+    center = context.partition_key
+    kept, rejected, n_in = build_cases(
+        bases_from_frame(medad_bases),
+        config,
+        log=context.log.info,
+        centers={center},
+        real_anomalies=False,
+    )
+    md = dataset_metadata(kept, rejected, n_in, settings=config.model_dump_json(), center=center)
+    if kept.height:
+        md["abnormal_share"] = round(float(kept["abnormal"].mean()), 4)
+        md["contact_sheet"] = _case_sheet(kept, f"MedAD {center}: cases with lesion contours", 12)
+    yield from dataset_outputs("medad_center_cases", kept, rejected, md)
+
+
+def _shard_settings(context: AssetExecutionContext, shards: dict) -> MedADSettings:
+    """The settings every center shard was made with; an error naming the shards when
+    some are missing or were made with different settings."""
+    expected = MEDAD_CENTERS.get_partition_keys()
+    missing = [c for c in expected if c not in shards]
+    if missing:
+        raise ValueError(
+            f"medad_center_cases has no materialization for {', '.join(missing)}: backfill "
+            "the center partitions first (the UI's Materialize all, or `dagster asset "
+            "materialize --select medad_bases,medad_center_cases,medad_center_cases_rejected "
+            "--partition CENTER -m pipelines.definitions` for each)"
+        )
+    made = {
+        c: latest_materialization_metadata(context.instance, "medad_center_cases", c).get(
+            "settings", ""
+        )
+        for c in expected
+    }
+    if len(set(made.values())) != 1:
+        raise ValueError(
+            "medad_center_cases partitions were made with different settings "
+            f"({', '.join(f'{c}: {v}' for c, v in made.items())}): re-run them with one config"
+        )
+    return MedADSettings.model_validate_json(next(iter(made.values())))
+
+
+@multi_asset(
+    outs={
+        "medad_cases": AssetOut(
+            description="Cases of every center merged, plus the real-anomaly slice: a base image with 0-3 synthetic lesions (label mask = the truth) through a seeded acquisition center; split train / test / heldout_center / real_anomaly."
+        ),
+        "medad_cases_rejected": AssetOut(
+            description="Every center's dropped cases: a lesion that did not fit in the tissue or was no longer visible (CNR below min_cnr) after the center transform."
+        ),
+    },
+    ins={
+        # Missing partitions load as absent, so the body can name them.
+        "medad_center_cases": AssetIn(metadata={"allow_missing_partitions": True}),
+        "medad_center_cases_rejected": AssetIn(metadata={"allow_missing_partitions": True}),
+        "medad_bases": AssetIn(),
+    },
     group_name=GROUP,
 )
 def medad_case_assets(
-    context: AssetExecutionContext, config: MedADConfig, medad_bases: pl.DataFrame
+    context: AssetExecutionContext,
+    medad_center_cases: dict[str, pl.DataFrame],
+    medad_center_cases_rejected: dict[str, pl.DataFrame],
+    medad_bases: pl.DataFrame,
 ):
-    kept, rejected, n_in = build_cases(bases_from_frame(medad_bases), config, log=context.log.info)
-    md = dataset_metadata(kept, rejected, n_in, settings=config.model_dump_json())
+    s = _shard_settings(context, medad_center_cases)
+    bases = bases_from_frame(medad_bases)
+    real, real_rejected, _ = build_cases(bases, s, centers=set(), real_anomalies=True)
+    order = MEDAD_CENTERS.get_partition_keys()
+    kept = pl.concat([*(medad_center_cases[c] for c in order), real]).sort("plan_index")
+    rejected = pl.concat([*(medad_center_cases_rejected[c] for c in order), real_rejected])
+    md = dataset_metadata(kept, rejected, len(plan_cases(bases, s)), settings=s.model_dump_json())
     md["centers"] = MetadataValue.md(
         markdown_table(
-            pl.DataFrame([vars(c) for c in center_profiles(config)]).with_columns(
+            pl.DataFrame([vars(c) for c in center_profiles(s)]).with_columns(
                 pl.col(pl.Float64).round(3)
             )
         )
@@ -145,29 +261,7 @@ def medad_case_assets(
         cnr = [f["cnr"] for ls in kept["lesions"].to_list() for f in ls]
         if cnr:
             md["lesion_cnr"] = histogram(cnr, "lesion contrast-to-noise after the center", "CNR")
-        sample = (
-            kept.filter(pl.col("split") != "real_anomaly")
-            .sort("abnormal", "plan_index", descending=[True, False])
-            .with_columns(
-                label=pl.col("base_id").str.slice(0, 14)
-                + " "
-                + pl.col("center")
-                + pl.when(pl.col("abnormal"))
-                .then(pl.lit(" n=") + pl.col("lesion_count").cast(pl.Utf8))
-                .otherwise(pl.lit(" normal"))
-            )
-        )
-        abnormal = sample.filter(pl.col("abnormal"))
-        # One abnormal case per base first, so every modality shows, then normal ones.
-        shown = pl.concat(
-            [
-                abnormal.unique("base_id", keep="first", maintain_order=True),
-                sample.filter(~pl.col("abnormal")).head(6),
-            ]
-        )
-        md["contact_sheet"] = contact_sheet(
-            _panels(shown, 18), "MedAD cases with lesion contours (red)"
-        )
+        md["contact_sheet"] = _case_sheet(kept, "MedAD cases with lesion contours (red)", 18)
     yield from dataset_outputs("medad_cases", kept, rejected, md)
 
 
@@ -532,7 +626,14 @@ def medad_eval(
     return Output(table, metadata=md)
 
 
-assets = [medad_base_assets, medad_case_assets, medad_vqa_assets, medad_model, medad_eval]
+assets = [
+    medad_base_assets,
+    medad_center_case_assets,
+    medad_case_assets,
+    medad_vqa_assets,
+    medad_model,
+    medad_eval,
+]
 checks = [
     medad_cases_accounted,
     medad_class_balance,

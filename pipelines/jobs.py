@@ -32,10 +32,21 @@ personaatlas_job = define_asset_job(
     selection=AssetSelection.groups("personaatlas").upstream().required_multi_asset_neighbors(),
     description="PersonaAtlas: personas, simulated multi-turn trajectories with a noise distractor, PPOpt data, SFT + GRPO, win-rate evaluation.",
 )
+# MedAD's center shards are partitioned (one per acquisition center); everything after
+# them is not. `medad_centers` makes the bases and one center's cases per run (a backfill
+# over every center makes them all); `medad` merges the centers and goes on from there.
+MEDAD_SHARDS = AssetSelection.assets(
+    "medad_bases", "medad_bases_rejected", "medad_center_cases", "medad_center_cases_rejected"
+)
+medad_centers_job = define_asset_job(
+    "medad_centers",
+    selection=MEDAD_SHARDS,
+    description="MedAD, per center partition: the allow-listed base images and that center's cases. Backfill it over every center before running `medad`.",
+)
 medad_job = define_asset_job(
     "medad",
-    selection=AssetSelection.groups("medad").upstream().required_multi_asset_neighbors(),
-    description="MedAD: allow-listed base images, synthetic lesions behind acquisition centers, mask-verified VQA with reasoning, SFT + GRPO of a small VLM, per-type and per-center evaluation.",
+    selection=AssetSelection.groups("medad") - MEDAD_SHARDS,
+    description="MedAD, after the center backfill: merged cases and the real-anomaly slice, mask-verified VQA with reasoning, SFT + GRPO of a small VLM, per-type and per-center evaluation.",
 )
 demo_job = define_asset_job(
     "demo",
@@ -51,8 +62,8 @@ judges_job = define_asset_job(
 
 everything_job = define_asset_job(
     "everything",
-    selection=AssetSelection.all(),
-    description="End to end: every family, curation, export, training, evaluation and judge calibration.",
+    selection=AssetSelection.all() - MEDAD_SHARDS,
+    description="End to end: every family, curation, export, training, evaluation and judge calibration (MedAD's partitioned center shards come from the `medad_centers` backfill).",
 )
 
 jobs = [
@@ -62,6 +73,7 @@ jobs = [
     ultraprompt_job,
     personaknob_job,
     personaatlas_job,
+    medad_centers_job,
     medad_job,
     demo_job,
     judges_job,

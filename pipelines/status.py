@@ -39,8 +39,20 @@ def latest_check_results(
     return out
 
 
-def latest_materialization_metadata(instance: DagsterInstance, asset: str) -> dict[str, Any]:
-    event = instance.get_latest_materialization_event(AssetKey(asset))
-    if event is None or event.asset_materialization is None:
+def latest_materialization_metadata(
+    instance: DagsterInstance, asset: str, partition: str | None = None
+) -> dict[str, Any]:
+    """Metadata of the asset's latest materialization (of one partition, if given)."""
+    if partition is None:
+        event = instance.get_latest_materialization_event(AssetKey(asset))
+        materialization = event.asset_materialization if event else None
+    else:
+        from dagster import AssetRecordsFilter
+
+        records = instance.fetch_materializations(
+            AssetRecordsFilter(asset_key=AssetKey(asset), asset_partitions=[partition]), limit=1
+        ).records
+        materialization = records[0].asset_materialization if records else None
+    if materialization is None:
         return {}
-    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+    return {k: v.value for k, v in materialization.metadata.items()}

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import polars as pl
 import pytest
-from dagster import DagsterInstance
+from dagster import AssetKey, DagsterInstance
 
 from pipelines.definitions import build_definitions
 from quality.medad import answer_problems, balance_report, phi_hits
@@ -28,7 +28,7 @@ from synth.medad.bases import (
     phi_values,
     read_dicom_phi,
 )
-from synth.medad.cases import DIRECTION, CaseSettings, build_cases, center_profiles
+from synth.medad.cases import DIRECTION, CaseSettings, build_cases, center_names, center_profiles
 from synth.medad.vqa import (
     LETTERS,
     build_items,
@@ -297,34 +297,80 @@ def test_paraphrase_is_kept_only_when_its_claims_survive(small):
     assert failed["completion"].to_list() == original["completion"].to_list()
 
 
-MEDAD = {"image_size": 96, "centers": 3, "cases_per_base": 1, "paraphrase_rate": 0.03}
+MEDAD = {"image_size": 96, "cases_per_base": 1, "paraphrase_rate": 0.03}
+CENTERS = center_names(4)
+
+
+def _materialize_centers(defs, instance, medad, centers=CENTERS):
+    """What a backfill of `medad_centers` does: one run per center partition."""
+    job = defs.resolve_job_def("medad_centers")
+    config = {
+        "ops": {
+            "medad_base_assets": {"config": medad},
+            "medad_center_case_assets": {"config": medad},
+        }
+    }
+    for center in centers:
+        assert job.execute_in_process(
+            instance=instance, partition_key=center, run_config=config
+        ).success
 
 
 def _run_job(tmp_path, medad):
-    return (
-        build_definitions(tmp_path)
-        .resolve_job_def("medad")
-        .execute_in_process(
-            instance=DagsterInstance.ephemeral(),
-            raise_on_error=False,
-            run_config={
-                "ops": {
-                    "medad_base_assets": {"config": medad},
-                    "medad_case_assets": {"config": medad},
-                    "medad_model": {
-                        "config": {
-                            "sft_steps": 2,
-                            "grpo_steps": 1,
-                            "num_generations": 2,
-                            "batch_size": 2,
-                            "max_completion_length": 32,
-                        }
-                    },
-                    "medad_eval": {"config": {"max_new_tokens": 24, "limit_per_split": 2}},
-                }
-            },
-        )
+    defs, instance = build_definitions(tmp_path), DagsterInstance.ephemeral()
+    _materialize_centers(defs, instance, medad)
+    return defs.resolve_job_def("medad").execute_in_process(
+        instance=instance,
+        raise_on_error=False,
+        run_config={
+            "ops": {
+                "medad_model": {
+                    "config": {
+                        "sft_steps": 2,
+                        "grpo_steps": 1,
+                        "num_generations": 2,
+                        "batch_size": 2,
+                        "max_completion_length": 32,
+                    }
+                },
+                "medad_eval": {"config": {"max_new_tokens": 24, "limit_per_split": 2}},
+            }
+        },
     )
+
+
+def test_center_shards_merge_into_the_whole_and_a_missing_or_mismatched_one_is_named(
+    tmp_path, entries
+):
+    bases, _ = load_bases(entries, 64)
+    s = CaseSettings(image_size=64)
+    whole, whole_rejected, n = build_cases(bases, s)
+    shards = [build_cases(bases, s, centers={c}, real_anomalies=False) for c in CENTERS]
+    real = build_cases(bases, s, centers=set(), real_anomalies=True)
+    merged = pl.concat([k for k, _, _ in [*shards, real]]).sort("plan_index")
+    assert merged.equals(whole.sort("plan_index"))
+    assert sum(m for _, _, m in [*shards, real]) == n
+    assert sum(r.height for _, r, _ in [*shards, real]) == whole_rejected.height
+
+    defs, instance = build_definitions(tmp_path), DagsterInstance.ephemeral()
+    small = {"image_size": 64, "cases_per_base": 1}
+    _materialize_centers(defs, instance, small, CENTERS[:3])
+    merge = defs.resolve_job_def("medad").execute_in_process(
+        instance=instance,
+        raise_on_error=False,
+        asset_selection=[AssetKey("medad_cases"), AssetKey("medad_cases_rejected")],
+    )
+    assert not merge.success
+    failure = next(e for e in merge.all_events if e.is_step_failure)
+    assert "no materialization for center_3" in failure.step_failure_data.error.cause.message
+    _materialize_centers(defs, instance, {**small, "seed": 1}, CENTERS[3:])
+    merge = defs.resolve_job_def("medad").execute_in_process(
+        instance=instance,
+        raise_on_error=False,
+        asset_selection=[AssetKey("medad_cases"), AssetKey("medad_cases_rejected")],
+    )
+    failure = next(e for e in merge.all_events if e.is_step_failure)
+    assert "made with different settings" in failure.step_failure_data.error.cause.message
 
 
 def test_failed_gate_stops_medad_training(tmp_path):
@@ -351,7 +397,7 @@ def test_medad_job_end_to_end(tmp_path):
     cases = pl.read_parquet(storage / "medad_cases.parquet")
     dropped = pl.read_parquet(storage / "medad_cases_rejected.parquet")
     normal_bases = bases.filter(pl.col("role") == "normal").height
-    assert cases.height + dropped.height == 3 * normal_bases + 3
+    assert cases.height + dropped.height == 4 * normal_bases + 3
     assert set(cases["split"]) == {"train", "test", "heldout_center", "real_anomaly"}
     items = pl.read_parquet(storage / "medad_vqa.parquet")
     assert set(items["case_id"]) == set(cases["record_id"])
@@ -493,3 +539,31 @@ def test_a_huggingface_vlm_from_a_local_path_trains_and_answers(small, tmp_path)
         "heldout_center",
         "real_anomaly",
     }
+
+
+def test_one_center_partition_materializes_from_the_dagster_cli(cli_env, tmp_path):
+    import subprocess
+
+    from conftest import DAGSTER_CLI
+
+    select = "medad_bases,medad_bases_rejected,medad_center_cases,medad_center_cases_rejected"
+    cmd = [
+        str(DAGSTER_CLI),
+        "asset",
+        "materialize",
+        "-m",
+        "pipelines.definitions",
+        "--select",
+        select,
+    ]
+    done = subprocess.run(
+        [*cmd, "--partition", "center_2"], env=cli_env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    shard = pl.read_parquet(tmp_path / "storage" / "medad_center_cases" / "center_2.parquet")
+    assert shard.height and set(shard["center"]) == {"center_2"}
+    assert not (tmp_path / "storage" / "medad_center_cases" / "center_0.parquet").exists()
+    bad = subprocess.run(
+        [*cmd, "--partition", "center_9"], env=cli_env, capture_output=True, text=True, timeout=300
+    )
+    assert bad.returncode != 0 and "center_9" in bad.stderr

@@ -100,7 +100,7 @@ class CenterProfile:
         rng = np.random.default_rng([seed, 7919, index])
         s = severity
         return CenterProfile(
-            center=f"center_{index}",
+            center=center_names(index + 1)[index],
             heldout=heldout,
             severity=s,
             downsample=float(1.0 + rng.uniform(0.0, 1.0) * s),
@@ -432,16 +432,32 @@ def _count_probs(max_lesions: int) -> np.ndarray:
 
 
 def build_cases(
-    bases: list[BaseImage], s: CaseSettings, log: Callable[[str], None] | None = None
+    bases: list[BaseImage],
+    s: CaseSettings,
+    log: Callable[[str], None] | None = None,
+    centers: set[str] | None = None,
+    real_anomalies: bool = True,
 ) -> tuple[pl.DataFrame, pl.DataFrame, int]:
+    """(kept, rejected, planned) for the whole plan, or for one shard of it: the cases of
+    `centers` (None = every center), with or without the real-anomaly cases. Plan indices
+    stay those of the whole plan, so shards concatenate into the unsharded result."""
     from synth.progress import Progress
 
-    plan = plan_cases(bases, s)
+    plan = [
+        (i, p)
+        for i, p in enumerate(plan_cases(bases, s))
+        if (p["center"] is None and real_anomalies)
+        or (p["center"] is not None and (centers is None or p["center"].center in centers))
+    ]
     progress = Progress(len(plan), "medad cases", log)
     kept, rejected = [], []
-    for i, p in enumerate(plan):
+    for i, p in plan:
         row, rej = make_case(p, s, i)
         (kept if row else rejected).append(row or rej)
         progress.update()
     progress.close()
     return frame(kept, CASE_SCHEMA), rejected_frame(rejected), len(plan)
+
+
+def center_names(n: int) -> list[str]:
+    return [f"center_{i}" for i in range(n)]
