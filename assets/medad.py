@@ -32,7 +32,7 @@ from assets.common import (
     rows_in,
     run_settings,
 )
-from assets.plots import bar_plot, contact_sheet, histogram, line_plot
+from assets.plots import bar_plot, contact_sheet, histogram, sft_grpo_curves
 from pipelines.automation import TRAIN_WHEN_GATES_PASS
 from pipelines.resources import LLMResource, TrainerResource
 from pipelines.status import latest_materialization_metadata
@@ -463,7 +463,9 @@ def medad_vqa_ready_for_training(items: pl.DataFrame, cases: pl.DataFrame) -> As
 
 
 class MedADTrainConfig(Config):
-    sft_steps: int = 4
+    # 12 steps at 2e-3 are about what the 135M prefix model needs to write the
+    # think/answer form, so that GRPO's rewards are not all zero.
+    sft_steps: int = 12
     grpo_steps: int = 2
     num_generations: int = 4
     max_completion_length: int = 96
@@ -471,8 +473,9 @@ class MedADTrainConfig(Config):
     w_format: float = 0.2
     w_accuracy: float = 0.6
     w_consistency: float = 0.2
-    batch_size: int = 4
-    learning_rate: float = 2e-4
+    batch_size: int = 2
+    learning_rate: float = 2e-3  # SFT
+    grpo_learning_rate: float = 1e-5
     grid: int = 4
     lora_r: int = 16
     lora_alpha: int = 32
@@ -527,23 +530,7 @@ def medad_model(
     md = {k: reported[k] for k in keys}
     md["model_dir"] = MetadataValue.path(str(reported["output_dir"]))
     md["history"] = MetadataValue.json(history)
-    if history["sft"]:
-        md["sft_loss_curve"] = line_plot(
-            [h["step"] for h in history["sft"]],
-            {"loss": [h["loss"] for h in history["sft"]]},
-            "MedAD SFT loss (think/answer)",
-            "step",
-        )
-    if history["grpo"]:
-        md["reward_curve"] = line_plot(
-            [h["step"] for h in history["grpo"]],
-            {
-                k: [h[k] for h in history["grpo"]]
-                for k in ("reward", "format", "accuracy", "consistency")
-            },
-            "MedAD GRPO reward and its parts",
-            "step",
-        )
+    md.update(sft_grpo_curves(history, "MedAD", ("format", "accuracy", "consistency")))
     summary = pl.DataFrame(
         [{"model_dir": str(reported["output_dir"]), **{k: reported[k] for k in keys}}]
     )

@@ -32,7 +32,7 @@ from assets.common import (
 )
 from assets.curation import curated_assets
 from assets.export import export_asset
-from assets.plots import bar_plot, barh_plot, line_plot
+from assets.plots import bar_plot, barh_plot, line_plot, sft_grpo_curves
 from assets.quality import suite_checks
 from pipelines.automation import TRAIN_WHEN_GATES_PASS
 from pipelines.resources import LLMResource, TrainerResource
@@ -393,21 +393,7 @@ def personaatlas_model(
     }
     md["adapter_dir"] = MetadataValue.path(str(reported["output_dir"]))
     md["history"] = MetadataValue.json(history)
-    if history["sft"]:
-        md["sft_loss_curve"] = line_plot(
-            [h["step"] for h in history["sft"]],
-            {"loss": [h["loss"] for h in history["sft"]]},
-            "PPOpt SFT loss",
-            "step",
-        )
-    if history["grpo"]:
-        series = {
-            k: [h.get(k, 0.0) for h in history["grpo"]]
-            for k in ("reward", "profile_score", "task_score", "format_ok")
-        }
-        md["reward_curve"] = line_plot(
-            [h["step"] for h in history["grpo"]], series, "PPOpt GRPO reward and its parts", "step"
-        )
+    md.update(sft_grpo_curves(history, "PPOpt", ("profile_score", "task_score", "format_ok")))
     return Output(summary, metadata=md)
 
 

@@ -80,6 +80,27 @@ def line_plot(
     return png_markdown(fig, title)
 
 
+def sft_grpo_curves(history: dict, name: str, reward_parts: tuple[str, ...]) -> dict:
+    """`sft_loss_curve` and `reward_curve` (the reward and its parts per GRPO step) of a
+    two-stage training run's history, for the stages that ran."""
+    md = {}
+    if history["sft"]:
+        md["sft_loss_curve"] = line_plot(
+            [h["step"] for h in history["sft"]],
+            {"loss": [h["loss"] for h in history["sft"]]},
+            f"{name} SFT loss",
+            "step",
+        )
+    if history["grpo"]:
+        md["reward_curve"] = line_plot(
+            [h["step"] for h in history["grpo"]],
+            {k: [h.get(k, 0.0) for h in history["grpo"]] for k in ("reward", *reward_parts)},
+            f"{name} GRPO reward and its parts",
+            "step",
+        )
+    return md
+
+
 def diversity_plot(d, title: str) -> MetadataValue:
     """Topic cluster sizes next to distinct-n of a quality.diversity.Diversity."""
     import matplotlib

@@ -4,7 +4,6 @@ partition backfill launched the way the UI launches one."""
 import time
 
 import httpx
-
 from dagster_dev import dagster_dev
 
 LAUNCH_BACKFILL = """

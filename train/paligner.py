@@ -158,17 +158,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = parser().parse_args(argv)
     with reporter() as report:
         result = train(a, report.log)
-        report.result(
-            {
-                "final_loss": result["final_loss"],
-                "trainable_tensors_changed": result["trainable_tensors_changed"],
-                "sft_rows": result["sft_rows"],
-                "dpo_pairs": result["dpo_pairs"],
-                "sft_tokens_per_s": result["sft_tokens_per_s"],
-                "device": result["device"],
-                "history": {"raw_value": result["history"], "type": "json"},
-                "output_dir": {"raw_value": result["output_dir"], "type": "path"},
-            }
+        report.training_result(
+            result,
+            (
+                "final_loss",
+                "trainable_tensors_changed",
+                "sft_rows",
+                "dpo_pairs",
+                "sft_tokens_per_s",
+                "device",
+            ),
         )
     return result
 

@@ -206,17 +206,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = parser().parse_args(argv)
     with reporter() as report:
         result = train(a, report.log)
-        report.result(
-            {
-                "final_loss": result["final_loss"],
-                "trainable_tensors_changed": result["trainable_tensors_changed"],
-                "pairs": result["pairs"],
-                "device": result["device"],
-                "multipliers": {"raw_value": result["multipliers"], "type": "json"},
-                "pairs_per_dimension": {"raw_value": result["pairs_per_dimension"], "type": "json"},
-                "history": {"raw_value": result["history"], "type": "json"},
-                "output_dir": {"raw_value": result["output_dir"], "type": "path"},
-            }
+        report.training_result(
+            result,
+            ("final_loss", "trainable_tensors_changed", "pairs", "device"),
+            ("multipliers", "pairs_per_dimension"),
         )
     return result
 

@@ -197,23 +197,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = parser().parse_args(argv)
     with reporter() as report:
         result = train(a, report.log)
-        report.result(
-            {
-                k: result[k]
-                for k in (
-                    "final_sft_loss",
-                    "final_reward",
-                    "train_rows",
-                    "sft_tokens_per_s",
-                    "grpo_completions_per_s",
-                    "trainable_tensors_changed",
-                    "device",
-                )
-            }
-            | {
-                "history": {"raw_value": result["history"], "type": "json"},
-                "output_dir": {"raw_value": result["output_dir"], "type": "path"},
-            }
+        report.training_result(
+            result,
+            (
+                "final_sft_loss",
+                "final_reward",
+                "train_rows",
+                "sft_tokens_per_s",
+                "grpo_completions_per_s",
+                "trainable_tensors_changed",
+                "device",
+            ),
         )
     return result
 

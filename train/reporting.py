@@ -34,6 +34,16 @@ class Reporter:
             }
             print(json.dumps(plain, indent=2, default=str))
 
+    def training_result(
+        self, result: dict[str, Any], scalars: tuple[str, ...], json_keys: tuple[str, ...] = ()
+    ) -> None:
+        """A training run's metadata: the named scalars, `history` and the other JSON
+        values, and `output_dir` as a path."""
+        md = {k: result[k] for k in scalars}
+        md |= {k: {"raw_value": result[k], "type": "json"} for k in ("history", *json_keys)}
+        md["output_dir"] = {"raw_value": result["output_dir"], "type": "path"}
+        self.result(md)
+
 
 @contextmanager
 def reporter() -> Iterator[Reporter]:

@@ -389,14 +389,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = pl.read_parquet(a.data).select("prompt", "chosen", "rejected", "label").to_dicts()
     with reporter() as report:
         result = train(rows, cfg, a.model, report.log)
-        report.result(
-            {
-                "final_loss": result["final_loss"],
-                "trainable_tensors_changed": result["trainable_tensors_changed"],
-                "history": {"raw_value": result["history"], "type": "json"},
-                "impact_weights": {"raw_value": result["impact_weights"], "type": "json"},
-                "output_dir": {"raw_value": result["output_dir"], "type": "path"},
-            }
+        report.training_result(
+            result, ("final_loss", "trainable_tensors_changed"), ("impact_weights",)
         )
     return result
 
