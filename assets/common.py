@@ -73,6 +73,32 @@ def run_settings(
     return model.model_validate_json(md["settings"]) if "settings" in md else model()
 
 
+def shard_settings(
+    context: AssetExecutionContext,
+    asset: str,
+    partitions: list[str],
+    shards: dict[str, Any],
+    model: type[S],
+    how_to_fill: str,
+) -> S:
+    """The settings every partition of a sharded asset was made with (its `settings`
+    metadata), before the shards are merged: an error naming the partitions when some are
+    missing or were made with different settings."""
+    missing = [p for p in partitions if p not in shards]
+    if missing:
+        raise ValueError(f"{asset} has no materialization for {', '.join(missing)}: {how_to_fill}")
+    made = {
+        p: latest_materialization_metadata(context.instance, asset, p).get("settings", "")
+        for p in partitions
+    }
+    if len(set(made.values())) != 1:
+        raise ValueError(
+            f"{asset} partitions were made with different settings "
+            f"({', '.join(f'{p}: {v}' for p, v in made.items())}): re-run them with one config"
+        )
+    return model.model_validate_json(next(iter(made.values())))
+
+
 def rows_in(context: AssetCheckExecutionContext, asset: str) -> int | None:
     """`rows_in` that the asset reported when it was materialized."""
     value = latest_materialization_metadata(context.instance, asset).get("rows_in")

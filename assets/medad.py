@@ -31,11 +31,11 @@ from assets.common import (
     planned_account,
     rows_in,
     run_settings,
+    shard_settings,
 )
 from assets.plots import bar_plot, contact_sheet, histogram, sft_grpo_curves
 from pipelines.automation import TRAIN_WHEN_GATES_PASS
 from pipelines.resources import LLMResource, TrainerResource
-from pipelines.status import latest_materialization_metadata
 from quality.accounting import account
 from quality.medad import answer_problems, balance_report, coverage_report, phi_hits
 from synth.medad.bases import (
@@ -192,32 +192,6 @@ def medad_center_case_assets(
     yield from dataset_outputs("medad_center_cases", kept, rejected, md)
 
 
-def _shard_settings(context: AssetExecutionContext, shards: dict) -> MedADSettings:
-    """The settings every center shard was made with; an error naming the shards when
-    some are missing or were made with different settings."""
-    expected = MEDAD_CENTERS.get_partition_keys()
-    missing = [c for c in expected if c not in shards]
-    if missing:
-        raise ValueError(
-            f"medad_center_cases has no materialization for {', '.join(missing)}: backfill "
-            "the center partitions first (the UI's Materialize all, or `dagster asset "
-            "materialize --select medad_bases,medad_center_cases,medad_center_cases_rejected "
-            "--partition CENTER -m pipelines.definitions` for each)"
-        )
-    made = {
-        c: latest_materialization_metadata(context.instance, "medad_center_cases", c).get(
-            "settings", ""
-        )
-        for c in expected
-    }
-    if len(set(made.values())) != 1:
-        raise ValueError(
-            "medad_center_cases partitions were made with different settings "
-            f"({', '.join(f'{c}: {v}' for c, v in made.items())}): re-run them with one config"
-        )
-    return MedADSettings.model_validate_json(next(iter(made.values())))
-
-
 @multi_asset(
     outs={
         "medad_cases": AssetOut(
@@ -241,7 +215,16 @@ def medad_case_assets(
     medad_center_cases_rejected: dict[str, pl.DataFrame],
     medad_bases: pl.DataFrame,
 ):
-    s = _shard_settings(context, medad_center_cases)
+    s = shard_settings(
+        context,
+        "medad_center_cases",
+        MEDAD_CENTERS.get_partition_keys(),
+        medad_center_cases,
+        MedADSettings,
+        "backfill the center partitions first (the UI's Materialize all, or `dagster asset "
+        "materialize --select medad_bases,medad_bases_rejected,medad_center_cases,"
+        "medad_center_cases_rejected --partition CENTER -m pipelines.definitions` for each)",
+    )
     bases = bases_from_frame(medad_bases)
     real, real_rejected, _ = build_cases(bases, s, centers=set(), real_anomalies=True)
     order = MEDAD_CENTERS.get_partition_keys()

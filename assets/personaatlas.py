@@ -2,6 +2,7 @@
 trajectories with a hidden-persona user simulator and a noise-injecting distractor, the
 PPOpt data view, SFT + GRPO training, and the rewritten-vs-original win-rate evaluation."""
 
+import os
 from collections import Counter
 
 import polars as pl
@@ -15,6 +16,7 @@ from dagster import (
     Config,
     MetadataValue,
     Output,
+    StaticPartitionsDefinition,
     asset,
     asset_check,
     multi_asset,
@@ -29,6 +31,7 @@ from assets.common import (
     planned_account,
     rows_in,
     run_settings,
+    shard_settings,
 )
 from assets.curation import curated_assets
 from assets.export import export_asset
@@ -42,7 +45,12 @@ from quality.personaatlas import coverage, noise_report, persona_problems, turn_
 from synth.personaatlas.noise import layer_shares
 from synth.personaatlas.personas import build_personas
 from synth.personaatlas.ppopt import build_ppopt, parse_output, score_rewrites
-from synth.personaatlas.trajectories import AtlasSettings, pool_clients, synthesize_trajectories
+from synth.personaatlas.trajectories import (
+    AtlasSettings,
+    plan_conversations,
+    pool_clients,
+    synthesize_trajectories,
+)
 
 GROUP = "personaatlas"
 # Fewer PPOpt rows than this teach nothing: the gate blocks training.
@@ -133,19 +141,27 @@ def personaatlas_personas_distinct(
     )
 
 
+# Personas are sharded for trajectory synthesis: shard k holds the personas whose
+# persona_index % N == k (N = ALIGNFOUNDRY_PERSONA_SHARDS, default 2).
+PERSONA_SHARDS = StaticPartitionsDefinition(
+    [f"shard_{k}" for k in range(int(os.environ.get("ALIGNFOUNDRY_PERSONA_SHARDS", "2")))]
+)
+
+
 @multi_asset(
     outs={
-        "personaatlas_trajectories": AssetOut(
-            description="Conversations: persona (full and observed), original and initial query, every turn with clean and sent user text, noise, assistant reply and model, and the user simulator's verdict."
+        "personaatlas_trajectory_shards": AssetOut(
+            description="One persona shard's conversations (a partition per shard): persona, initial query, every turn with clean and sent user text, noise, assistant reply and the simulator's verdict."
         ),
-        "personaatlas_trajectories_rejected": AssetOut(
-            description="Planned conversations that could not be completed (failed call, empty assistant turn, unparseable verdict), with the turn and the reason."
+        "personaatlas_trajectory_shards_rejected": AssetOut(
+            description="That shard's planned conversations that could not be completed, with the turn and the reason."
         ),
     },
     ins={"personaatlas_personas": AssetIn(), "seed_instructions": AssetIn()},
+    partitions_def=PERSONA_SHARDS,
     group_name=GROUP,
 )
-def personaatlas_trajectory_assets(
+def personaatlas_trajectory_shard_assets(
     context: AssetExecutionContext,
     config: PersonaAtlasConfig,
     llm: LLMResource,
@@ -154,12 +170,69 @@ def personaatlas_trajectory_assets(
 ):
     client = llm.client()
     pool = pool_clients(llm.cache_path, llm.max_concurrency, config.assistants_file)
+    shards = PERSONA_SHARDS.get_partition_keys()
+    shard = (shards.index(context.partition_key), len(shards))
     kept, rejected, n_in = synthesize_trajectories(
-        client, personaatlas_personas, seed_instructions, config, pool, log=context.log.info
+        client,
+        personaatlas_personas,
+        seed_instructions,
+        config,
+        pool,
+        log=context.log.info,
+        shard=shard,
     )
     md = dataset_metadata(
-        kept, rejected, n_in, settings=config.model_dump_json(), **client.stats.as_metadata()
+        kept,
+        rejected,
+        n_in,
+        settings=config.model_dump_json(),
+        shard=context.partition_key,
+        **client.stats.as_metadata(),
     )
+    yield from dataset_outputs("personaatlas_trajectory_shards", kept, rejected, md)
+
+
+@multi_asset(
+    outs={
+        "personaatlas_trajectories": AssetOut(
+            description="Every persona shard's conversations merged: persona (full and observed), original and initial query, every turn with clean and sent user text, noise, assistant reply and model, and the user simulator's verdict."
+        ),
+        "personaatlas_trajectories_rejected": AssetOut(
+            description="Planned conversations that could not be completed (failed call, empty assistant turn, unparseable verdict), with the turn and the reason."
+        ),
+    },
+    ins={
+        # Missing partitions load as absent, so the body can name them.
+        "personaatlas_trajectory_shards": AssetIn(metadata={"allow_missing_partitions": True}),
+        "personaatlas_trajectory_shards_rejected": AssetIn(
+            metadata={"allow_missing_partitions": True}
+        ),
+        "personaatlas_personas": AssetIn(),
+        "seed_instructions": AssetIn(),
+    },
+    group_name=GROUP,
+)
+def personaatlas_trajectory_assets(
+    context: AssetExecutionContext,
+    personaatlas_trajectory_shards: dict[str, pl.DataFrame],
+    personaatlas_trajectory_shards_rejected: dict[str, pl.DataFrame],
+    personaatlas_personas: pl.DataFrame,
+    seed_instructions: pl.DataFrame,
+):
+    order = PERSONA_SHARDS.get_partition_keys()
+    s = shard_settings(
+        context,
+        "personaatlas_trajectory_shards",
+        order,
+        personaatlas_trajectory_shards,
+        AtlasSettings,
+        "run the persona-shard backfill first (the UI's Materialize all, or the "
+        "`personaatlas_shards` job for each shard)",
+    )
+    kept = pl.concat([personaatlas_trajectory_shards[k] for k in order]).sort("plan_index")
+    rejected = pl.concat([personaatlas_trajectory_shards_rejected[k] for k in order])
+    n_in = len(plan_conversations(personaatlas_personas, seed_instructions, s))
+    md = dataset_metadata(kept, rejected, n_in, settings=s.model_dump_json(), shards=len(order))
     if kept.height:
         turns = [t for ts in kept["turns"].to_list() for t in ts]
         mix = Counter(t["noise_layer"] or "clean" for t in turns)
@@ -476,6 +549,7 @@ personaatlas_curated_export = export_asset(
 
 assets = [
     personaatlas_persona_assets,
+    personaatlas_trajectory_shard_assets,
     personaatlas_trajectory_assets,
     personaatlas_curated_assets,
     personaatlas_ppopt_assets,

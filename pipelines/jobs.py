@@ -27,10 +27,23 @@ personaknob_job = define_asset_job(
     selection=AssetSelection.groups("personaknob").upstream().required_multi_asset_neighbors(),
     description="PersonaKnob: scenarios, verified golden and per-dimension rejects, partial-order pairs, constrained DPO, IRT evaluation.",
 )
+# PersonaAtlas trajectories are partitioned by persona shard; `personaatlas_shards` makes
+# the seeds, the personas and one shard's conversations per run (a backfill over every
+# shard makes them all); `personaatlas` merges the shards and goes on from there.
+PERSONA_SHARDS = AssetSelection.assets(
+    "personaatlas_trajectory_shards", "personaatlas_trajectory_shards_rejected"
+)
+PERSONA_SHARDS_JOB = PERSONA_SHARDS.upstream().required_multi_asset_neighbors()
+personaatlas_shards_job = define_asset_job(
+    "personaatlas_shards",
+    selection=PERSONA_SHARDS_JOB,
+    description="PersonaAtlas, per persona-shard partition: seeds, personas and that shard's simulated conversations. Backfill it over every shard before running `personaatlas`.",
+)
 personaatlas_job = define_asset_job(
     "personaatlas",
-    selection=AssetSelection.groups("personaatlas").upstream().required_multi_asset_neighbors(),
-    description="PersonaAtlas: personas, simulated multi-turn trajectories with a noise distractor, PPOpt data, SFT + GRPO, win-rate evaluation.",
+    selection=AssetSelection.groups("personaatlas").upstream().required_multi_asset_neighbors()
+    - PERSONA_SHARDS_JOB,
+    description="PersonaAtlas, after the shard backfill: merged trajectories, curation, PPOpt data, SFT + GRPO, win-rate evaluation.",
 )
 # MedAD's center shards are partitioned (one per acquisition center); everything after
 # them is not. `medad_centers` makes the bases and one center's cases per run (a backfill
@@ -62,8 +75,8 @@ judges_job = define_asset_job(
 
 everything_job = define_asset_job(
     "everything",
-    selection=AssetSelection.all() - MEDAD_SHARDS,
-    description="End to end: every family, curation, export, training, evaluation and judge calibration (MedAD's partitioned center shards come from the `medad_centers` backfill).",
+    selection=AssetSelection.all() - MEDAD_SHARDS - PERSONA_SHARDS,
+    description="End to end: every family, curation, export, training, evaluation and judge calibration (the partitioned shards come from the `medad_centers` and `personaatlas_shards` backfills).",
 )
 
 jobs = [
@@ -72,6 +85,7 @@ jobs = [
     trace_job,
     ultraprompt_job,
     personaknob_job,
+    personaatlas_shards_job,
     personaatlas_job,
     medad_centers_job,
     medad_job,

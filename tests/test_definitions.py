@@ -138,6 +138,8 @@ def test_schedules_ship_stopped_and_target_family_jobs(tmp_path):
         "ultraprompt",
         "personaknob",
         "personaatlas",
+        "personaatlas_shards",
         "medad",
+        "medad_centers",
         "judges",
     } <= {j.name for j in repo.get_all_jobs()}

@@ -208,7 +208,15 @@ def test_faults_reject_with_reasons_and_lose_nothing(shared_data):
     with FaultyOpenAIServer("server_error") as server:
         backend = OpenAICompatBackend(server.base_url, "faulty", max_retries=0)
         _, dropped, _ = synthesize_trajectories(LLMClient(backend), personas, queries, s)
+        # Persona shards split the same plan: disjoint, and together the whole of it.
+        sharded = [
+            synthesize_trajectories(LLMClient(backend), personas, queries, s, shard=(k, 2))
+            for k in range(2)
+        ]
     assert set(dropped["reason"]) <= {"assistant_failed", "style_failed"} and dropped.height == 4
+    parts = [set(d["source_index"]) for _, d, _ in sharded]
+    assert not parts[0] & parts[1] and parts[0] | parts[1] == set(dropped["source_index"])
+    assert [n for _, _, n in sharded] == [2, 2]
 
 
 ATLAS = {
@@ -227,40 +235,47 @@ ATLAS = {
 
 
 def _run_job(tmp_path, atlas, model=None):
-    return (
-        build_definitions(tmp_path)
-        .resolve_job_def("personaatlas")
-        .execute_in_process(
-            instance=DagsterInstance.ephemeral(),
-            raise_on_error=False,
-            run_config={
-                "ops": {
-                    "personaatlas_persona_assets": {"config": atlas},
-                    "personaatlas_trajectory_assets": {"config": atlas},
-                    # Ten SFT steps at a high rate: enough for the 135M model to start
-                    # writing the tags, so GRPO and the evaluation see some rewrites.
-                    "personaatlas_model": {
-                        "config": model
-                        or {
-                            "sft_steps": 10,
-                            "learning_rate": 2e-3,
-                            "grpo_steps": 1,
-                            "max_completion_length": 128,
-                        }
-                    },
-                    "personaatlas_eval": {
-                        "config": {"max_new_tokens": 192, "answer_max_tokens": 48}
-                    },
-                }
-            },
-        )
+    """What a user does: the `personaatlas_shards` backfill (a run per persona shard),
+    then the `personaatlas` job. Returns (the job's result, every run's result)."""
+    defs, instance = build_definitions(tmp_path), DagsterInstance.ephemeral()
+    shards = defs.resolve_job_def("personaatlas_shards")
+    shard_config = {
+        "ops": {
+            "personaatlas_persona_assets": {"config": atlas},
+            "personaatlas_trajectory_shard_assets": {"config": atlas},
+        }
+    }
+    runs = [
+        shards.execute_in_process(instance=instance, partition_key=k, run_config=shard_config)
+        for k in shards.partitions_def.get_partition_keys()
+    ]
+    result = defs.resolve_job_def("personaatlas").execute_in_process(
+        instance=instance,
+        raise_on_error=False,
+        run_config={
+            "ops": {
+                # Ten SFT steps at a high rate: enough for the 135M model to start
+                # writing the tags, so GRPO and the evaluation see some rewrites.
+                "personaatlas_model": {
+                    "config": model
+                    or {
+                        "sft_steps": 10,
+                        "learning_rate": 2e-3,
+                        "grpo_steps": 1,
+                        "max_completion_length": 128,
+                    }
+                },
+                "personaatlas_eval": {"config": {"max_new_tokens": 192, "answer_max_tokens": 48}},
+            }
+        },
     )
+    return result, [*runs, result]
 
 
 def test_failed_gate_stops_ppopt_training(tmp_path):
     # Every persona is held out: no teacher outputs, nothing to train on.
     atlas = {**ATLAS, "hub_personas": 0, "sampled_personas": 2, "max_turns": 2, "heldout_every": 1}
-    result = _run_job(tmp_path, atlas)
+    result, _ = _run_job(tmp_path, atlas)
     checks = {e.asset_check_key.name: e for e in result.get_asset_check_evaluations()}
     gate = checks["personaatlas_ppopt_ready_for_training"]
     assert not gate.passed and gate.metadata["observed_train_rows"].value == 0
@@ -271,8 +286,9 @@ def test_failed_gate_stops_ppopt_training(tmp_path):
 
 
 def test_personaatlas_job_end_to_end(tmp_path):
-    result = _run_job(tmp_path, ATLAS)
-    checks = {e.asset_check_key.name: e for e in result.get_asset_check_evaluations()}
+    result, runs = _run_job(tmp_path, ATLAS)
+    assert all(r.success for r in runs)
+    checks = {e.asset_check_key.name: e for r in runs for e in r.get_asset_check_evaluations()}
     failed = {n for n, e in checks.items() if not e.passed}
     # WARN checks the 135M model may fail; every blocking check must pass.
     assert failed <= {
@@ -301,7 +317,8 @@ def test_personaatlas_job_end_to_end(tmp_path):
 
     mats = {
         e.asset_key.path[-1]: e.materialization.metadata
-        for e in result.get_asset_materialization_events()
+        for r in runs
+        for e in r.get_asset_materialization_events()
     }
     coverage_png = decode_png(mats["personaatlas_personas"]["coverage_per_dimension"].value)
     assert coverage_png.height > coverage_png.width  # one bar per dimension

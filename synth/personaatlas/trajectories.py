@@ -256,13 +256,19 @@ def synthesize_trajectories(
     s: AtlasSettings = AtlasSettings(),
     assistants: dict[str, LLMClient] | None = None,
     log: Callable[[str], None] | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame, int]:
     """(trajectories, rejected, n_in). `assistants` maps pool names to clients (a name
-    missing from it uses `client`)."""
+    missing from it uses `client`). `shard` (k, n): only the conversations of the personas
+    whose persona_index % n == k; plan indices stay those of the whole plan, so the shards
+    of one plan concatenate into it."""
     schema, layers = s.schema(), s.noise()
     pool = load_assistants(s.assistants_file or ASSISTANTS_FILE)
     assistants = assistants or {}
     convs = plan_conversations(personas, queries, s)
+    if shard is not None:
+        k, n = shard
+        convs = [c for c in convs if c.persona["persona_index"] % n == k]
 
     # 1. Restyle the planned queries.
     style_params = GenerationParams(
