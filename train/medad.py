@@ -30,7 +30,7 @@ import polars as pl
 from synth.medad.bases import decode_png
 from synth.medad.vqa import prompt_text
 from train.medad_rewards import RewardWeights, rewards
-from train.reporting import reporter
+from train.reporting import run_training
 
 VISION_FILE = "vision.pt"
 CONFIG_FILE = "medad_vlm.json"
@@ -468,23 +468,21 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    a = parser().parse_args(argv)
-    with reporter() as report:
-        result = train(a, report.log)
-        report.training_result(
-            result,
-            (
-                "final_sft_loss",
-                "final_reward",
-                "train_items",
-                "sft_tokens_per_s",
-                "grpo_completions_per_s",
-                "trainable_tensors_changed",
-                "trainable_tensors",
-                "device",
-            ),
-        )
-    return result
+    return run_training(
+        argv,
+        parser,
+        train,
+        (
+            "final_sft_loss",
+            "final_reward",
+            "train_items",
+            "sft_tokens_per_s",
+            "grpo_completions_per_s",
+            "trainable_tensors_changed",
+            "trainable_tensors",
+            "device",
+        ),
+    )
 
 
 if __name__ == "__main__":

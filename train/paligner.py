@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from train.reporting import reporter
+from train.reporting import run_training
 
 
 def trainer_args(a: argparse.Namespace, cuda: bool, stage: str, max_steps: int) -> dict[str, Any]:
@@ -155,21 +155,19 @@ def add_lora_preference_args(ap: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    a = parser().parse_args(argv)
-    with reporter() as report:
-        result = train(a, report.log)
-        report.training_result(
-            result,
-            (
-                "final_loss",
-                "trainable_tensors_changed",
-                "sft_rows",
-                "dpo_pairs",
-                "sft_tokens_per_s",
-                "device",
-            ),
-        )
-    return result
+    return run_training(
+        argv,
+        parser,
+        train,
+        (
+            "final_loss",
+            "trainable_tensors_changed",
+            "sft_rows",
+            "dpo_pairs",
+            "sft_tokens_per_s",
+            "device",
+        ),
+    )
 
 
 if __name__ == "__main__":

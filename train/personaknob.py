@@ -32,7 +32,7 @@ import torch
 
 from synth.personaknob.spec import DIMENSIONS
 from train.paligner import add_lora_preference_args, trainer_args
-from train.reporting import reporter
+from train.reporting import run_training
 
 REFERENCE_LOSS = math.log(2)  # sigmoid DPO loss when policy == reference
 
@@ -203,15 +203,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    a = parser().parse_args(argv)
-    with reporter() as report:
-        result = train(a, report.log)
-        report.training_result(
-            result,
-            ("final_loss", "trainable_tensors_changed", "pairs", "device"),
-            ("multipliers", "pairs_per_dimension"),
-        )
-    return result
+    return run_training(
+        argv,
+        parser,
+        train,
+        ("final_loss", "trainable_tensors_changed", "pairs", "device"),
+        ("multipliers", "pairs_per_dimension"),
+    )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from train.paligner import add_lora_preference_args, chat_example, fit, trainer_args
-from train.reporting import reporter
+from train.reporting import run_training
 
 
 def judge_client(a: argparse.Namespace) -> Any:
@@ -194,22 +194,20 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    a = parser().parse_args(argv)
-    with reporter() as report:
-        result = train(a, report.log)
-        report.training_result(
-            result,
-            (
-                "final_sft_loss",
-                "final_reward",
-                "train_rows",
-                "sft_tokens_per_s",
-                "grpo_completions_per_s",
-                "trainable_tensors_changed",
-                "device",
-            ),
-        )
-    return result
+    return run_training(
+        argv,
+        parser,
+        train,
+        (
+            "final_sft_loss",
+            "final_reward",
+            "train_rows",
+            "sft_tokens_per_s",
+            "grpo_completions_per_s",
+            "trainable_tensors_changed",
+            "device",
+        ),
+    )
 
 
 if __name__ == "__main__":

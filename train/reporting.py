@@ -54,3 +54,19 @@ def reporter() -> Iterator[Reporter]:
 
     with open_dagster_pipes() as pipes:
         yield Reporter(pipes)
+
+
+def run_training(
+    argv: list[str] | None,
+    parser: Any,
+    train: Any,
+    scalars: tuple[str, ...],
+    json_keys: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """A training entry point's main: parse the flags, train with the reporter's log, and
+    report the result (`Reporter.training_result`)."""
+    a = parser().parse_args(argv)
+    with reporter() as report:
+        result = train(a, report.log)
+        report.training_result(result, scalars, json_keys)
+    return result
