@@ -192,24 +192,26 @@ def lesion_shape(side: int, cy: float, cx: float, radius: float, rng: np.random.
     return alpha, alpha > 0.5
 
 
+# RGB findings: the colour a lesion is blended toward, and whether its texture is mottled.
+COLOUR_FINDINGS = {
+    "haemorrhage": ((0.35, 0.05, 0.03), True),
+    "hard exudate": ((0.97, 0.92, 0.5), False),
+    "dark cell cluster": ((0.22, 0.12, 0.35), True),
+    "pale cell cluster": ((0.96, 0.93, 0.95), False),
+}
+
+
 def paint(img: np.ndarray, alpha: np.ndarray, finding: str, rng: np.random.Generator) -> np.ndarray:
     """Blend one lesion of the named finding into the image (float, [0, 1])."""
     a = alpha[..., None] if img.ndim == 3 else alpha
     mottle = 1.0 + ndi.gaussian_filter(rng.normal(0, 0.25, alpha.shape), 1.0).astype(np.float32)
     mottle = mottle[..., None] if img.ndim == 3 else mottle
     k = rng.uniform(0.55, 0.8)  # lesion contrast
-    if finding == "haemorrhage":
-        target = np.array([0.35, 0.05, 0.03], np.float32)
-        return img * (1 - k * a) + target * mottle * k * a
-    if finding == "hard exudate":
-        target = np.array([0.97, 0.92, 0.5], np.float32)
-        return img * (1 - k * a) + target * k * a
-    if finding == "dark cell cluster":
-        target = np.array([0.22, 0.12, 0.35], np.float32)
-        return img * (1 - k * a) + target * mottle * k * a
-    if finding == "pale cell cluster":
-        target = np.array([0.96, 0.93, 0.95], np.float32)
-        return img * (1 - k * a) + target * k * a
+    if finding in COLOUR_FINDINGS:  # blend toward the finding's colour
+        target, mottled = COLOUR_FINDINGS[finding]
+        return (
+            img * (1 - k * a) + np.asarray(target, np.float32) * (mottle if mottled else 1) * k * a
+        )
     if finding == "hypoechoic nodule with posterior enhancement":
         out = img * (1 - k * a * mottle)
         # Enhancement below the nodule: sound passes the fluid-like nodule unattenuated.
