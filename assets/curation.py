@@ -8,6 +8,7 @@ from dagster import (
     AssetIn,
     AssetOut,
     Config,
+    PartitionMapping,
     asset_check,
     multi_asset,
 )
@@ -30,8 +31,16 @@ class CurationConfig(Config, CurationSettings):
     pass
 
 
-def curated_assets(name: str, source: str, spec: CurationSpec, group: str, doc: str):
-    """`name` and `name_rejected` from `source`, with accounting and expectation checks."""
+def curated_assets(
+    name: str,
+    source: str,
+    spec: CurationSpec,
+    group: str,
+    doc: str,
+    source_partition: PartitionMapping | None = None,
+):
+    """`name` and `name_rejected` from `source`, with accounting and expectation checks.
+    `source_partition`: which partition of a partitioned source is curated."""
 
     @multi_asset(
         name=name,
@@ -41,7 +50,7 @@ def curated_assets(name: str, source: str, spec: CurationSpec, group: str, doc: 
                 description=f"Rows of {source} dropped by curation (duplicate, near-duplicate, contaminated), with the reason."
             ),
         },
-        ins={"data": AssetIn(source)},
+        ins={"data": AssetIn(source, partition_mapping=source_partition)},
         group_name=group,
     )
     def _curate(
@@ -78,7 +87,10 @@ def curated_assets(name: str, source: str, spec: CurationSpec, group: str, doc: 
         asset=name,
         name=f"{name}_accounted",
         blocking=True,
-        additional_ins={"rejected": AssetIn(f"{name}_rejected"), "source": AssetIn(source)},
+        additional_ins={
+            "rejected": AssetIn(f"{name}_rejected"),
+            "source": AssetIn(source, partition_mapping=source_partition),
+        },
         description=f"Every row of {source} is kept or rejected exactly once.",
     )
     def _accounted(

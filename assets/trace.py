@@ -12,6 +12,7 @@ from dagster import (
     AssetKey,
     AssetOut,
     Config,
+    LastPartitionMapping,
     MetadataValue,
     Output,
     asset,
@@ -31,6 +32,7 @@ from assets.export import export_asset
 from assets.plots import bar_plot, histogram, line_plot
 from assets.quality import suite_checks
 from pipelines.automation import TRAIN_WHEN_GATES_PASS
+from pipelines.partitions import TRACE_POLICY_VERSIONS
 from pipelines.resources import LLMResource, TrainerResource
 from quality.accounting import account
 from quality.curation import CurationSpec
@@ -73,6 +75,7 @@ def trace_policy(context: AssetExecutionContext, config: TracePolicyConfig) -> O
         metadata={
             "policy_name": policy.name,
             "policy_version": policy.version,
+            "policy_path": path,
             "categories": len(policy.categories),
             "exceptions": len(policy.exceptions),
             "document": MetadataValue.md(f"```yaml\n{document}\n```"),
@@ -103,6 +106,7 @@ class TraceTriageConfig(Config, TriageSettings):
         ),
     },
     ins={"seed_preference_pairs": AssetIn(), "trace_policy": AssetIn()},
+    partitions_def=TRACE_POLICY_VERSIONS,
     group_name="trace",
 )
 def trace_triage_assets(
@@ -113,6 +117,12 @@ def trace_triage_assets(
     trace_policy: pl.DataFrame,
 ):
     policy = policy_from_asset(trace_policy)
+    if policy.version != context.partition_key:
+        raise ValueError(
+            f"trace_policy is version {policy.version} ({trace_policy['source'][0]}), but this run "
+            f"triages partition {context.partition_key}: add the partition {policy.version} "
+            "(the trace_policy_sensor does so for a watched file) and run that one"
+        )
     pairs = (
         seed_preference_pairs if config.limit is None else seed_preference_pairs.head(config.limit)
     )
@@ -195,7 +205,8 @@ trace_curated_assets, trace_curated_checks = curated_assets(
         family="trace", dedup_fields=("prompt", "chosen", "rejected"), decontam_fields=("prompt",)
     ),
     group="trace",
-    doc="Triaged pairs after exact dedup, decontamination against every eval set, and near-dedup: what TRACE trains on.",
+    doc="The newest policy version's triaged pairs after exact dedup, decontamination against every eval set, and near-dedup: what TRACE trains on.",
+    source_partition=LastPartitionMapping(),
 )
 
 

@@ -15,12 +15,16 @@ from dagster import (
     RunFailureSensorContext,
     RunRequest,
     ScheduleDefinition,
+    ScheduleEvaluationContext,
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
     run_failure_sensor,
+    schedule,
     sensor,
 )
+
+from pipelines.partitions import TRACE_POLICY_VERSIONS
 
 # inbox subfolder -> (seed asset whose source it sets, the job that runs it and downstream)
 INBOX_KINDS = {
@@ -29,6 +33,19 @@ INBOX_KINDS = {
     "personas": ("seed_personas", "seeds"),
 }
 SEED_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".csv")
+
+
+def current_policy(instance) -> tuple[str, str]:
+    """(version, path) of the policy TRACE triages under now: the last `trace_policy`
+    materialization's, else the shipped default policy's."""
+    from pipelines.status import latest_materialization_metadata
+    from synth.trace.policy import SHIPPED_POLICIES, load_policy
+
+    md = latest_materialization_metadata(instance, "trace_policy")
+    if md.get("policy_version") and md.get("policy_path"):
+        return str(md["policy_version"]), str(md["policy_path"])
+    path = str(SHIPPED_POLICIES / "new_policy.yaml")
+    return load_policy(path).version, path
 
 
 def build_inbox_sensor(inbox: str | Path, jobs: list, minimum_interval_seconds: int = 30):
@@ -61,17 +78,31 @@ def build_inbox_sensor(inbox: str | Path, jobs: list, minimum_interval_seconds: 
                 if seen.get(str(path)) == stamp:
                     continue
                 seen[str(path)] = stamp
+                ops = {asset: {"config": {"source": str(path)}}}
+                partition = None
+                if job == "trace":  # new pairs are triaged under the current policy version
+                    partition, policy_path = current_policy(context.instance)
+                    ops["trace_policy"] = {"config": {"path": policy_path}}
                 requests.append(
                     RunRequest(
                         run_key=f"{path}@{stamp}",
                         job_name=job,
-                        run_config={"ops": {asset: {"config": {"source": str(path)}}}},
+                        run_config={"ops": ops},
                         tags={"alignfoundry/inbox_file": str(path)},
+                        partition_key=partition,
                     )
                 )
         if not requests:
             return SkipReason(f"no new seed files under {root}")
-        return SensorResult(run_requests=requests, cursor=json.dumps(seen, sort_keys=True))
+        known = set(context.instance.get_dynamic_partitions(TRACE_POLICY_VERSIONS.name))
+        new = sorted({r.partition_key for r in requests if r.partition_key} - known)
+        return SensorResult(
+            run_requests=requests,
+            cursor=json.dumps(seen, sort_keys=True),
+            dynamic_partitions_requests=[TRACE_POLICY_VERSIONS.build_add_request(new)]
+            if new
+            else [],
+        )
 
     return seed_inbox_sensor
 
@@ -108,7 +139,27 @@ def build_failure_sensor(failures_log: str | Path):
 
 def build_schedules() -> list[ScheduleDefinition]:
     """Nightly refreshes, shipped STOPPED: turn them on in the UI (Automation) or the CLI."""
-    return [
+
+    @schedule(
+        name="nightly_trace",
+        job_name="trace",
+        cron_schedule="30 2 * * *",
+        execution_timezone="UTC",
+        default_status=DefaultScheduleStatus.STOPPED,
+        description="Re-triage under the current policy version every night (30 2 * * * UTC).",
+    )
+    def nightly_trace(context: ScheduleEvaluationContext):
+        version, path = current_policy(context.instance)
+        if version not in context.instance.get_dynamic_partitions(TRACE_POLICY_VERSIONS.name):
+            return SkipReason(
+                f"policy version {version} has no triage partition yet: the trace_policy_sensor "
+                "adds one, or add it in the UI"
+            )
+        return RunRequest(
+            partition_key=version, run_config={"ops": {"trace_policy": {"config": {"path": path}}}}
+        )
+
+    plain = [
         ScheduleDefinition(
             name=f"nightly_{job}",
             job_name=job,
@@ -117,12 +168,9 @@ def build_schedules() -> list[ScheduleDefinition]:
             default_status=DefaultScheduleStatus.STOPPED,
             description=f"Regenerate the {job} family every night ({cron} UTC).",
         )
-        for job, cron in (
-            ("responses", "0 2 * * *"),
-            ("trace", "30 2 * * *"),
-            ("judges", "0 4 * * 0"),
-        )
+        for job, cron in (("responses", "0 2 * * *"), ("judges", "0 4 * * 0"))
     ]
+    return [*plain, nightly_trace]
 
 
 # A training asset runs when it is missing or its data was updated, and only once every

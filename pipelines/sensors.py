@@ -1,4 +1,5 @@
-"""Sensors: a changed policy file requests a TRACE re-triage for its new version."""
+"""Sensors: a changed policy file adds its new version as a triage partition and requests
+a TRACE run for it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 from dagster import RunRequest, SensorEvaluationContext, SensorResult, SkipReason, sensor
 
+from pipelines.partitions import TRACE_POLICY_VERSIONS
 from synth.trace.policy import PolicyError, load_policy
 
 
@@ -39,6 +41,7 @@ def build_policy_sensor(
                         run_key=f"{path}@{version}",
                         run_config={"ops": {"trace_policy": {"config": {"path": path}}}},
                         tags={"alignfoundry/policy_version": version},
+                        partition_key=version,
                     )
                 )
         if problems:
@@ -47,6 +50,17 @@ def build_policy_sensor(
             return SkipReason(
                 "no policy file changed" + (f" ({len(problems)} unreadable)" if problems else "")
             )
-        return SensorResult(run_requests=requests, cursor=json.dumps(seen, sort_keys=True))
+        # Each new version becomes a partition of the triage before its run is requested.
+        new = sorted(
+            {r.partition_key for r in requests}
+            - set(context.instance.get_dynamic_partitions(TRACE_POLICY_VERSIONS.name))
+        )
+        return SensorResult(
+            run_requests=requests,
+            cursor=json.dumps(seen, sort_keys=True),
+            dynamic_partitions_requests=[TRACE_POLICY_VERSIONS.build_add_request(new)]
+            if new
+            else [],
+        )
 
     return trace_policy_sensor

@@ -121,3 +121,14 @@ def decode_png(md_value: str):
     data = base64.b64decode(md_value.split("base64,", 1)[1].rstrip(")"))
     assert data.startswith(b"\x89PNG\r\n\x1a\n")
     return Image.open(io.BytesIO(data))
+
+
+def trace_partition(instance) -> str:
+    """The shipped policy's version, added as a triage partition (what the policy sensor
+    does for a watched file): the partition key a `trace` run needs."""
+    from pipelines.partitions import TRACE_POLICY_VERSIONS
+    from synth.trace.policy import SHIPPED_POLICIES, load_policy
+
+    version = load_policy(SHIPPED_POLICIES / "new_policy.yaml").version
+    instance.add_dynamic_partitions(TRACE_POLICY_VERSIONS.name, [version])
+    return version

@@ -120,16 +120,29 @@ def test_cli_materialize_in_a_subprocess(tmp_path, cli_env):
 
 
 def test_schedules_ship_stopped_and_target_family_jobs(tmp_path):
-    from dagster import DefaultScheduleStatus, build_schedule_context
+    from dagster import DefaultScheduleStatus, build_schedule_context, instance_for_test
+
+    from conftest import trace_partition
 
     repo = build_definitions(tmp_path).get_repository_def()
     schedules = {s.name: s for s in repo.schedule_defs}
     assert set(schedules) == {"nightly_responses", "nightly_trace", "nightly_judges"}
-    for name, s in schedules.items():
-        assert s.default_status == DefaultScheduleStatus.STOPPED
-        assert repo.get_job(s.job_name).name == name.removeprefix("nightly_")
-        (request,) = s.evaluate_tick(build_schedule_context()).run_requests
-        assert request is not None
+    with instance_for_test() as instance:
+        # Before any policy version is a partition, the nightly triage has nothing to run.
+        tick = schedules["nightly_trace"].evaluate_tick(
+            build_schedule_context(instance=instance, repository_def=repo)
+        )
+        assert not tick.run_requests and "no triage partition" in tick.skip_message
+        version = trace_partition(instance)
+        for name, s in schedules.items():
+            assert s.default_status == DefaultScheduleStatus.STOPPED
+            assert repo.get_job(s.job_name).name == name.removeprefix("nightly_")
+            (request,) = s.evaluate_tick(
+                build_schedule_context(instance=instance, repository_def=repo)
+            ).run_requests
+            assert request is not None
+            if name == "nightly_trace":
+                assert request.partition_key == version
     assert {
         "everything",
         "seeds",

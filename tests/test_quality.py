@@ -18,6 +18,8 @@ from quality.store import EmbeddingStore
 from quality.suites import SUITES
 from synth.loaders import SHIPPED_SEEDS, load_preference_pairs
 
+from conftest import trace_partition
+
 
 def test_exact_dedup_links_duplicates_to_their_representative():
     df = pl.DataFrame(
@@ -191,9 +193,10 @@ def test_failed_integrity_suite_stops_training(tmp_path):
         "rejected": "\n\nHuman: Tell me a story.\n\nAssistant: No.",
     }
     seeds.write_text(text.rstrip("\n") + "\n" + json.dumps(huge) + "\n")
-    defs = build_definitions(tmp_path)
+    defs, instance = build_definitions(tmp_path), DagsterInstance.ephemeral()
     result = defs.resolve_job_def("trace").execute_in_process(
-        instance=DagsterInstance.ephemeral(),
+        instance=instance,
+        partition_key=trace_partition(instance),
         raise_on_error=False,
         run_config={"ops": {"seed_preference_pairs": {"config": {"source": str(seeds)}}}},
     )

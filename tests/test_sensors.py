@@ -40,6 +40,12 @@ def test_policy_sensor_requests_a_run_per_new_version(tmp_path):
     assert isinstance(req, RunRequest) and req.run_key == f"{policy}@{v1}"
     assert req.run_config == {"ops": {"trace_policy": {"config": {"path": str(policy)}}}}
     assert json.loads(first.cursor) == {str(policy): v1}
+    # The version becomes a triage partition, and the run triages that partition.
+    assert req.partition_key == v1
+    (added,) = first.dynamic_partitions_requests
+    assert added.partitions_def_name == "trace_policy_versions" and list(added.partition_keys) == [
+        v1
+    ]
 
     # unchanged file: nothing to do, cursor kept
     assert isinstance(evaluate(sensor, first.cursor), SkipReason)
@@ -53,7 +59,9 @@ def test_policy_sensor_requests_a_run_per_new_version(tmp_path):
         v2 != v1
         and req2.run_key == f"{policy}@{v2}"
         and req2.tags["alignfoundry/policy_version"] == v2
+        and req2.partition_key == v2
     )
+    assert [list(r.partition_keys) for r in second.dynamic_partitions_requests] == [[v2]]
     assert json.loads(second.cursor) == {str(policy): v2}
 
 
@@ -78,7 +86,15 @@ def test_inbox_sensor_runs_the_matching_family_once_per_file_version(tmp_path):
     first = evaluate(sensor, None)
     (req,) = first.run_requests
     assert req.job_name == "trace"
-    assert req.run_config == {"ops": {"seed_preference_pairs": {"config": {"source": str(pairs)}}}}
+    # New pairs are triaged under the current policy (the shipped one here), as its partition.
+    shipped = SHIPPED_POLICIES / "new_policy.yaml"
+    assert req.run_config == {
+        "ops": {
+            "seed_preference_pairs": {"config": {"source": str(pairs)}},
+            "trace_policy": {"config": {"path": str(shipped)}},
+        }
+    }
+    assert req.partition_key == load_policy(shipped).version
     assert isinstance(evaluate(sensor, first.cursor), SkipReason)  # seen, unchanged
 
     ins = tmp_path / "inbox" / "instructions" / "more.jsonl"

@@ -13,6 +13,8 @@ from synth.trace.policy import SHIPPED_POLICIES, PolicyError, load_policy
 from synth.trace.triage import triage_label
 from train.trace import gold_batch, training_pair
 
+from conftest import trace_partition
+
 
 @pytest.mark.parametrize(
     ("chosen_violates", "rejected_violates", "label"),
@@ -111,9 +113,10 @@ def test_gold_batch_follows_algorithm_2():
 
 
 def _run_trace(tmp_path, threshold):
-    defs = build_definitions(tmp_path)
+    defs, instance = build_definitions(tmp_path), DagsterInstance.ephemeral()
     return defs.resolve_job_def("trace").execute_in_process(
-        instance=DagsterInstance.ephemeral(),
+        instance=instance,
+        partition_key=trace_partition(instance),
         raise_on_error=False,
         run_config={
             "ops": {
@@ -146,9 +149,13 @@ def test_trace_job_end_to_end(tmp_path):
     assert result.success
     checks = {e.asset_check_key.name: e.passed for e in result.get_asset_check_evaluations()}
     assert all(checks.values()), checks
-    triaged = pl.read_parquet(tmp_path / "storage" / "trace_triage.parquet")
-    review = pl.read_parquet(tmp_path / "storage" / "trace_triage_review.parquet")
-    rejected = pl.read_parquet(tmp_path / "storage" / "trace_triage_rejected.parquet")
+    # The triage is a partition per policy version: storage/<asset>/<version>.parquet.
+    version = load_policy(SHIPPED_POLICIES / "new_policy.yaml").version
+    triaged = pl.read_parquet(tmp_path / "storage" / "trace_triage" / f"{version}.parquet")
+    review = pl.read_parquet(tmp_path / "storage" / "trace_triage_review" / f"{version}.parquet")
+    rejected = pl.read_parquet(
+        tmp_path / "storage" / "trace_triage_rejected" / f"{version}.parquet"
+    )
     assert triaged.height + review.height + rejected.height == 11
     assert triaged["policy_version"].unique().to_list() == [
         load_policy(SHIPPED_POLICIES / "new_policy.yaml").version
