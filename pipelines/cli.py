@@ -3,6 +3,7 @@
     alignfoundry config               the effective configuration (env, resources, paths)
     alignfoundry status               latest materialization, row count and checks per asset
     alignfoundry export FAMILY --to PATH [--repo-id ID]
+    alignfoundry policy FILE          add a TRACE policy file's version as a triage partition
 
 Errors are one line on stderr and a non-zero exit code.
 """
@@ -158,6 +159,35 @@ def cmd_export(args) -> None:
     print(f"exported {result['rows']} rows of {spec.curated} to {result['path']}{pushed}")
 
 
+def cmd_policy(args: argparse.Namespace) -> None:
+    """What the policy sensor does for a watched file, by hand: the file's version becomes
+    a partition of the triage, and the command that triages under it is printed."""
+    from pipelines.partitions import TRACE_POLICY_VERSIONS
+    from synth.trace.policy import PolicyError, load_policy
+
+    try:
+        policy = load_policy(args.file)
+    except PolicyError as e:
+        raise CLIError(str(e)) from None
+    instance = _instance()
+    known = instance.get_dynamic_partitions(TRACE_POLICY_VERSIONS.name)
+    if policy.version not in known:
+        instance.add_dynamic_partitions(TRACE_POLICY_VERSIONS.name, [policy.version])
+    state = "already a partition" if policy.version in known else "added as a partition"
+    from pipelines.definitions import home_dir
+
+    config = home_dir() / "policies" / f"{policy.version}.yaml"  # JSON, which is YAML
+    config.parent.mkdir(parents=True, exist_ok=True)
+    path = str(Path(args.file).resolve())
+    config.write_text(json.dumps({"ops": {"trace_policy": {"config": {"path": path}}}}))
+    tags = json.dumps({"dagster/partition": policy.version})
+    print(f"{policy.name} version {policy.version}: {state} of trace_policy_versions")
+    print(
+        "triage under it: dagster job execute -m pipelines.definitions -j trace "
+        f"--tags '{tags}' -c {config}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="alignfoundry", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -172,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--to", required=True, help="output folder")
     p.add_argument("--repo-id", default=None, help="also push_to_hub (needs HF_TOKEN and network)")
     p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("policy", help="add a TRACE policy file's version as a triage partition")
+    p.add_argument("file")
+    p.set_defaults(fn=cmd_policy)
     args = ap.parse_args(argv)
     try:
         args.fn(args)

@@ -77,3 +77,29 @@ def test_config_status_and_export(tmp_path, cli_env, monkeypatch, capsys):
     ds = datasets.load_from_disk(str(out / "data"))
     assert ds.num_rows == curated["rows"]
     assert "| responses_curated_accounted | ERROR | passed |" in (out / "README.md").read_text()
+
+
+def test_policy_adds_its_version_as_a_triage_partition(tmp_path, cli_env):
+    from pipelines.partitions import TRACE_POLICY_VERSIONS
+    from synth.trace.policy import SHIPPED_POLICIES, load_policy
+
+    policy = SHIPPED_POLICIES / "strict.yaml"
+    version = load_policy(policy).version
+    run = [str(ALIGNFOUNDRY), "policy", str(policy)]
+    first = subprocess.run(run, env=cli_env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    assert f"version {version}: added as a partition" in first.stdout
+    config = tmp_path / "policies" / f"{version}.yaml"
+    assert f'"dagster/partition": "{version}"' in first.stdout and str(config) in first.stdout
+    assert json.loads(config.read_text())["ops"]["trace_policy"]["config"]["path"] == str(policy)
+    again = subprocess.run(run, env=cli_env, capture_output=True, text=True)
+    assert "already a partition" in again.stdout
+    instance = DagsterInstance.from_config(cli_env["DAGSTER_HOME"])
+    assert instance.get_dynamic_partitions(TRACE_POLICY_VERSIONS.name) == [version]
+    bad = subprocess.run(
+        [str(ALIGNFOUNDRY), "policy", str(tmp_path / "none.yaml")],
+        env=cli_env,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "none.yaml" in bad.stderr
