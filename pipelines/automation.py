@@ -17,14 +17,13 @@ from dagster import (
     ScheduleDefinition,
     ScheduleEvaluationContext,
     SensorEvaluationContext,
-    SensorResult,
     SkipReason,
     run_failure_sensor,
     schedule,
     sensor,
 )
 
-from pipelines.partitions import TRACE_POLICY_VERSIONS
+from pipelines.partitions import TRACE_POLICY_VERSIONS, adding_policy_versions
 
 # inbox subfolder -> (seed asset whose source it sets, the job that runs it and downstream)
 INBOX_KINDS = {
@@ -94,15 +93,8 @@ def build_inbox_sensor(inbox: str | Path, jobs: list, minimum_interval_seconds: 
                 )
         if not requests:
             return SkipReason(f"no new seed files under {root}")
-        known = set(context.instance.get_dynamic_partitions(TRACE_POLICY_VERSIONS.name))
-        new = sorted({r.partition_key for r in requests if r.partition_key} - known)
-        return SensorResult(
-            run_requests=requests,
-            cursor=json.dumps(seen, sort_keys=True),
-            dynamic_partitions_requests=[TRACE_POLICY_VERSIONS.build_add_request(new)]
-            if new
-            else [],
-        )
+        # Each new version becomes a partition of the triage before its run is requested.
+        return adding_policy_versions(context.instance, requests, json.dumps(seen, sort_keys=True))
 
     return seed_inbox_sensor
 

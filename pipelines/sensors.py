@@ -7,9 +7,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from dagster import RunRequest, SensorEvaluationContext, SensorResult, SkipReason, sensor
+from dagster import RunRequest, SensorEvaluationContext, SkipReason, sensor
 
-from pipelines.partitions import TRACE_POLICY_VERSIONS
+from pipelines.partitions import adding_policy_versions
 from synth.trace.policy import PolicyError, load_policy
 
 
@@ -51,16 +51,6 @@ def build_policy_sensor(
                 "no policy file changed" + (f" ({len(problems)} unreadable)" if problems else "")
             )
         # Each new version becomes a partition of the triage before its run is requested.
-        new = sorted(
-            {r.partition_key for r in requests}
-            - set(context.instance.get_dynamic_partitions(TRACE_POLICY_VERSIONS.name))
-        )
-        return SensorResult(
-            run_requests=requests,
-            cursor=json.dumps(seen, sort_keys=True),
-            dynamic_partitions_requests=[TRACE_POLICY_VERSIONS.build_add_request(new)]
-            if new
-            else [],
-        )
+        return adding_policy_versions(context.instance, requests, json.dumps(seen, sort_keys=True))
 
     return trace_policy_sensor
