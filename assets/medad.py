@@ -215,10 +215,11 @@ def medad_case_assets(
     medad_center_cases_rejected: dict[str, pl.DataFrame],
     medad_bases: pl.DataFrame,
 ):
+    order = MEDAD_CENTERS.get_partition_keys()
     s = shard_settings(
         context,
         "medad_center_cases",
-        MEDAD_CENTERS.get_partition_keys(),
+        order,
         medad_center_cases,
         MedADSettings,
         "backfill the center partitions first (the UI's Materialize all, or `dagster asset "
@@ -227,7 +228,6 @@ def medad_case_assets(
     )
     bases = bases_from_frame(medad_bases)
     real, real_rejected, _ = build_cases(bases, s, centers=set(), real_anomalies=True)
-    order = MEDAD_CENTERS.get_partition_keys()
     kept = pl.concat([*(medad_center_cases[c] for c in order), real]).sort("plan_index")
     rejected = pl.concat([*(medad_center_cases_rejected[c] for c in order), real_rejected])
     md = dataset_metadata(kept, rejected, len(plan_cases(bases, s)), settings=s.model_dump_json())

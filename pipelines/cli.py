@@ -162,6 +162,7 @@ def cmd_export(args) -> None:
 def cmd_policy(args: argparse.Namespace) -> None:
     """What the policy sensor does for a watched file, by hand: the file's version becomes
     a partition of the triage, and the command that triages under it is printed."""
+    from pipelines.definitions import home_dir
     from pipelines.partitions import TRACE_POLICY_VERSIONS
     from synth.trace.policy import PolicyError, load_policy
 
@@ -174,8 +175,6 @@ def cmd_policy(args: argparse.Namespace) -> None:
     if policy.version not in known:
         instance.add_dynamic_partitions(TRACE_POLICY_VERSIONS.name, [policy.version])
     state = "already a partition" if policy.version in known else "added as a partition"
-    from pipelines.definitions import home_dir
-
     config = home_dir() / "policies" / f"{policy.version}.yaml"  # JSON, which is YAML
     config.parent.mkdir(parents=True, exist_ok=True)
     path = str(Path(args.file).resolve())

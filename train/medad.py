@@ -199,16 +199,28 @@ class HFVLM:
     """A Hugging Face image-text-to-text model from a local path, with LoRA on its
     language model, driven through its own processor and chat template."""
 
-    def __init__(self, path: str, lora_r: int, lora_alpha: int, device: str) -> None:
+    def __init__(
+        self,
+        path: str,
+        device: str,
+        lora_r: int = 16,
+        lora_alpha: int = 32,
+        adapter: Path | None = None,
+    ) -> None:
+        """Fresh LoRA adapters on the model at `path`, or the trained ones in `adapter`
+        (saved with their processor by `save`)."""
         import torch
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, PeftModel, get_peft_model
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.path, self.device = path, device
-        self.processor = AutoProcessor.from_pretrained(path)
+        self.processor = AutoProcessor.from_pretrained(adapter or path)
         self.tok = self.processor.tokenizer
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
+        if adapter is not None:
+            self.lm = PeftModel.from_pretrained(model, adapter)
+            return
         config = LoraConfig(
             r=lora_r,
             lora_alpha=lora_alpha,
@@ -295,7 +307,7 @@ def build_model(model: str, image_size: int, grid: int, lora_r: int, lora_alpha:
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if is_hf_vlm(model):
-        return HFVLM(model, lora_r, lora_alpha, device)
+        return HFVLM(model, device, lora_r, lora_alpha)
     lm, tok, _ = load_lora_policy(model, lora_r, lora_alpha, 0.0, seed)
     return PrefixVLM(lm, tok, image_size, grid, device)
 
@@ -311,15 +323,7 @@ def load_trained(model_dir: str):
     cfg = json.loads((out / CONFIG_FILE).read_text())
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg["kind"] == "hf":
-        vlm = HFVLM.__new__(HFVLM)
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        vlm.path, vlm.device = cfg["base_model"], device
-        vlm.processor = AutoProcessor.from_pretrained(out / "adapter")
-        vlm.tok = vlm.processor.tokenizer
-        base = AutoModelForImageTextToText.from_pretrained(cfg["base_model"]).to(device)
-        vlm.lm = PeftModel.from_pretrained(base, out / "adapter")
-        return vlm
+        return HFVLM(cfg["base_model"], device, adapter=out / "adapter")
     base, tok = load_causal_lm(cfg["base_model"])
     lm = PeftModel.from_pretrained(base.to(device), out / "adapter")
     vlm = PrefixVLM(lm, tok, cfg["image_size"], cfg["grid"], device)

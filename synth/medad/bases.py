@@ -395,7 +395,6 @@ def load_bases(
     entries: list[dict[str, Any]], size: int
 ) -> tuple[list[BaseImage], list[tuple[dict, str, str]]]:
     """(bases, failures): each failure is (entry, reason, detail)."""
-    from skimage.transform import resize
 
     bases, failures = [], []
     for e in entries:
@@ -417,11 +416,7 @@ def load_bases(
                 continue
             tissue = None
             if e["role"] == "normal":
-                atlas_sq = (
-                    resize(square(atlas, atlas.shape[0]), (size, size), order=1)
-                    if atlas is not None
-                    else None
-                )
+                atlas_sq = square(atlas, size) if atlas is not None else None
                 spec = e["tissue"]
                 tissue = tissue_mask(img, spec["method"], atlas_sq, spec.get("level", 0.15))
             bases.append(
