@@ -333,11 +333,9 @@ def load_trained(model_dir: str):
     return vlm
 
 
-def load_items(items_path: str, cases_path: str, split: str | None) -> list[dict[str, Any]]:
-    """Items joined with their case image, facts decoded; `split` None = every split."""
-    items = pl.read_parquet(items_path)
-    if split:
-        items = items.filter(pl.col("split") == split)
+def load_items(items_path: str, cases_path: str, splits: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The items of `splits`, joined with their case image, facts decoded."""
+    items = pl.read_parquet(items_path).filter(pl.col("split").is_in(splits))
     images = pl.read_parquet(cases_path).select(pl.col("record_id").alias("case_id"), "image_png")
     rows = items.join(images, on="case_id", how="left").to_dicts()
     missing = [r["record_id"] for r in rows if r["image_png"] is None]
@@ -352,7 +350,7 @@ def load_items(items_path: str, cases_path: str, split: str | None) -> list[dict
 def train(a: argparse.Namespace, log) -> dict[str, Any]:
     import torch
 
-    rows = load_items(a.items, a.cases, "train")
+    rows = load_items(a.items, a.cases, ("train",))
     if not rows:
         raise ValueError(f"{a.items}: no rows with split == 'train'")
     vlm = build_model(a.model, a.image_size, a.grid, a.lora_r, a.lora_alpha, a.seed)

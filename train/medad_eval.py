@@ -19,7 +19,7 @@ EVAL_SPLITS = ("test", "heldout_center", "real_anomaly")
 
 
 def evaluate(a: argparse.Namespace, log) -> dict[str, Any]:
-    rows = [r for r in load_items(a.items, a.cases, None) if r["split"] in EVAL_SPLITS]
+    rows = load_items(a.items, a.cases, EVAL_SPLITS)
     if a.limit_per_split:
         per: dict[str, int] = {}
         kept = []
