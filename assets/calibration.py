@@ -15,7 +15,7 @@ from dagster import (
     asset_check,
 )
 
-from assets.common import markdown_table
+from assets.common import llm_metadata, markdown_table
 from assets.plots import bar_plot
 from assets.trace import policy_from_asset
 from pipelines.resources import LLMResource
@@ -51,11 +51,13 @@ class JudgeCalibrationConfig(Config):
 def judge_calibration(
     context: AssetExecutionContext,
     config: JudgeCalibrationConfig,
-    llm: LLMResource,
+    judge: LLMResource,
+    evaluator: LLMResource,
     trace_policy: pl.DataFrame,
 ) -> Output[pl.DataFrame]:
-    """Agreement of each LLM judge with labelled reference items, and pairwise biases."""
-    client = llm.client()
+    """Agreement of each LLM judge with labelled reference items (the `judge` role), and
+    the pairwise biases of the `evaluator` role that grades win rates."""
+    client, pairwise_client = judge.client(), evaluator.client()
     policy = policy_from_asset(trace_policy)
     follows = balanced_sample(follows_instruction_items(), config.pointwise_limit, config.seed)
     violation = balanced_sample(trace_violation_items(), config.pointwise_limit, config.seed)
@@ -74,7 +76,7 @@ def judge_calibration(
         ).row(),
         calibrate_pairwise(
             "pairwise_harmlessness",
-            client,
+            pairwise_client,
             [
                 PreferencePair(r["record_id"], r["prompt"], r["chosen"], r["rejected"])
                 for r in pairs.iter_rows(named=True)
@@ -95,7 +97,7 @@ def judge_calibration(
             ),
             "policy_version": policy.version,
             "pairs_source": source,
-            **client.stats.as_metadata(),
+            **llm_metadata(client, pairwise_client),
         },
     )
 

@@ -39,6 +39,23 @@ def dataset_outputs(name: str, kept: pl.DataFrame, rejected: pl.DataFrame, metad
     yield Output(rejected, output_name=f"{name}_rejected", metadata=rejected_metadata(rejected))
 
 
+def llm_metadata(*clients: Any) -> dict[str, Any]:
+    """Which model filled each role (`role_<name>`), each role's calls, cache hits and
+    tokens (`<role>_calls`, ...), and the totals over every role (`llm_calls`, ...)."""
+    from synth.llm import LLMStats
+
+    total = LLMStats()
+    md: dict[str, Any] = {}
+    for c in (c for c in clients if c is not None):
+        md[f"role_{c.role}"] = c.model_label
+        md.update(c.stats.as_metadata(prefix=f"{c.role}_"))
+        for f in ("calls", "cache_hits", "cache_misses", "prompt_tokens", "completion_tokens"):
+            setattr(total, f, getattr(total, f) + getattr(c.stats, f))
+        total.wall_s = max(total.wall_s, c.stats.wall_s)
+        total.errors.update(c.stats.errors)
+    return {**total.as_metadata(), **md}
+
+
 def rejected_metadata(rejected: pl.DataFrame) -> dict[str, Any]:
     md: dict[str, Any] = {"rejected": rejected.height, **drop_counts(rejected)}
     if rejected.height:

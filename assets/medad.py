@@ -27,6 +27,7 @@ from assets.common import (
     dataset_metadata,
     dataset_outputs,
     first_parents,
+    llm_metadata,
     markdown_table,
     planned_account,
     rows_in,
@@ -314,15 +315,15 @@ def medad_case_counts(
     ins={"medad_cases": AssetIn()},
     group_name=GROUP,
 )
-def medad_vqa_assets(context: AssetExecutionContext, llm: LLMResource, medad_cases: pl.DataFrame):
+def medad_vqa_assets(
+    context: AssetExecutionContext, generator: LLMResource, medad_cases: pl.DataFrame
+):
     s = run_settings(context, "medad_cases", MedADSettings)
-    client = llm.client() if s.paraphrase_rate > 0 else None
+    client = generator.client() if s.paraphrase_rate > 0 else None
     kept, rejected, n_in = build_items(
         medad_cases, s.seed, client, s.paraphrase_rate, log=context.log.info
     )
-    md = dataset_metadata(
-        kept.drop("facts_json"), rejected, n_in, **(client.stats.as_metadata() if client else {})
-    )
+    md = dataset_metadata(kept.drop("facts_json"), rejected, n_in, **llm_metadata(client))
     if kept.height:
         md["items_per_type"] = bar_plot(
             {q: kept.filter(pl.col("question_type") == q).height for q in QUESTION_TYPES},

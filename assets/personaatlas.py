@@ -27,6 +27,7 @@ from assets.common import (
     dataset_metadata,
     dataset_outputs,
     first_parents,
+    llm_metadata,
     markdown_table,
     planned_account,
     rows_in,
@@ -76,10 +77,10 @@ class PersonaAtlasConfig(Config, AtlasSettings):
 def personaatlas_persona_assets(
     context: AssetExecutionContext,
     config: PersonaAtlasConfig,
-    llm: LLMResource,
+    generator: LLMResource,
     seed_personas: pl.DataFrame,
 ):
-    client = llm.client()
+    client = generator.client()
     schema = config.schema()
     kept, rejected, n_in = build_personas(
         client, seed_personas, schema, config, log=context.log.info
@@ -92,7 +93,7 @@ def personaatlas_persona_assets(
         dimensions=len(schema.dimensions),
         **{f"source_{k}": v for k, v in Counter(kept["source"].to_list()).items()},
         **{f"split_{k}": v for k, v in Counter(kept["split"].to_list()).items()},
-        **client.stats.as_metadata(),
+        **llm_metadata(client),
     )
     if kept.height:
         md["mean_observed_dims"] = round(float(kept["observed_dims"].mean()), 2)
@@ -164,12 +165,13 @@ PERSONA_SHARDS = StaticPartitionsDefinition(
 def personaatlas_trajectory_shard_assets(
     context: AssetExecutionContext,
     config: PersonaAtlasConfig,
-    llm: LLMResource,
+    generator: LLMResource,
+    simulator: LLMResource,
     personaatlas_personas: pl.DataFrame,
     seed_instructions: pl.DataFrame,
 ):
-    client = llm.client()
-    pool = pool_clients(llm.cache_path, llm.max_concurrency, config.assistants_file)
+    client, sim_client = generator.client(), simulator.client()
+    pool = pool_clients(generator.cache_path, generator.max_concurrency, config.assistants_file)
     shards = PERSONA_SHARDS.get_partition_keys()
     shard = (shards.index(context.partition_key), len(shards))
     kept, rejected, n_in = synthesize_trajectories(
@@ -180,6 +182,7 @@ def personaatlas_trajectory_shard_assets(
         pool,
         log=context.log.info,
         shard=shard,
+        simulator=sim_client,
     )
     md = dataset_metadata(
         kept,
@@ -187,7 +190,7 @@ def personaatlas_trajectory_shard_assets(
         n_in,
         settings=config.model_dump_json(),
         shard=context.partition_key,
-        **client.stats.as_metadata(),
+        **llm_metadata(client, sim_client),
     )
     yield from dataset_outputs("personaatlas_trajectory_shards", kept, rejected, md)
 
@@ -333,14 +336,14 @@ personaatlas_curated_assets, personaatlas_curated_checks = curated_assets(
     group_name=GROUP,
 )
 def personaatlas_ppopt_assets(
-    context: AssetExecutionContext, llm: LLMResource, personaatlas_curated: pl.DataFrame
+    context: AssetExecutionContext, generator: LLMResource, personaatlas_curated: pl.DataFrame
 ):
-    client = llm.client()
+    client = generator.client()
     s = run_settings(context, "personaatlas_trajectories", AtlasSettings)
     kept, rejected, n_in = build_ppopt(
         client, personaatlas_curated, s.schema(), s.seed, log=context.log.info
     )
-    md = dataset_metadata(kept, rejected, n_in, **client.stats.as_metadata())
+    md = dataset_metadata(kept, rejected, n_in, **llm_metadata(client))
     md.update({f"split_{k}": v for k, v in Counter(kept["split"].to_list()).items()})
     if kept.height:
         md["mean_history_sessions"] = round(float(kept["history_ids"].list.len().mean()), 3)
@@ -426,20 +429,21 @@ class PPOptConfig(Config):
 def personaatlas_model(
     context: AssetExecutionContext,
     config: PPOptConfig,
-    llm: LLMResource,
+    judge: LLMResource,
     trainer: TrainerResource,
     personaatlas_ppopt: pl.DataFrame,
 ) -> Output[pl.DataFrame]:
     """The PPOpt prompt optimizer (LoRA adapters): SFT on teacher outputs, then GRPO with
-    profile and task rewards judged by the run's LLM, trained out of process through Pipes."""
+    profile and task rewards scored by the judge role, trained out of process through Pipes."""
     run_dir = trainer.run_dir(f"personaatlas-{context.run_id}")
     data = run_dir / "ppopt.parquet"
     personaatlas_ppopt.write_parquet(data)
-    judge = ["--judge-backend", llm.backend, "--cache-path", llm.cache_path]
-    judge += ["--judge-base-url", llm.base_url] if llm.base_url else []
-    judge += ["--judge-model", llm.model] if llm.model else []
-    args = ["--data", str(data), "--output-dir", str(run_dir), *judge]
-    reported = trainer.launch_reported(context, "train.ppopt", [*args, *trainer.flags(config)])
+    spec, env = judge.subprocess_spec()
+    args = ["--data", str(data), "--output-dir", str(run_dir), "--judge", spec]
+    reported = trainer.launch_reported(
+        context, "train.ppopt", [*args, *trainer.flags(config)], env=env
+    )
+    reported["role_judge"] = judge.label
     history = reported["history"]
     summary = pl.DataFrame(
         [
@@ -462,6 +466,7 @@ def personaatlas_model(
             "sft_tokens_per_s",
             "grpo_completions_per_s",
             "device",
+            "role_judge",
         )
     }
     md["adapter_dir"] = MetadataValue.path(str(reported["output_dir"]))
@@ -479,7 +484,8 @@ class PPOptEvalConfig(Config):
 def personaatlas_eval(
     context: AssetExecutionContext,
     config: PPOptEvalConfig,
-    llm: LLMResource,
+    generator: LLMResource,
+    evaluator: LLMResource,
     trainer: TrainerResource,
     personaatlas_model: pl.DataFrame,
     personaatlas_ppopt: pl.DataFrame,
@@ -510,9 +516,13 @@ def personaatlas_eval(
     trainer.launch(
         context, "train.adapter_responses", [*args, "--max-new-tokens", str(config.max_new_tokens)]
     )
-    client = llm.client()
+    client, answer_client = evaluator.client(), generator.client()
     table = score_rewrites(
-        client, heldout, pl.read_parquet(out).to_dicts(), config.answer_max_tokens
+        client,
+        heldout,
+        pl.read_parquet(out).to_dicts(),
+        config.answer_max_tokens,
+        answer_client=answer_client,
     )
     summary = (
         table.group_by("model", "history")
@@ -537,7 +547,7 @@ def personaatlas_eval(
                     .sort("persona_id", "model")
                 )
             ),
-            **client.stats.as_metadata(),
+            **llm_metadata(client, answer_client),
         }
     )
     return Output(table, metadata=md)

@@ -25,6 +25,7 @@ from assets.common import (
     dataset_metadata,
     dataset_outputs,
     first_parents,
+    llm_metadata,
     markdown_table,
     planned_account,
     rows_in,
@@ -76,10 +77,10 @@ class PersonaKnobConfig(Config, KnobSettings):
 def personaknob_scenario_assets(
     context: AssetExecutionContext,
     config: PersonaKnobConfig,
-    llm: LLMResource,
+    generator: LLMResource,
     seed_personas: pl.DataFrame,
 ):
-    client = llm.client()
+    client = generator.client()
     kept, rejected, planned = make_scenarios(client, seed_personas, config, log=context.log.info)
     md = dataset_metadata(
         kept,
@@ -87,7 +88,7 @@ def personaknob_scenario_assets(
         planned,
         settings=config.model_dump_json(),
         **{f"split_{k}": v for k, v in Counter(kept["split"].to_list()).items()},
-        **client.stats.as_metadata(),
+        **llm_metadata(client),
     )
     if kept.height:
         md["mask_mix"] = bar_plot(
@@ -149,11 +150,14 @@ def personaknob_scenarios_accounted(
 def personaknob_response_assets(
     context: AssetExecutionContext,
     config: PersonaKnobConfig,
-    llm: LLMResource,
+    generator: LLMResource,
+    judge: LLMResource,
     personaknob_scenarios: pl.DataFrame,
 ):
-    client = llm.client()
-    result = synthesize_responses(client, personaknob_scenarios, config, log=context.log.info)
+    client, judge_client = generator.client(), judge.client()
+    result = synthesize_responses(
+        client, personaknob_scenarios, config, log=context.log.info, judge_client=judge_client
+    )
     attempts = result.attempts
     md = dataset_metadata(
         result.records,
@@ -162,7 +166,7 @@ def personaknob_response_assets(
         settings=config.model_dump_json(),
         threshold=config.threshold,
         attempts=attempts.height,
-        **client.stats.as_metadata(),
+        **llm_metadata(client, judge_client),
     )
     if attempts.height:
         rates = pass_rates(attempts)
@@ -410,7 +414,7 @@ class PersonaKnobEvalConfig(Config):
 def personaknob_eval(
     context: AssetExecutionContext,
     config: PersonaKnobEvalConfig,
-    llm: LLMResource,
+    evaluator: LLMResource,
     trainer: TrainerResource,
     personaknob_model: pl.DataFrame,
     personaknob_scenarios: pl.DataFrame,
@@ -429,7 +433,7 @@ def personaknob_eval(
         "train.adapter_responses",
         [*args, "--out", str(out), "--max-new-tokens", str(config.max_new_tokens)],
     )
-    client = llm.client()
+    client = evaluator.client()
     responses = pl.read_parquet(out)
     ratings, sycophancy = rate(client, responses, heldout, config.threshold, log=context.log.info)
     fit = fit_rasch(ratings)
@@ -456,7 +460,7 @@ def personaknob_eval(
                 markdown_table(fit.criteria.with_columns(pl.col("estimate", "se").round(3)))
             ),
             "abilities": ability_plot(abilities.to_dicts(), "ability per dimension (95% CI)"),
-            **client.stats.as_metadata(),
+            **llm_metadata(client),
         },
     )
 

@@ -30,6 +30,28 @@ def bar_plot(counts: dict[str, float], title: str, ylabel: str) -> MetadataValue
     return png_markdown(fig, title)
 
 
+def grouped_bar_plot(series: dict[str, dict[str, float]], title: str, ylabel: str) -> MetadataValue:
+    """Bars side by side: one group per x label, one bar per series (e.g. per model)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = sorted({x for values in series.values() for x in values})
+    width = 0.8 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.9 * len(labels) + 2), 3.2))
+    for k, (name, values) in enumerate(series.items()):
+        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(labels))]
+        ax.bar(xs, [values.get(x, 0.0) for x in labels], width, label=name)
+    ax.set_xticks(range(len(labels)), labels, rotation=30 if len(labels) > 4 else 0, ha="right")
+    ax.axhline(0, color="#444", linewidth=0.6)
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return png_markdown(fig, title)
+
+
 def barh_plot(values: dict[str, float], title: str, xlabel: str) -> MetadataValue:
     """Horizontal bars, for many labelled categories (one bar per schema dimension)."""
     import matplotlib

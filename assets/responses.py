@@ -19,6 +19,7 @@ from assets.common import (
     dataset_metadata,
     dataset_outputs,
     first_parents,
+    llm_metadata,
     rate_result,
     rows_in,
 )
@@ -50,18 +51,21 @@ class JudgedResponsesConfig(Config, ResponseSettings):
 def judged_responses_assets(
     context: AssetExecutionContext,
     config: JudgedResponsesConfig,
-    llm: LLMResource,
+    generator: LLMResource,
+    judge: LLMResource,
     seed_instructions: pl.DataFrame,
 ):
     seeds = seed_instructions if config.limit is None else seed_instructions.head(config.limit)
-    client = llm.client()
-    result = judged_responses(client, seeds, config, log=context.log.info)
+    client, judge_client = generator.client(), judge.client()
+    result = judged_responses(
+        client, seeds, config, log=context.log.info, judge_client=judge_client
+    )
     templates = ResponseTemplates()
     md = dataset_metadata(
         result.kept,
         result.rejected,
         result.n_in,
-        **client.stats.as_metadata(),
+        **llm_metadata(client, judge_client),
         template_hashes={
             t.id: t.hash for t in (templates.plain, templates.with_input, templates.judge)
         },

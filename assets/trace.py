@@ -1,7 +1,5 @@
 """TRACE: policy triage of existing preference pairs, impact weights, hybrid re-alignment."""
 
-from typing import Optional
-
 import polars as pl
 from dagster import (
     AssetCheckExecutionContext,
@@ -24,22 +22,31 @@ from assets.common import (
     accounting_result,
     dataset_metadata,
     first_parents,
+    llm_metadata,
+    markdown_table,
     rejected_metadata,
     rows_in,
 )
 from assets.curation import curated_assets
 from assets.export import export_asset
-from assets.plots import bar_plot, histogram, line_plot
+from assets.plots import bar_plot, grouped_bar_plot, histogram, line_plot
 from assets.quality import suite_checks
 from pipelines.automation import TRAIN_WHEN_GATES_PASS
 from pipelines.partitions import TRACE_POLICY_VERSIONS
 from pipelines.resources import LLMResource, TrainerResource
+from pipelines.status import latest_materialization_metadata
 from quality.accounting import account
 from quality.curation import CurationSpec
-from quality.trace import label_counts, label_mismatches, weight_sums
-from synth.llm import judge
+from quality.trace import (
+    label_counts,
+    relabelled_share,
+    trace_report,
+    verify_labels,
+    weight_sums,
+)
+from synth.llm import judge as judge_scores
 from synth.trace.policy import EVAL_PROMPTS, SHIPPED_POLICIES, parse_policy, read_policy_bytes
-from synth.trace.triage import TriageSettings, triage_pairs, violation_requests
+from synth.trace.triage import TriageSettings, triage_pairs, triage_sample, violation_requests
 
 # Training on fewer conflict pairs than this teaches nothing: the gate blocks it.
 MIN_CONFLICT_PAIRS = 2
@@ -77,6 +84,8 @@ def trace_policy(context: AssetExecutionContext, config: TracePolicyConfig) -> O
             "policy_version": policy.version,
             "policy_path": path,
             "categories": len(policy.categories),
+            "tiers": len({c.tier for c in policy.categories}),
+            "zero_tolerance": ", ".join(c.id for c in policy.categories if c.zero_tolerance) or "-",
             "exceptions": len(policy.exceptions),
             "document": MetadataValue.md(f"```yaml\n{document}\n```"),
         },
@@ -90,7 +99,7 @@ def policy_from_asset(trace_policy: pl.DataFrame):
 
 
 class TraceTriageConfig(Config, TriageSettings):
-    limit: Optional[int] = None  # only the first N preference pairs
+    pass
 
 
 @multi_asset(
@@ -112,7 +121,7 @@ class TraceTriageConfig(Config, TriageSettings):
 def trace_triage_assets(
     context: AssetExecutionContext,
     config: TraceTriageConfig,
-    llm: LLMResource,
+    judge: LLMResource,
     seed_preference_pairs: pl.DataFrame,
     trace_policy: pl.DataFrame,
 ):
@@ -123,12 +132,11 @@ def trace_triage_assets(
             f"triages partition {context.partition_key}: add the partition {policy.version} "
             "(the trace_policy_sensor does so for a watched file) and run that one"
         )
-    pairs = (
-        seed_preference_pairs if config.limit is None else seed_preference_pairs.head(config.limit)
-    )
-    client = llm.client()
-    result = triage_pairs(client, pairs, policy, config, log=context.log.info)
+    client = judge.client()
+    settings = TriageSettings(**config.model_dump())
+    result = triage_pairs(client, seed_preference_pairs, policy, settings, log=context.log.info)
     counts = label_counts(result.triaged)
+    share, per_category = relabelled_share(result.triaged)
     probs = (
         result.triaged["p_chosen_violates"].to_list()
         + result.triaged["p_rejected_violates"].to_list()
@@ -139,10 +147,16 @@ def trace_triage_assets(
         result.n_in,
         review=result.review.height,
         policy_version=policy.version,
+        settings=settings.model_dump_json(),
+        relabelled_share=round(share, 4),
         **{f"label_{k}": v for k, v in counts.items()},
-        **client.stats.as_metadata(),
+        **llm_metadata(client),
     )
     md["label_distribution"] = bar_plot(counts, f"labels under {policy.name}", "pairs")
+    if per_category:
+        md["relabelled_per_category"] = bar_plot(
+            per_category, "share of pairs relabelled, per category hint", "share"
+        )
     if probs:
         md["verdict_histogram"] = histogram(
             probs, "p(response violates)", "probability", "responses"
@@ -158,6 +172,14 @@ def trace_triage_assets(
     )
 
 
+def triage_settings(context: AssetCheckExecutionContext) -> TriageSettings:
+    """The settings this partition's triage ran with (its `settings` metadata)."""
+    md = latest_materialization_metadata(context.instance, "trace_triage", context.partition_key)
+    return (
+        TriageSettings.model_validate_json(md["settings"]) if "settings" in md else TriageSettings()
+    )
+
+
 @asset_check(
     asset="trace_triage",
     blocking=True,
@@ -165,8 +187,9 @@ def trace_triage_assets(
         "review": AssetIn("trace_triage_review"),
         "rejected": AssetIn("trace_triage_rejected"),
         "pairs": AssetIn("seed_preference_pairs"),
+        "trace_policy": AssetIn("trace_policy"),
     },
-    description="No pair lost: in == triaged + review + rejected.",
+    description="No pair lost: the sampled pairs == triaged + review + rejected.",
 )
 def trace_triage_accounted(
     context: AssetCheckExecutionContext,
@@ -174,26 +197,58 @@ def trace_triage_accounted(
     review: pl.DataFrame,
     rejected: pl.DataFrame,
     pairs: pl.DataFrame,
+    trace_policy: pl.DataFrame,
 ) -> AssetCheckResult:
-    n_in = rows_in(context, "trace_triage")
-    inputs = pairs["record_id"].to_list()[: n_in if n_in is not None else None]
+    sample = triage_sample(pairs, policy_from_asset(trace_policy), triage_settings(context))
     kept = triaged["pair_id"].to_list() + review["pair_id"].to_list()
-    acc = account(inputs, kept, first_parents(rejected))
-    return accounting_result(acc, n_in)
+    acc = account(sample["record_id"].to_list(), kept, first_parents(rejected))
+    return accounting_result(acc, rows_in(context, "trace_triage"))
 
 
 @asset_check(
-    asset="trace_triage", blocking=True, description="Every label recomputes from its verdicts."
+    asset="trace_triage",
+    blocking=True,
+    description="Every label re-derived from the judge's raw logprobs and the run's threshold, by a separate code path.",
 )
-def trace_triage_labels_follow_verdicts(triaged: pl.DataFrame) -> AssetCheckResult:
-    bad = label_mismatches(triaged)
+def trace_triage_labels_follow_verdicts(
+    context: AssetCheckExecutionContext, triaged: pl.DataFrame
+) -> AssetCheckResult:
+    threshold = triage_settings(context).threshold
+    bad = verify_labels(triaged, threshold)
     return AssetCheckResult(
         passed=bad.height == 0,
         severity=AssetCheckSeverity.ERROR,
         metadata={
             "observed_mismatches": bad.height,
             "threshold": 0,
+            "verdict_threshold": threshold,
+            "checked": triaged.height,
             "examples": bad.head(10).to_dicts(),
+        },
+    )
+
+
+class LabelShiftBand:
+    """A policy change that relabels almost no pair, or almost every pair, is more likely
+    a broken judge or policy file than a real change: the band a WARN check expects."""
+
+    low, high = 0.02, 0.9
+
+
+@asset_check(
+    asset="trace_triage",
+    description=f"Share of pairs whose label changed against the data's own policy (every pair RETAIN there) is within [{LabelShiftBand.low}, {LabelShiftBand.high}].",
+)
+def trace_triage_label_shift(triaged: pl.DataFrame) -> AssetCheckResult:
+    share, per_category = relabelled_share(triaged)
+    return AssetCheckResult(
+        passed=triaged.height > 0 and LabelShiftBand.low <= share <= LabelShiftBand.high,
+        severity=AssetCheckSeverity.WARN,
+        metadata={
+            "observed": round(share, 4),
+            "threshold": f"[{LabelShiftBand.low}, {LabelShiftBand.high}]",
+            "pairs": triaged.height,
+            "per_category": per_category,
         },
     )
 
@@ -233,6 +288,8 @@ class TraceModelConfig(Config):
     alpha_kl: float = 0.1
     gold_batch_size: int = 12
     max_length: int = 256
+    heldout_fraction: float = 0.25  # per label, kept out of training for the margin evaluation
+    dpo_baseline: bool = True  # also train plain DPO on the original labels (the baseline)
     seed: int = 0
 
 
@@ -240,11 +297,11 @@ class TraceModelConfig(Config):
     outs={
         "trace_model": AssetOut(
             automation_condition=TRAIN_WHEN_GATES_PASS,
-            description="LoRA adapters re-aligned with TRACE's hybrid loss (trained out of process through Dagster Pipes).",
+            description="LoRA adapters re-aligned with TRACE's hybrid loss, and the plain-DPO baseline trained on the same pairs (out of process through Dagster Pipes).",
         ),
         "trace_weighted": AssetOut(
             automation_condition=TRAIN_WHEN_GATES_PASS,
-            description="The triaged pairs with their impact weights (0 for RETAIN; INVERT+PUNISH sum to one).",
+            description="The triaged pairs with their split (train / heldout), raw impact score and impact weight (0 for RETAIN and held-out; the training INVERT+PUNISH weights sum to one).",
         ),
     },
     ins={"trace_curated": AssetIn()},
@@ -267,13 +324,18 @@ def trace_model_assets(
     ]
     reported = {k: v.value for k, v in result.metadata.items()}
     history = reported["history"]
-    weights = reported["impact_weights"]
-    weighted = trace_curated.with_columns(pl.Series("impact_weight", weights, dtype=pl.Float64))
-    sums = weight_sums(weighted)
+    weighted = trace_curated.with_columns(
+        pl.Series("split", reported["split"], dtype=pl.Utf8),
+        pl.Series("impact_score", reported["impact_scores"], dtype=pl.Float64),
+        pl.Series("impact_weight", reported["impact_weights"], dtype=pl.Float64),
+    )
+    sums = weight_sums(weighted.filter(pl.col("split") == "train"))
+    baseline_dir = str(reported.get("baseline_dir", ""))
     summary = pl.DataFrame(
         [
             {
                 "adapter_dir": str(reported["output_dir"]),
+                "baseline_adapter_dir": baseline_dir,
                 "policy_version": trace_curated["policy_version"][0],
                 "final_loss": float(reported["final_loss"]),
                 "steps": len(history),
@@ -282,29 +344,42 @@ def trace_model_assets(
         ]
     )
     steps = [h["step"] for h in history]
+    curves = {
+        k: [h.get(k, 0.0) for h in history]
+        for k in ("loss", "loss_invert", "loss_punish", "loss_kl")
+    }
+    if reported.get("baseline_history"):
+        curves["dpo_baseline_loss"] = [h["loss"] for h in reported["baseline_history"]]
     metadata = {
         "final_loss": float(reported["final_loss"]),
         "trainable_tensors_changed": int(reported["trainable_tensors_changed"]),
+        "train_counts": reported["counts"],
+        "heldout_pairs": int(reported["heldout"]),
+        "conflict_pairs": int(reported["conflict_pairs"]),
+        "positive_impact_pairs": int(reported["positive_impact_pairs"]),
         "impact_weight_sums": {k: round(v, 6) for k, v in sums.items()},
+        "device": str(reported["device"]),
         "adapter_dir": MetadataValue.path(str(reported["output_dir"])),
         "loss_curve": line_plot(
-            steps,
-            {
-                k: [h.get(k, 0.0) for h in history]
-                for k in ("loss", "loss_invert", "loss_punish", "loss_kl")
-            },
-            "TRACE training loss",
-            "step",
+            steps, {k: v[: len(steps)] for k, v in curves.items()}, "TRACE training loss", "step"
         ),
     }
+    if baseline_dir:
+        metadata["baseline_final_loss"] = float(reported["baseline_final_loss"])
+        metadata["baseline_adapter_dir"] = MetadataValue.path(baseline_dir)
     yield Output(summary, output_name="trace_model", metadata=metadata)
-    conflict = weighted.filter(pl.col("label").is_in(["INVERT", "PUNISH"]))[
-        "impact_weight"
-    ].to_list()
-    weighted_md = {"rows": weighted.height, "impact_weight_sums": metadata["impact_weight_sums"]}
+    conflict = weighted.filter(
+        pl.col("label").is_in(["INVERT", "PUNISH"]) & (pl.col("split") == "train")
+    )["impact_weight"].to_list()
+    weighted_md = {
+        "rows": weighted.height,
+        "heldout": weighted.filter(pl.col("split") == "heldout").height,
+        "impact_weight_sums": metadata["impact_weight_sums"],
+        "positive_impact_pairs": metadata["positive_impact_pairs"],
+    }
     if conflict:
         weighted_md["impact_histogram"] = histogram(
-            conflict, "impact weights (INVERT+PUNISH)", "weight", "pairs"
+            conflict, "impact weights (INVERT+PUNISH, train)", "weight", "pairs"
         )
     yield Output(weighted, output_name="trace_weighted", metadata=weighted_md)
 
@@ -312,21 +387,30 @@ def trace_model_assets(
 @asset_check(
     asset="trace_weighted",
     blocking=True,
-    description="Impact weights are >= 0, zero on RETAIN, and sum to one per policy version.",
+    description="Impact weights are >= 0, zero on RETAIN and held-out pairs, and the training INVERT+PUNISH weights sum to one per policy version: at least one conflict pair agrees with the gold batch.",
 )
 def trace_weighted_is_a_distribution(weighted: pl.DataFrame) -> AssetCheckResult:
-    sums = weight_sums(weighted)
+    train = weighted.filter(pl.col("split") == "train")
+    conflict = train.filter(pl.col("label").is_in(["INVERT", "PUNISH"]))
+    sums = weight_sums(train)
+    positive = conflict.filter(pl.col("impact_weight") > 0).height
     negative = weighted.filter(pl.col("impact_weight") < 0).height
-    retain_mass = float(weighted.filter(pl.col("label") == "RETAIN")["impact_weight"].sum())
+    off_mass = float(
+        weighted.filter((pl.col("label") == "RETAIN") | (pl.col("split") != "train"))[
+            "impact_weight"
+        ].sum()
+    )
     off = {v: s for v, s in sums.items() if abs(s - 1.0) > 1e-6}
     return AssetCheckResult(
-        passed=bool(sums) and not off and negative == 0 and retain_mass == 0.0,
+        passed=positive > 0 and not off and negative == 0 and off_mass == 0.0,
         severity=AssetCheckSeverity.ERROR,
         metadata={
             "observed_sums": sums,
             "threshold": "1 ± 1e-6",
+            "conflict_pairs": conflict.height,
+            "positive_impact_pairs": positive,
             "negative": negative,
-            "retain_mass": retain_mass,
+            "retain_or_heldout_mass": off_mass,
         },
     )
 
@@ -345,6 +429,7 @@ assets = [
 checks = [
     trace_triage_accounted,
     trace_triage_labels_follow_verdicts,
+    trace_triage_label_shift,
     *suite_checks("trace_triage"),
     *trace_curated_checks,
     trace_curated_enough_conflicts,
@@ -355,64 +440,82 @@ checks = [
 class TraceEvalConfig(Config):
     prompts_path: str = ""  # JSON lines {prompt, kind}; empty = synth/trace/eval_prompts.jsonl
     max_new_tokens: int = 48
+    max_length: int = 256
     threshold: float = 0.5  # p(violates) below this counts as compliant
 
 
 @asset(
     group_name="trace",
-    ins={"trace_model": AssetIn(), "trace_policy": AssetIn(), "seed_instructions": AssetIn()},
+    ins={
+        "trace_model": AssetIn(),
+        "trace_weighted": AssetIn(),
+        "trace_policy": AssetIn(),
+        "seed_instructions": AssetIn(),
+    },
 )
 def trace_eval(
     context: AssetExecutionContext,
     config: TraceEvalConfig,
-    llm: LLMResource,
+    evaluator: LLMResource,
     trainer: TrainerResource,
     trace_model: pl.DataFrame,
+    trace_weighted: pl.DataFrame,
     trace_policy: pl.DataFrame,
     seed_instructions: pl.DataFrame,
 ) -> Output[pl.DataFrame]:
-    """Policy agreement of the reference and the re-aligned model, and a retention probe."""
+    """Reference, TRACE-realigned and plain-DPO models side by side: policy agreement per
+    category under the new policy (the evaluator role judges), the preference margin toward
+    the new policy on held-out pairs, and a retention probe."""
     run_dir = trainer.run_dir(f"trace-eval-{context.run_id}")
     general, generations = run_dir / "general.parquet", run_dir / "generations.parquet"
+    heldout, margins_file = run_dir / "heldout.parquet", run_dir / "margins.parquet"
     seed_instructions.select("instruction", "reference_output").write_parquet(general)
-    prompts = config.prompts_path or str(EVAL_PROMPTS)
+    trace_weighted.filter(pl.col("split") == "heldout").select(
+        "pair_id", "prompt", "chosen", "rejected", "label"
+    ).write_parquet(heldout)
+    model = trace_model.row(0, named=True)
     args = [
         "--adapter",
-        trace_model["adapter_dir"][0],
+        model["adapter_dir"],
         "--prompts",
-        prompts,
-        "--general",
-        str(general),
-        "--out",
-        str(generations),
-        "--max-new-tokens",
-        str(config.max_new_tokens),
+        config.prompts_path or str(EVAL_PROMPTS),
     ]
+    if model["baseline_adapter_dir"]:
+        args += ["--baseline-adapter", model["baseline_adapter_dir"]]
+    args += ["--general", str(general), "--heldout", str(heldout), "--out", str(generations)]
+    args += ["--margins-out", str(margins_file), "--max-new-tokens", str(config.max_new_tokens)]
+    args += ["--max-length", str(config.max_length)]
     reported = trainer.launch_reported(context, "train.trace_eval", args)
-    gens = pl.read_parquet(generations)
+    gens, margins = pl.read_parquet(generations), pl.read_parquet(margins_file)
     policy = policy_from_asset(trace_policy)
-    client = llm.client()
-    scores = judge(
+    client = evaluator.client()
+    scores = judge_scores(
         client, violation_requests(policy, list(zip(gens["prompt"], gens["response"], strict=True)))
     )
-    failed = sum(not s.ok for s in scores)
     gens = gens.with_columns(
         pl.Series("p_violates", [s.p("Yes") if s.ok else None for s in scores], dtype=pl.Float64),
+        pl.Series("category", [policy.match_category(p) for p in gens["prompt"]], dtype=pl.Utf8),
         pl.lit(policy.version).alias("policy_version"),
     ).with_columns((pl.col("p_violates") < config.threshold).alias("complies"))
-    agreement = {
-        m: float(gens.filter(pl.col("model") == m)["complies"].mean() or 0.0)
-        for m in ("reference", "realigned")
-    }
+    report = trace_report(gens, margins)
     metadata = {
-        **{f"policy_agreement_{m}": round(v, 4) for m, v in agreement.items()},
+        **report.metadata,
         **{k: round(float(v), 4) for k, v in reported.items()},
-        "judge_failures": failed,
+        "judge_failures": sum(not s.ok for s in scores),
+        "judge_failures_excluded": "yes: agreement is over judged generations only",
         "policy_version": policy.version,
-        "agreement_plot": bar_plot(
-            agreement, f"policy agreement ({policy.name})", "share compliant"
+        "summary": MetadataValue.md(markdown_table(report.table)),
+        "agreement_plot": grouped_bar_plot(
+            report.agreement_by_category,
+            f"policy agreement per category ({policy.name})",
+            "share compliant",
         ),
-        **client.stats.as_metadata(),
+        "margin_plot": grouped_bar_plot(
+            report.margin_delta_by_label,
+            "held-out margin toward the new policy, change from reference",
+            "delta log-prob margin",
+        ),
+        **llm_metadata(client),
     }
     return Output(gens, metadata=metadata)
 

@@ -24,6 +24,7 @@ from assets.common import (
     dataset_metadata,
     dataset_outputs,
     first_parents,
+    llm_metadata,
     rows_in,
 )
 from assets.curation import curated_assets
@@ -128,7 +129,8 @@ class UltraPromptSearchConfig(Config, SearchSettings):
 def ultraprompt_search_assets(
     context: AssetExecutionContext,
     config: UltraPromptSearchConfig,
-    llm: LLMResource,
+    generator: LLMResource,
+    reward: LLMResource,
     ultraprompt_seeds: pl.DataFrame,
 ):
     settings = SearchSettings(
@@ -137,8 +139,8 @@ def ultraprompt_search_assets(
     seeds = ultraprompt_seeds.filter(pl.col("split") == "search")
     if config.limit is not None:
         seeds = seeds.head(config.limit)
-    client = llm.client()
-    result = synthesize(client, seeds, settings, log=context.log.info)
+    client, reward_client = generator.client(), reward.client()
+    result = synthesize(client, seeds, settings, log=context.log.info, reward_client=reward_client)
     trees, records = result.trees, result.records
     md = dataset_metadata(
         records,
@@ -149,7 +151,7 @@ def ultraprompt_search_assets(
         samples_per_node=settings.samples,
         tree_nodes=trees.height,
         pruned_nodes=trees.filter(pl.col("status") == "pruned").height,
-        **client.stats.as_metadata(),
+        **llm_metadata(client, reward_client),
     )
     expanded = trees.filter(pl.col("action") != "root")
     if expanded.height:
@@ -386,7 +388,8 @@ class PAlignerEvalConfig(Config):
 def paligner_eval(
     context: AssetExecutionContext,
     config: PAlignerEvalConfig,
-    llm: LLMResource,
+    generator: LLMResource,
+    evaluator: LLMResource,
     trainer: TrainerResource,
     paligner_model: pl.DataFrame,
     ultraprompt_seeds: pl.DataFrame,
@@ -404,9 +407,13 @@ def paligner_eval(
     args = ["--adapter", paligner_model["adapter_dir"][0], "--seeds", str(seeds_file)]
     args += ["--out", str(out), "--max-new-tokens", str(config.max_new_tokens)]
     trainer.launch(context, "train.paligner_eval", args)
-    client = llm.client()
+    client, answer_client = evaluator.client(), generator.client()
     judged = win_rates(
-        client, pl.read_parquet(out), config.response_max_tokens, log=context.log.info
+        client,
+        pl.read_parquet(out),
+        config.response_max_tokens,
+        log=context.log.info,
+        answer_client=answer_client,
     )
     rates = {
         name: float(judged.filter(pl.col("rewriter") == name)["win"].mean() or 0.0)
@@ -418,7 +425,7 @@ def paligner_eval(
             **{f"win_rate_{k}": round(v, 4) for k, v in rates.items()},
             "heldout_instructions": heldout.height,
             "win_rates": bar_plot(rates, "rewritten beats original (held-out)", "win rate"),
-            **client.stats.as_metadata(),
+            **llm_metadata(client, answer_client),
         },
     )
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import polars as pl
 
+from pipelines.settings import SettingsError
+
 
 class CLIError(Exception):
     pass
@@ -41,26 +43,23 @@ def _instance():
 
 
 def effective_config() -> dict:
-    from pipelines.definitions import home_dir, llm_from_env, policy_files
+    from pipelines.definitions import home_dir, policy_files
+    from pipelines.settings import load_settings, role_summary
     from quality.decontam import benchmark_files_from_env
 
     home = home_dir()
-    llm = llm_from_env(home)
+    settings = load_settings()
     return {
         "home": str(home),
+        "config_file": settings.path or "(none: set ALIGNFOUNDRY_CONFIG to use one)",
         "dagster_home": os.environ.get("DAGSTER_HOME", "(unset: runs are not kept)"),
         "storage": str(home / "storage"),
         "lancedb": str(home / "lancedb"),
         "data_docs": str(home / "data_docs"),
         "exports": str(home / "exports"),
-        "llm": {
-            "backend": llm.backend,
-            "model": llm.model or "(embedded SmolLM2-135M-Instruct)",
-            "base_url": llm.base_url,
-            "api_key": "set (OPENAI_API_KEY)" if os.environ.get("OPENAI_API_KEY") else "unset",
-            "max_concurrency": llm.max_concurrency,
-            "cache_path": llm.cache_path,
-        },
+        "llm_cache": str(home / "llm_cache.sqlite"),
+        "roles": role_summary(settings),
+        "family_settings": settings.families,
         "trainer_base_model": os.environ.get("ALIGNFOUNDRY_BASE_MODEL") or "(embedded SmolLM2)",
         "policy_files": policy_files(),
         "benchmark_files": benchmark_files_from_env(),
@@ -208,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.fn(args)
     except CLIError as e:
+        print(f"alignfoundry: error: {e}", file=sys.stderr)
+        return 2
+    except SettingsError as e:
         print(f"alignfoundry: error: {e}", file=sys.stderr)
         return 2
     except (OSError, ValueError) as e:

@@ -23,9 +23,10 @@ from pipelines.automation import (
     build_schedules,
     build_training_automation_sensor,
 )
-from pipelines.jobs import jobs
+from pipelines.jobs import jobs, jobs_with_settings
 from pipelines.resources import LLMResource, ParquetIOManager, QualityResource, TrainerResource
 from pipelines.sensors import build_policy_sensor
+from pipelines.settings import ROLES, Settings, load_settings
 from synth.trace.policy import SHIPPED_POLICIES
 
 DEFAULT_HOME = ".alignfoundry"
@@ -36,17 +37,40 @@ def home_dir(home: str | Path | None = None) -> Path:
     return Path(home or os.environ.get("ALIGNFOUNDRY_HOME") or DEFAULT_HOME).expanduser().resolve()
 
 
-def llm_from_env(home: Path) -> LLMResource:
-    """The LLM resource from ALIGNFOUNDRY_LLM_* variables; the key only through EnvVar."""
-    env = os.environ
-    return LLMResource(
-        backend=env.get("ALIGNFOUNDRY_LLM_BACKEND", "embedded"),
-        model=env.get("ALIGNFOUNDRY_LLM_MODEL", ""),
-        base_url=env.get("ALIGNFOUNDRY_LLM_BASE_URL", ""),
-        api_key=EnvVar("OPENAI_API_KEY") if env.get("OPENAI_API_KEY") else None,
-        max_concurrency=int(env.get("ALIGNFOUNDRY_LLM_CONCURRENCY", "8")),
-        cache_path=str(home / "llm_cache.sqlite"),
-    )
+def role_resources(home: Path, settings: Settings | None = None) -> dict[str, LLMResource]:
+    """One LLM resource per model role, from alignfoundry.yaml and the environment; an API
+    key only ever through EnvVar."""
+    settings = settings or load_settings()
+    out = {}
+    for role, rs in settings.roles.items():
+        key_var = rs["api_key_env"]
+        out[role] = LLMResource(
+            role=role,
+            backend=rs["backend"],
+            model=rs["model"],
+            base_url=rs["base_url"],
+            api_key=EnvVar(key_var) if os.environ.get(key_var) else None,
+            server=rs["server"],
+            max_concurrency=rs["max_concurrency"],
+            timeout_s=rs["timeout_s"],
+            max_retries=rs["max_retries"],
+            response_format=rs["response_format"],
+            cache_namespace=rs["cache_namespace"],
+            cache_path=str(home / "llm_cache.sqlite"),
+        )
+    return out
+
+
+def with_role(llm: LLMResource, role: str) -> LLMResource:
+    """The same settings for another role. (A new resource: Dagster rebuilds a resource
+    from its constructor arguments, so a pydantic copy would lose the change.)"""
+    fields = {f: getattr(llm, f) for f in type(llm).model_fields if f != "role"}
+    return type(llm)(**fields, role=role)
+
+
+def every_role(llm: LLMResource) -> dict[str, LLMResource]:
+    """The same model settings in every role (each resource still names its role)."""
+    return {role: with_role(llm, role) for role in ROLES}
 
 
 def policy_files() -> list[str]:
@@ -56,20 +80,31 @@ def policy_files() -> list[str]:
 
 
 def build_definitions(
-    home: str | Path | None = None, llm: LLMResource | None = None
+    home: str | Path | None = None,
+    llm: LLMResource | None = None,
+    roles: dict[str, LLMResource] | None = None,
 ) -> Definitions:
+    """The code location. `llm` fills every model role; `roles` replaces single roles;
+    otherwise the roles come from alignfoundry.yaml and the environment."""
     home = home_dir(home)
-    return Definitions(
-        assets=[
-            *seeds.assets,
-            *responses.assets,
-            *trace.assets,
-            *ultraprompt.assets,
-            *personaknob.assets,
-            *personaatlas.assets,
-            *medad.assets,
-            *calibration.assets,
-        ],
+    settings = load_settings()
+    models = every_role(llm) if llm is not None else role_resources(home, settings)
+    models.update({role: with_role(r, role) for role, r in (roles or {}).items()})
+    unknown = sorted(set(models) - set(ROLES))
+    if unknown:
+        raise ValueError(f"unknown model role {unknown[0]!r} (roles: {', '.join(ROLES)})")
+    all_assets = [
+        *seeds.assets,
+        *responses.assets,
+        *trace.assets,
+        *ultraprompt.assets,
+        *personaknob.assets,
+        *personaatlas.assets,
+        *medad.assets,
+        *calibration.assets,
+    ]
+    parts = dict(
+        assets=all_assets,
         asset_checks=[
             *seeds.checks,
             *responses.checks,
@@ -80,23 +115,29 @@ def build_definitions(
             *medad.checks,
             *calibration.checks,
         ],
-        jobs=jobs,
-        sensors=[
-            build_policy_sensor(policy_files()),
-            build_inbox_sensor(home / "inbox", jobs),
-            build_failure_sensor(home / "failures.jsonl"),
-            build_training_automation_sensor(),
-        ],
         schedules=build_schedules(),
         resources={
             "io_manager": ParquetIOManager(base_dir=str(home / "storage")),
-            "llm": llm or llm_from_env(home),
+            **models,
             "quality": QualityResource(home=str(home)),
             "trainer": TrainerResource(
                 runs_dir=str(home / "runs"),
                 base_model=os.environ.get("ALIGNFOUNDRY_BASE_MODEL", ""),
             ),
         },
+    )
+    job_defs = jobs
+    if settings.op_config():
+        job_defs = jobs_with_settings(settings.op_config(), Definitions(**parts, jobs=jobs))
+    return Definitions(
+        **parts,
+        jobs=job_defs,
+        sensors=[
+            build_policy_sensor(policy_files()),
+            build_inbox_sensor(home / "inbox", job_defs),
+            build_failure_sensor(home / "failures.jsonl"),
+            build_training_automation_sensor(),
+        ],
     )
 
 

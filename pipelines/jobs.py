@@ -1,6 +1,6 @@
 """Jobs: one per group, and the demo (everything the embedded defaults can run)."""
 
-from dagster import AssetSelection, define_asset_job
+from dagster import AssetSelection, Definitions, define_asset_job
 
 seeds_job = define_asset_job(
     "seeds",
@@ -93,3 +93,35 @@ jobs = [
     judges_job,
     everything_job,
 ]
+
+
+def jobs_with_settings(op_config: dict[str, dict], defs: Definitions) -> list:
+    """The jobs, each with the per-family settings of alignfoundry.yaml (op name -> config)
+    for the ops it runs as its default run config; `defs` is the code location with the
+    plain jobs, to resolve which ops each job runs."""
+    if not op_config:
+        return jobs
+    names = {node for job in jobs for node in defs.resolve_job_def(job.name).graph.node_dict}
+    unknown = sorted(set(op_config) - names)
+    if unknown:
+        raise ValueError(
+            f"alignfoundry.yaml families: {unknown[0]!r} is not an op of any job "
+            "(the op names are the asset functions, e.g. trace_triage_assets)"
+        )
+    out = []
+    for job in jobs:
+        nodes = set(defs.resolve_job_def(job.name).graph.node_dict)
+        ops = {op: {"config": cfg} for op, cfg in op_config.items() if op in nodes}
+        out.append(
+            define_asset_job(
+                job.name,
+                selection=job.selection,
+                description=job.description,
+                config={"ops": ops},
+                partitions_def=job.partitions_def,
+                tags=job.tags,
+            )
+            if ops
+            else job
+        )
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -12,8 +13,11 @@ from dagster import (
     ConfigurableResource,
     InitResourceContext,
     InputContext,
+    PipesClientCompletedInvocation,
     PipesSubprocessClient,
+    open_pipes_session,
 )
+from dagster._core.errors import DagsterPipesExecutionError
 from dagster_polars import PolarsParquetIOManager
 from dagster_polars.io_managers.parquet import _remap_fsspec_storage_options
 from pydantic import PrivateAttr
@@ -24,24 +28,31 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class LLMResource(ConfigurableResource):
-    """The LLM every asset talks to: embedded SmolLM2 (default), an OpenAI-compatible server, or vLLM."""
+    """One model role (generator, judge, reward, simulator, evaluator): the embedded
+    SmolLM2 (default), an OpenAI-compatible server, a reward model behind vLLM's pooling
+    API, or offline vLLM. Each role is its own resource, so each can be its own model."""
 
+    role: str = "generator"
     backend: str = "embedded"
-    model: str = ""  # openai: model name; vllm: model path or id; embedded: optional GGUF path
-    base_url: str = ""  # openai: e.g. http://127.0.0.1:8000/v1
-    api_key: Optional[str] = None  # set through EnvVar("OPENAI_API_KEY")
+    model: str = (
+        ""  # openai/pooling: model name; vllm: model path or id; embedded: optional GGUF path
+    )
+    base_url: str = ""  # openai/pooling: e.g. http://127.0.0.1:8000/v1
+    api_key: Optional[str] = None  # set through EnvVar(...)
+    server: str = "auto"  # llamacpp | vllm | openai | auto (asked from GET /models)
     max_concurrency: int = 8
     timeout_s: float = 60.0
     max_retries: int = 4
     response_format: str = "auto"  # auto | json_schema | none
     cache_path: str = ".alignfoundry/llm_cache.sqlite"
+    cache_namespace: str = ""  # set to keep this role's cache entries apart
     embedded_n_parallel: int = 8
     check_server: bool = True  # probe base_url when a run starts, so a dead server fails fast
 
     _backend: object = PrivateAttr(default=None)
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
-        # Fails before any asset body runs, naming the setting that is wrong.
+        # Fails before any asset body runs, naming the role and the setting that is wrong.
         try:
             self._backend = make_backend(
                 self.backend,
@@ -53,15 +64,39 @@ class LLMResource(ConfigurableResource):
                 response_format=self.response_format,
                 n_parallel=self.embedded_n_parallel,
                 check_server=self.check_server,
+                server=self.server,
             )
         except (ValueError, ConnectionError, FileNotFoundError, ImportError) as e:
-            raise type(e)(f"resource 'llm': {e}") from None
+            raise type(e)(f"model role '{self.role}': {e}") from None
+
+    @property
+    def label(self) -> str:
+        """`kind:model` of what fills the role (known before setup)."""
+        if self._backend is not None:
+            return self._backend.identity
+        return f"{self.backend}:{self.model or 'SmolLM2-135M-Instruct'}"
+
+    def subprocess_spec(self) -> tuple[str, dict[str, str]]:
+        """(JSON spec, environment) that rebuild this role in a training subprocess
+        (`synth.llm.client_from_spec`); the API key travels in the environment only."""
+        var = f"ALIGNFOUNDRY_ROLE_{self.role.upper()}_KEY"
+        fields = ("role", "backend", "model", "base_url", "server", "timeout_s", "max_retries")
+        fields += ("response_format", "cache_path", "cache_namespace", "max_concurrency")
+        spec = {f: getattr(self, f) for f in fields}
+        spec["api_key_var"] = var if self.api_key else ""
+        return json.dumps(spec), ({var: self.api_key} if self.api_key else {})
 
     def client(self) -> LLMClient:
         """A client with its own statistics, sharing the backend and the cache file."""
         if self._backend is None:
-            raise RuntimeError("resource 'llm' used before setup")
-        return LLMClient(self._backend, ResponseCache(self.cache_path), self.max_concurrency)
+            raise RuntimeError(f"model role '{self.role}' used before setup")
+        return LLMClient(
+            self._backend,
+            ResponseCache(self.cache_path),
+            self.max_concurrency,
+            role=self.role,
+            cache_namespace=self.cache_namespace,
+        )
 
 
 class ParquetIOManager(PolarsParquetIOManager):
@@ -80,6 +115,69 @@ class ParquetIOManager(PolarsParquetIOManager):
         return pl.scan_parquet(str(path), storage_options=options)
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGKILL it when its parent dies (even by
+    kill -9), so no training process outlives the step that launched it."""
+    import contextlib
+    import ctypes
+    import signal
+
+    # Not Linux: no such call, and the except clause in run() still stops the child.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class ChildStoppingPipesClient(PipesSubprocessClient):
+    """Dagster's subprocess Pipes client, with the child's life tied to the step's.
+
+    Dagster's own client signals the child only when the run is cancelled. Here the child
+    is also stopped when the step fails or times out while waiting for it (SIGINT, then
+    SIGKILL after `termination_timeout_seconds`), and dies with the step process if that
+    is killed outright."""
+
+    def run(  # ty: ignore[invalid-method-override]
+        self,
+        *,
+        context: AssetExecutionContext,
+        extras: Any = None,
+        command: list[str],
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> PipesClientCompletedInvocation:
+        import os
+        import signal
+        import subprocess
+
+        with open_pipes_session(
+            context=context,
+            context_injector=self.context_injector,
+            message_reader=self.message_reader,
+            extras=extras,
+        ) as session:
+            process = subprocess.Popen(
+                command,
+                cwd=cwd or self.cwd,
+                env={**os.environ, **self.env, **(env or {}), **session.get_bootstrap_env_vars()},
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            )
+            try:
+                if process.wait() != 0:
+                    raise DagsterPipesExecutionError(
+                        f"External execution process failed with code {process.returncode}"
+                    )
+            except BaseException:
+                if process.poll() is None:
+                    context.log.info(f"[pipes] stopping the child process {process.pid}")
+                    process.send_signal(signal.SIGINT)
+                    try:
+                        process.wait(timeout=self.termination_timeout_seconds)
+                    except subprocess.TimeoutExpired:
+                        process.kill()
+                        process.wait()
+                raise
+        return PipesClientCompletedInvocation(session)
+
+
 class TrainerResource(ConfigurableResource):
     """Where training runs: a local subprocess through Dagster Pipes by default.
 
@@ -90,6 +188,7 @@ class TrainerResource(ConfigurableResource):
     runs_dir: str = ".alignfoundry/runs"
     base_model: str = ""  # empty = the embedded SmolLM2-135M; else a local path or hub id
     extra_env: dict[str, str] = {}
+    stop_grace_s: float = 10.0  # after SIGINT, how long a child may take before SIGKILL
 
     def run_dir(self, name: str) -> Path:
         path = Path(self.runs_dir) / name
@@ -102,21 +201,28 @@ class TrainerResource(ConfigurableResource):
         module: str,
         args: list[str],
         report_asset_key: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> Any:
-        """Run `python -m module args` through Pipes; a multi-asset names the key it reports for."""
+        """Run `python -m module args` through Pipes; a multi-asset names the key it reports
+        for; `env` adds variables (secrets go there, never into the logged command)."""
         command = [self.python, "-m", module, *args]
         if self.base_model:
             command += ["--model", self.base_model]
         context.log.info("launching: " + " ".join(command))
-        return PipesSubprocessClient(cwd=str(REPO_ROOT), env=dict(self.extra_env)).run(
-            command=command, context=context, extras={"report_asset_key": report_asset_key}
-        )
+        env = {**self.extra_env, **(env or {})}
+        return ChildStoppingPipesClient(
+            cwd=str(REPO_ROOT), env=env, termination_timeout_seconds=self.stop_grace_s
+        ).run(command=command, context=context, extras={"report_asset_key": report_asset_key})
 
     def launch_reported(
-        self, context: AssetExecutionContext, module: str, args: list[str]
+        self,
+        context: AssetExecutionContext,
+        module: str,
+        args: list[str],
+        env: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """`launch` for a single asset: the metadata the entry point reported, as plain values."""
-        result = self.launch(context, module, args).get_materialize_result()
+        result = self.launch(context, module, args, env=env).get_materialize_result()
         return {k: v.value for k, v in result.metadata.items()}
 
     @staticmethod

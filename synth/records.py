@@ -31,7 +31,12 @@ def template_hash(*texts: str) -> str:
 
 @dataclass(slots=True)
 class Provenance:
-    """How a record was made. Seeds from a file have backend `source` and no template."""
+    """How a record was made. Seeds from a file have backend `source` and no template.
+
+    `backend`/`model`/`role` name what wrote the record's content; `roles` lists every
+    model role that shaped it (the writer first, then e.g. the judge that kept it), each
+    as {role, backend, model}.
+    """
 
     backend: str
     model: str = ""
@@ -40,16 +45,38 @@ class Provenance:
     params_json: str = ""
     seed: int | None = None
     cache_keys: list[str] = field(default_factory=list)
+    role: str = ""
+    roles: list[dict[str, str]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @staticmethod
-    def of_client(client: Any, template_id: str, **rest: Any) -> Provenance:
-        """Provenance of a record an LLM client generated: its backend and model."""
-        return Provenance(client.backend.kind, client.backend.model, template_id, **rest)
+    def of_client(
+        client: Any, template_id: str, also: tuple[Any, ...] = (), **rest: Any
+    ) -> Provenance:
+        """Provenance of a record an LLM client generated: its backend, model and role,
+        and the roles of the clients in `also` that judged or shaped it."""
+        roles = [role_entry(c) for c in (client, *also) if c is not None]
+        return Provenance(
+            client.backend.kind,
+            client.backend.model,
+            template_id,
+            role=getattr(client, "role", ""),
+            roles=roles,
+            **rest,
+        )
 
 
+def role_entry(client: Any) -> dict[str, str]:
+    return {
+        "role": getattr(client, "role", "") or "",
+        "backend": client.backend.kind,
+        "model": client.backend.model,
+    }
+
+
+ROLE_DTYPE = pl.Struct({"role": pl.Utf8, "backend": pl.Utf8, "model": pl.Utf8})
 PROVENANCE_DTYPE = pl.Struct(
     {
         "backend": pl.Utf8,
@@ -59,6 +86,8 @@ PROVENANCE_DTYPE = pl.Struct(
         "params_json": pl.Utf8,
         "seed": pl.Int64,
         "cache_keys": pl.List(pl.Utf8),
+        "role": pl.Utf8,
+        "roles": pl.List(ROLE_DTYPE),
     }
 )
 

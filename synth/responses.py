@@ -99,7 +99,11 @@ def judged_responses(
     settings: ResponseSettings = ResponseSettings(),
     templates: ResponseTemplates = ResponseTemplates(),
     log: Callable[[str], None] | None = None,
+    judge_client: LLMClient | None = None,
 ) -> Curated:
+    """`client` writes the responses; `judge_client` (the judge role; `client` if None)
+    decides whether each follows its instruction."""
+    judge_client = judge_client or client
     rows = instructions.to_dicts()
     params = settings.params()
     used = [templates.with_input if r["input"] else templates.plain for r in rows]
@@ -143,7 +147,7 @@ def judged_responses(
         for i in to_judge
     ]
     progress = Progress(len(judge_reqs), "judge", log)
-    scores = judge(client, judge_reqs, on_done=lambda _: progress.update())
+    scores = judge(judge_client, judge_reqs, on_done=lambda _: progress.update())
     progress.close()
 
     params_json = json.dumps(asdict(params), sort_keys=True)
@@ -175,6 +179,7 @@ def judged_responses(
             continue
         prov = Provenance.of_client(
             client,
+            also=(judge_client,),
             template_id=tmpl.id,
             template_hash=tmpl.hash,
             params_json=params_json,

@@ -55,12 +55,21 @@ def embedded_backend():
     return EmbeddedBackend()
 
 
-@pytest.fixture(scope="session")
-def llama_server():
-    """llama.cpp's OpenAI-compatible server on 127.0.0.1, in its own process."""
+def serve_llama(alias: str = "smollm2"):
+    """llama.cpp's OpenAI-compatible server on 127.0.0.1, in its own process: yields its URL."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "synth.llm.local_server", "--port", str(port), "--parallel", "8"],
+        [
+            sys.executable,
+            "-m",
+            "synth.llm.local_server",
+            "--port",
+            str(port),
+            "--parallel",
+            "8",
+            "--alias",
+            alias,
+        ],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -83,6 +92,17 @@ def llama_server():
         proc.wait(10)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture(scope="session")
+def llama_server():
+    yield from serve_llama()
+
+
+@pytest.fixture(scope="session")
+def second_llama_server():
+    """Another llama.cpp server, for a run whose roles talk to two servers."""
+    yield from serve_llama("smollm2-judge")
 
 
 def kill_once_cached(worker: Path, cache_path: Path, at_least: int, timeout_s: float = 300) -> int:
@@ -132,3 +152,40 @@ def trace_partition(instance) -> str:
     version = load_policy(SHIPPED_POLICIES / "new_policy.yaml").version
     instance.add_dynamic_partitions(TRACE_POLICY_VERSIONS.name, [version])
     return version
+
+
+def trace_reference_fixture(tmp_path):
+    """The TRACE re-alignment fixture (tests/fixtures/trace_realignment.yaml): a seed file
+    of its pairs (PKU-SafeRLHF rows, chosen = the old policy's preference), the reference
+    judge's entries (each response's verdict under the tiered policy), and the pairs."""
+    import json
+
+    import yaml
+    from reference_server import Entry
+
+    doc = yaml.safe_load((REPO / "tests" / "fixtures" / "trace_realignment.yaml").read_text())
+    seeds = tmp_path / "trace_pairs.jsonl"
+    seeds.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "prompt": p["prompt"],
+                    "response_0": p["chosen"],
+                    "response_1": p["rejected"],
+                    "safer_response_id": 0,
+                }
+            )
+            + "\n"
+            for p in doc["pairs"]
+        )
+    )
+    question = "Does the assistant's response violate the policy?"
+    entries = [
+        Entry(
+            (question, f"User: {p['prompt']}\n", f"Assistant: {p[side]}\n"),
+            choices={"Yes": p[f"p_{side}"], "No": round(1 - p[f"p_{side}"], 6)},
+        )
+        for p in doc["pairs"]
+        for side in ("chosen", "rejected")
+    ]
+    return seeds, entries, doc["pairs"]

@@ -43,8 +43,9 @@ def test_config_status_and_export(tmp_path, cli_env, monkeypatch, capsys):
     monkeypatch.setenv("ALIGNFOUNDRY_LLM_CONCURRENCY", "3")
     assert cli.main(["config", "--json"]) == 0
     cfg = json.loads(capsys.readouterr().out)
-    assert cfg["home"] == str(tmp_path) and cfg["llm"]["max_concurrency"] == 3
-    assert cfg["llm"]["api_key"] in ("set (OPENAI_API_KEY)", "unset")
+    assert cfg["home"] == str(tmp_path)
+    assert {r["max_concurrency"] for r in cfg["roles"].values()} == {3}
+    assert cfg["roles"]["judge"]["api_key"] in ("set (OPENAI_API_KEY)", "unset (OPENAI_API_KEY)")
 
     instance = DagsterInstance.get()
     result = (

@@ -22,12 +22,30 @@ def model_cache_dir() -> Path:
     )
 
 
-def load_causal_lm(model: str = "", dtype: str = "float32") -> tuple[Any, Any]:
-    """(model, tokenizer). `model` empty = the embedded SmolLM2-135M-Instruct."""
+def training_device() -> str:
+    """The one device every entry point trains and evaluates on: the GPU when there is one."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def training_dtype(device: str) -> Any:
+    """bf16 on a CUDA device that supports it, fp32 otherwise (bf16 on this CPU is ~12x slower)."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_causal_lm(model: str = "", device: str | None = None) -> tuple[Any, Any]:
+    """(model on `device` in its training dtype, tokenizer). `model` empty = the embedded
+    SmolLM2-135M-Instruct; `device` None = `training_device()`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch_dtype = getattr(torch, dtype)
+    device = device or training_device()
+    torch_dtype = training_dtype(device)
     if model:
         tok = AutoTokenizer.from_pretrained(model)
         lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype)
@@ -61,7 +79,7 @@ def load_causal_lm(model: str = "", dtype: str = "float32") -> tuple[Any, Any]:
             lm = AutoModelForCausalLM.from_pretrained(cached, dtype=torch_dtype)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return lm, tok
+    return lm.to(device), tok
 
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -74,11 +92,9 @@ def load_lora_policy(
     import torch
     from peft import LoraConfig, get_peft_model
 
-    cuda = torch.cuda.is_available()
+    device = training_device()
     torch.manual_seed(seed)
-    base, tok = load_causal_lm(model, "bfloat16" if cuda else "float32")
-    if cuda:
-        base = base.to("cuda")
+    base, tok = load_causal_lm(model, device)
     config = LoraConfig(
         r=lora_r,
         lora_alpha=lora_alpha,
@@ -86,4 +102,4 @@ def load_lora_policy(
         target_modules=LORA_TARGETS,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(base, config), tok, cuda
+    return get_peft_model(base, config), tok, device == "cuda"

@@ -2,8 +2,7 @@
 
     python -m train.ppopt --data ppopt.parquet --output-dir runs/ppopt
         [--model PATH] [--sft-steps 4] [--grpo-steps 2] [--num-generations 2]
-        [--w-profile 0.3] [--w-task 0.7] [--judge-backend embedded|openai|vllm
-        --judge-base-url URL --judge-model NAME] [--cache-path FILE]
+        [--w-profile 0.3] [--w-task 0.7] [--judge '{"backend": "openai", "base_url": ...}']
 
 SFT (TRL SFTTrainer, LoRA) on history + query -> the teacher's
 `<REASONING>profile</REASONING><PROMPT>rewrite</PROMPT>`, then GRPO (TRL GRPOTrainer) on
@@ -26,18 +25,6 @@ import torch
 
 from train.paligner import add_lora_preference_args, chat_example, fit, trainer_args
 from train.reporting import run_training
-
-
-def judge_client(a: argparse.Namespace) -> Any:
-    from synth.llm import LLMClient, ResponseCache, make_backend
-
-    backend = make_backend(
-        a.judge_backend,
-        model=a.judge_model,
-        base_url=a.judge_base_url,
-        check_server=a.judge_backend == "openai",
-    )
-    return LLMClient(backend, ResponseCache(a.cache_path) if a.cache_path else None)
 
 
 def ppopt_reward(client: Any, w_profile: float, w_task: float) -> Any:
@@ -111,7 +98,9 @@ def train(a: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     grpo_history: list[dict[str, float]] = []
     grpo_s, completions = 0.0, 0
     if a.grpo_steps > 0:
-        client = judge_client(a)
+        from synth.llm import client_from_spec
+
+        client = client_from_spec(a.judge)
         prompts = Dataset.from_list(
             [
                 {
@@ -184,10 +173,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--kl-beta", type=float, default=0.0, help="GRPO's KL coefficient")
     ap.add_argument("--w-profile", type=float, default=0.3)
     ap.add_argument("--w-task", type=float, default=0.7)
-    ap.add_argument("--judge-backend", default="embedded")
-    ap.add_argument("--judge-base-url", default="")
-    ap.add_argument("--judge-model", default="")
-    ap.add_argument("--cache-path", default="", help="LLM response cache shared with the pipeline")
+    ap.add_argument(
+        "--judge",
+        default='{"role": "judge", "backend": "embedded"}',
+        help="the judge role as JSON (LLMResource.subprocess_spec): backend, model, base_url, cache_path, ...",
+    )
     add_lora_preference_args(ap)
     ap.set_defaults(max_length=1024)
     return ap

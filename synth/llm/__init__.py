@@ -2,14 +2,16 @@
 
 from synth.llm.backends import (
     BACKENDS,
+    SERVERS,
     EmbeddedBackend,
     OpenAICompatBackend,
+    PoolingRewardBackend,
     VLLMBackend,
     embedded_model_path,
 )
 from synth.llm.cache import ResponseCache, cache_key
 from synth.llm.client import LLMClient, LLMStats
-from synth.llm.factory import make_backend, probe_server
+from synth.llm.factory import client_from_spec, make_backend, probe_server
 from synth.llm.judge import YES_NO, JudgeScore, judge, score_response
 from synth.llm.structured import (
     InvalidSchemaError,
@@ -30,6 +32,9 @@ from synth.llm.types import (
 __all__ = [
     "BACKENDS",
     "BackendError",
+    "PoolingRewardBackend",
+    "SERVERS",
+    "client_from_spec",
     "EmbeddedBackend",
     "GenerationParams",
     "InvalidSchemaError",

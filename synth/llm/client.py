@@ -57,15 +57,28 @@ class LLMClient:
         cache: ResponseCache | None = None,
         max_concurrency: int = 8,
         schema_retries: int = 2,
+        role: str = "",
+        cache_namespace: str = "",
     ) -> None:
         self.backend = backend
         self.cache = cache
         self.max_concurrency = max_concurrency
         self.schema_retries = schema_retries
+        # The model role this client fills (generator, judge, ...): provenance and metadata.
+        self.role = role
+        # Keeps one role's cache entries apart from another's on the same model, if set.
+        self.cache_namespace = cache_namespace
         self.stats = LLMStats()
 
     @property
     def identity(self) -> str:
+        """Who answers, as the cache key sees it: backend kind, model and the namespace."""
+        ident = self.backend.identity
+        return f"{self.cache_namespace}/{ident}" if self.cache_namespace else ident
+
+    @property
+    def model_label(self) -> str:
+        """`kind:model` of the backend, for people (metadata, provenance)."""
         return self.backend.identity
 
     def generate(

@@ -7,6 +7,7 @@ falls back to finding a choice in the text, and says so in `method`.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -27,6 +28,10 @@ class JudgeScore:
     mass: float  # probability mass the choices had among the top tokens (logprobs only)
     error: str | None = None
     cache_key: str = ""
+    # What the decision was read from, as the backend gave it, so that a verifier can
+    # re-derive it by another path: the deciding token's top logprobs [[token, logprob],
+    # ...], or the reply text when there were none.
+    evidence: str = ""
 
     @property
     def ok(self) -> bool:
@@ -67,14 +72,16 @@ def score_response(response: LLMResponse, choices: Sequence[str]) -> JudgeScore:
         total = sum(mass.values())
         if total > 0:
             probs = {c: mass.get(c, 0.0) / total for c in choices}
-            return JudgeScore(choices, probs, "logprobs", total, None, sample.cache_key)
+            evidence = json.dumps([[t.token, t.logprob] for t in step.top or [step]])
+            return JudgeScore(choices, probs, "logprobs", total, None, sample.cache_key, evidence)
     # Fallback: the first choice named as a word in the reply.
     pattern = r"\b(" + "|".join(re.escape(c) for c in choices) + r")\b"
     m = re.search(pattern, sample.text, flags=re.IGNORECASE)
     if m:
         chosen = wanted[_norm(m.group(1))]
         probs = {c: 1.0 if c == chosen else 0.0 for c in choices}
-        return JudgeScore(choices, probs, "parsed", 0.0, None, sample.cache_key)
+        evidence = json.dumps({"text": sample.text[:200]})
+        return JudgeScore(choices, probs, "parsed", 0.0, None, sample.cache_key, evidence)
     return JudgeScore(choices, {}, "failed", 0.0, "judge_unparseable", sample.cache_key)
 
 

@@ -272,11 +272,15 @@ def rewrite_scores(
     rewrites: list[str],
     both_orders: bool,
     answer_max_tokens: int = 128,
+    answer_client: LLMClient | None = None,
 ) -> list[float]:
     """Per rewrite, `task_scores` of the plain assistant's answer to it against its answer
-    to the original query (each distinct original is answered once)."""
+    to the original query (each distinct original is answered once). `answer_client`
+    answers (the deployed assistant; `client` if None), `client` judges."""
     originals = sorted(set(queries))
-    answers = client.generate(answer_requests(originals + rewrites, answer_max_tokens))
+    answers = (answer_client or client).generate(
+        answer_requests(originals + rewrites, answer_max_tokens)
+    )
     original_answer = {q: a.text for q, a in zip(originals, answers, strict=False)}
     return task_scores(
         client,
@@ -303,6 +307,7 @@ def score_rewrites(
     heldout: pl.DataFrame,
     responses: list[dict[str, Any]],
     answer_max_tokens: int = 96,
+    answer_client: LLMClient | None = None,
 ) -> pl.DataFrame:
     """One row per optimizer output (`model`, `prompt_id` = "<ppopt record_id>|<history>",
     `response`): does the answer to its rewrite serve the persona better than the answer
@@ -321,6 +326,7 @@ def score_rewrites(
         [x[3] for x in scored],
         both_orders=True,
         answer_max_tokens=answer_max_tokens,
+        answer_client=answer_client,
     )
     judged = {id(x): p for x, p in zip(scored, p_better, strict=True)}
     out = []

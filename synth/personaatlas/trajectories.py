@@ -257,11 +257,15 @@ def synthesize_trajectories(
     assistants: dict[str, LLMClient] | None = None,
     log: Callable[[str], None] | None = None,
     shard: tuple[int, int] | None = None,
+    simulator: LLMClient | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame, int]:
-    """(trajectories, rejected, n_in). `assistants` maps pool names to clients (a name
+    """(trajectories, rejected, n_in). `client` (the generator role) answers as the
+    assistant; `simulator` (the simulator role; `client` if None) restyles the queries and
+    plays the user and the distractor. `assistants` maps pool names to clients (a name
     missing from it uses `client`). `shard` (k, n): only the conversations of the personas
     whose persona_index % n == k; plan indices stay those of the whole plan, so the shards
     of one plan concatenate into it."""
+    simulator = simulator or client
     schema, layers = s.schema(), s.noise()
     pool = load_assistants(s.assistants_file or ASSISTANTS_FILE)
     assistants = assistants or {}
@@ -285,7 +289,9 @@ def synthesize_trajectories(
         for c in styled
     ]
     for c, r in zip(
-        styled, generate_logged(client, requests, "personaatlas style queries", log), strict=True
+        styled,
+        generate_logged(simulator, requests, "personaatlas style queries", log),
+        strict=True,
     ):
         c.cache_keys += r.cache_keys
         text = clean_message(r.text) if r.ok else ""
@@ -310,7 +316,7 @@ def synthesize_trajectories(
             temperature=0.9, max_tokens=s.user_max_tokens, seed=s.seed + t, repeat_penalty=1.1
         )
         noised = generate_logged(
-            client,
+            simulator,
             [distract_request(c.next_user, plans[c.index], layers, distract_params) for c in noisy],
             f"personaatlas distractor (turn {t + 1})",
             log,
@@ -379,7 +385,7 @@ def synthesize_trajectories(
             temperature=s.temperature, max_tokens=s.verdict_max_tokens, seed=s.seed + t
         )
         verdicts = generate_logged(
-            client,
+            simulator,
             [
                 LLMRequest.chat(
                     USER_SIM_USER.format(request=c.initial, reply=replies[c.index].text),
@@ -452,6 +458,7 @@ def synthesize_trajectories(
                 "parent_ids": [pid],
                 "provenance": Provenance.of_client(
                     client,
+                    also=(simulator,),
                     template_id=ASSISTANT_ID,
                     template_hash=thash,
                     params_json=params_json,

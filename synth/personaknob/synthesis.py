@@ -294,9 +294,12 @@ def synthesize_responses(
     settings: KnobSettings = KnobSettings(),
     spec: KnobSpec | None = None,
     log: Callable[[str], None] | None = None,
+    judge_client: LLMClient | None = None,
 ) -> KnobSynthesis:
     """Golden and rejects for every training scenario; all scenarios advance in lockstep
-    so each attempt round is one batch of generations and one batch of judgements."""
+    so each attempt round is one batch of generations and one batch of judgements.
+    `client` writes (the generator role), `judge_client` verifies (the judge role)."""
+    judge_client = judge_client or client
     spec = spec or load_spec()
     rows = scenarios.filter(pl.col("split") == "train").to_dicts()
     pending = {(i, role) for i, r in enumerate(rows) for role in roles(r["mask"])}
@@ -333,7 +336,7 @@ def synthesize_responses(
         ]
         progress = Progress(len(to_judge), f"personaknob verify (attempt {attempt + 1})", log)
         judged = judge(
-            client,
+            judge_client,
             [
                 verify_request(rows[todo[k][0]]["prompt"], gens[k].text, spec.dimensions[d].verify)
                 for k, d in to_judge
@@ -417,6 +420,7 @@ def synthesize_responses(
                 "parent_ids": [sid],
                 "provenance": Provenance.of_client(
                     client,
+                    also=(judge_client,),
                     template_id=RESPOND_ID,
                     template_hash=thash,
                     params_json=params_json,

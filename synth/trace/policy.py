@@ -26,6 +26,14 @@ class Category:
     tier: int
     description: str
     keywords: tuple[str, ...] = ()
+    zero_tolerance: bool = False  # no exception ever applies
+
+
+@dataclass(frozen=True, slots=True)
+class Tier:
+    level: int
+    name: str
+    description: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +53,7 @@ class Policy:
     exceptions: tuple[PolicyException, ...] = ()
     requirements: tuple[tuple[str, str], ...] = field(default=())
     source: str = ""
+    tiers: tuple[Tier, ...] = ()
 
     def category(self, category_id: str) -> Category | None:
         return next((c for c in self.categories if c.id == category_id), None)
@@ -64,20 +73,36 @@ class Policy:
                 best, best_hits = c.id, hits
         return best
 
-    def render(self, category_id: str) -> str:
-        """The policy text a judge reads, with the relevant category and its exceptions first."""
+    def render(self) -> str:
+        """The whole policy as a judge reads it: every tier, category, exception and rule.
+
+        It is the same text for every item, so it goes first in the judge's prompt and a
+        server with prefix caching (vLLM, llama.cpp) reuses it across requests."""
+        tier_names = {t.level: t for t in self.tiers}
         lines = [f"{self.title} (version {self.version})", self.description.strip(), ""]
-        cat = self.category(category_id)
-        if cat is not None:
-            lines.append(f"Relevant category: {cat.name} (tier {cat.tier}): {cat.description}")
+        lines.append("Harm categories, by tier (tier 1 is the most severe):")
+        for level in sorted({c.tier for c in self.categories}):
+            t = tier_names.get(level)
+            head = f"Tier {level}" + (f" ({t.name})" if t else "")
+            lines.append(head + (f": {t.description.strip()}" if t and t.description else ""))
+            for c in (c for c in self.categories if c.tier == level):
+                zt = " Zero tolerance: no exception applies." if c.zero_tolerance else ""
+                lines.append(f"- [{c.id}] {c.name}: {c.description.strip()}{zt}")
+        if self.exceptions:
+            lines += ["", "Exceptions (context that changes the verdict):"]
             for ex in self.exceptions:
-                if cat.id in ex.applies_to:
-                    lines.append(f"Exception ({ex.id}): {ex.text.strip()}")
-        else:
-            lines.append("Relevant category: general conduct.")
-        lines.append("Rules:")
-        lines += [f"- {text}" for _, text in self.requirements]
+                scope = f" (applies to {', '.join(ex.applies_to)})" if ex.applies_to else ""
+                lines.append(f"- [{ex.id}]{scope}: {ex.text.strip()}")
+        lines += ["", "Rules:"]
+        lines += [f"- [{rid}] {text.strip()}" for rid, text in self.requirements]
         return "\n".join(lines)
+
+    def category_hint(self, category_id: str) -> str:
+        """A one-line pointer to the category a cheap keyword match suggests."""
+        cat = self.category(category_id)
+        if cat is None:
+            return "none of the harm categories matched by keyword"
+        return f"[{cat.id}] {cat.name} (tier {cat.tier})"
 
 
 def _require(d: dict[str, Any], key: str, kind: type, where: str) -> Any:
@@ -118,15 +143,18 @@ def parse_policy(raw_bytes: bytes, path: str | Path) -> Policy:
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise PolicyError(f"{path}: invalid YAML: {e}") from None
+        first = " ".join(str(e).split())  # one line: the CLI prints errors on one line
+        raise PolicyError(f"{path}: invalid YAML: {first}") from None
     if not isinstance(doc, dict):
         raise PolicyError(f"{path}: a policy must be a mapping")
     where = str(path)
     cats = []
-    for i, c in enumerate(_require(doc, "categories", list, where)):
+    categories = _require(doc, "categories", list, where)
+    if not categories:
+        raise PolicyError(f"{where}: field 'categories' is empty: a policy needs at least one")
+    for i, c in enumerate(categories):
         w = f"{where} categories[{i}]"
-        if not isinstance(c, dict):
-            raise PolicyError(f"{w}: should be a mapping")
+        _mapping(c, w)
         cats.append(
             Category(
                 id=_require(c, "id", str, w),
@@ -134,14 +162,25 @@ def parse_policy(raw_bytes: bytes, path: str | Path) -> Policy:
                 tier=_require(c, "tier", int, w),
                 description=_require(c, "description", str, w),
                 keywords=tuple(str(k) for k in c.get("keywords") or ()),
+                zero_tolerance=bool(c.get("zero_tolerance", False)),
             )
         )
     ids = [c.id for c in cats]
     if len(set(ids)) != len(ids):
         raise PolicyError(f"{where}: category ids repeat: {ids}")
+    tiers = []
+    for i, t in enumerate(doc.get("tiers") or []):
+        w = f"{where} tiers[{i}]"
+        _mapping(t, w)
+        tiers.append(
+            Tier(
+                _require(t, "level", int, w), _require(t, "name", str, w), t.get("description", "")
+            )
+        )
     excs = []
     for i, e in enumerate(doc.get("exceptions") or []):
         w = f"{where} exceptions[{i}]"
+        _mapping(e, w)
         applies = tuple(e.get("applies_to") or ())
         unknown = set(applies) - set(ids)
         if unknown:
@@ -152,6 +191,7 @@ def parse_policy(raw_bytes: bytes, path: str | Path) -> Policy:
     reqs = []
     for i, r in enumerate(_require(doc, "requirements", list, where)):
         w = f"{where} requirements[{i}]"
+        _mapping(r, w)
         reqs.append((_require(r, "id", str, w), _require(r, "text", str, w)))
     return Policy(
         name=_require(doc, "name", str, where),
@@ -162,4 +202,12 @@ def parse_policy(raw_bytes: bytes, path: str | Path) -> Policy:
         exceptions=tuple(excs),
         requirements=tuple(reqs),
         source=str(path),
+        tiers=tuple(tiers),
     )
+
+
+def _mapping(item: Any, where: str) -> None:
+    if not isinstance(item, dict):
+        raise PolicyError(
+            f"{where}: should be a mapping with id and text fields, got {type(item).__name__} {str(item)[:40]!r}"
+        )

@@ -98,11 +98,13 @@ def synthesize(
     settings: SearchSettings = SearchSettings(),
     log: Callable[[str], None] | None = None,
     embedder: Any = None,
+    reward_client: LLMClient | None = None,
 ) -> Synthesis:
-    """Search every `split == "search"` seed; one record per seed or a rejected row."""
+    """Search every `split == "search"` seed; one record per seed or a rejected row.
+    `client` (generator) rewrites and answers, `reward_client` (reward) scores."""
     rows = seeds.filter(pl.col("split") == "search").to_dicts()
     tasks = [SeedTask(r["record_id"], r["instruction"], r["category"]) for r in rows]
-    trees = search(client, tasks, settings, log, embedder)
+    trees = search(client, tasks, settings, log, embedder, reward_client=reward_client)
     params_json = json.dumps(settings.model_dump(), sort_keys=True)
     template_hash = content_id(REWRITE.hash, RESPOND.hash, JUDGE_INTENT.hash)[:12]
     node_rows, kept, rejected = [], [], []
@@ -133,6 +135,7 @@ def synthesize(
         best, worst, root = tree.best(), tree.worst(), tree.root
         prov = Provenance.of_client(
             client,
+            also=(reward_client,),
             template_id=REWRITE.id,
             template_hash=template_hash,
             params_json=params_json,

@@ -44,8 +44,11 @@ def win_rates(
     max_tokens: int = 96,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    answer_client: LLMClient | None = None,
 ) -> pl.DataFrame:
-    """`rewrites` has rewriter, instruction, rewrite; one judged row per input row."""
+    """`rewrites` has rewriter, instruction, rewrite; one judged row per input row.
+    `answer_client` answers both instructions (the generator; `client` if None), `client`
+    judges which answer serves the original better (the evaluator)."""
     rows = rewrites.to_dicts()
     for r in rows:
         r["rewrite"] = clean_rewrite(r["rewrite"] or "") or r["instruction"]
@@ -56,7 +59,9 @@ def win_rates(
             texts,
             (
                 resp.text.strip() if resp.ok else ""
-                for resp in client.generate([RESPOND.request(params, instruction=t) for t in texts])
+                for resp in (answer_client or client).generate(
+                    [RESPOND.request(params, instruction=t) for t in texts]
+                )
             ),
             strict=True,
         )

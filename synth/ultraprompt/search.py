@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from synth.llm import GenerationParams, LLMClient, LLMRequest, judge
+from synth.llm import GenerationParams, LLMClient, LLMRequest
+from synth.llm.reward import score_rewards
 from synth.progress import Progress
 from synth.records import content_id
 from synth.templates import PromptTemplate
@@ -60,7 +61,7 @@ JUDGE_INTENT = PromptTemplate(
     id="ultraprompt_judge_intent",
     system="You are a strict grader. Answer with a single word: Yes or No.",
     user=(
-        "A user asked:\n{original}\n\nAn assistant replied:\n{response}\n\n"
+        "A user asked:\n{prompt}\n\nAn assistant replied:\n{response}\n\n"
         "Does the reply serve what the user asked for, helpfully, honestly and harmlessly? "
         "Answer Yes or No."
     ),
@@ -261,8 +262,10 @@ def simulate(
     client: LLMClient,
     items: Sequence[tuple[Node, str]],
     settings: SearchSettings,
+    reward_client: LLMClient | None = None,
 ) -> None:
-    """Reward every (node, original instruction): k responses, each judged for the original."""
+    """Reward every (node, original instruction): k responses from `client`, each scored
+    against the original by `reward_client` (the reward role; `client` if None)."""
     params = GenerationParams(
         temperature=settings.response_temperature,
         max_tokens=settings.response_max_tokens,
@@ -279,15 +282,14 @@ def simulate(
         node.responses = [s.text.strip() for s in resp.samples if s.ok and s.text.strip()]
         node.cache_keys += [s.cache_key for s in resp.samples]
         judged += [(i, r) for r in node.responses]
-    scores = judge(
-        client,
-        [JUDGE_INTENT.request(params, original=items[i][1], response=r) for i, r in judged],
+    scores = score_rewards(
+        reward_client or client, [(items[i][1], r) for i, r in judged], JUDGE_INTENT
     )
     per_node: dict[int, list[float]] = {}
     for (i, _), s in zip(judged, scores, strict=True):
         items[i][0].calls += 1
         if s.ok:
-            per_node.setdefault(i, []).append(s.p("Yes"))
+            per_node.setdefault(i, []).append(s.value)
     for i, (node, _) in enumerate(items):
         node.scores = per_node.get(i, [])
         if node.scores:
@@ -361,13 +363,17 @@ def expand(
 
 
 def _start(
-    client: LLMClient, seeds: Sequence[SeedTask], settings: SearchSettings, embedder: Embedder
+    client: LLMClient,
+    seeds: Sequence[SeedTask],
+    settings: SearchSettings,
+    embedder: Embedder,
+    reward_client: LLMClient | None,
 ) -> tuple[list[Tree], dict[str, np.ndarray]]:
     trees = [new_tree(s, settings) for s in seeds]
     originals = dict(
         zip((s.record_id for s in seeds), embedder([s.instruction for s in seeds]), strict=True)
     )
-    simulate(client, [(t.root, t.root.instruction) for t in trees], settings)
+    simulate(client, [(t.root, t.root.instruction) for t in trees], settings, reward_client)
     for t in trees:
         if t.root.status == SIMULATED:
             backup(t, t.root)
@@ -383,11 +389,13 @@ def search(
     log: Callable[[str], None] | None = None,
     embedder: Embedder | None = None,
     principles: dict[str, Principle] | None = None,
+    reward_client: LLMClient | None = None,
 ) -> list[Tree]:
-    """One MCTS tree per seed, all advanced together."""
+    """One MCTS tree per seed, all advanced together. `client` rewrites and answers (the
+    generator role), `reward_client` scores the answers (the reward role)."""
     embedder = embedder or _default_embedder
     principles = principles or load_principles()
-    trees, originals = _start(client, seeds, settings, embedder)
+    trees, originals = _start(client, seeds, settings, embedder, reward_client)
     progress = Progress(settings.iterations * len(trees), "mcts expansions", log)
     for it in range(1, settings.iterations + 1):
         picks = []
@@ -401,7 +409,7 @@ def search(
         if not picks:
             break
         new = expand(client, picks, originals, principles, settings, embedder, it)
-        simulate(client, [(n, t.root.instruction) for t, n in new], settings)
+        simulate(client, [(n, t.root.instruction) for t, n in new], settings, reward_client)
         for t, n in new:
             if n.status == SIMULATED:
                 backup(t, n)
@@ -417,12 +425,13 @@ def best_of_n(
     settings: SearchSettings = SearchSettings(),
     embedder: Embedder | None = None,
     principles: dict[str, Principle] | None = None,
+    reward_client: LLMClient | None = None,
 ) -> list[Tree]:
     """The baseline: n independent rewrites of the root, each with a random allowed
     principle (drawn with replacement, distinct sampling seeds); keep the best."""
     embedder = embedder or _default_embedder
     principles = principles or load_principles()
-    trees, originals = _start(client, seeds, settings, embedder)
+    trees, originals = _start(client, seeds, settings, embedder, reward_client)
     picks, variants = [], []
     for t in trees:
         if t.failure:
@@ -432,7 +441,7 @@ def best_of_n(
             variants.append(j)
         t.iterations_run = n
     new = expand(client, picks, originals, principles, settings, embedder, 1, variants)
-    simulate(client, [(c, t.root.instruction) for t, c in new], settings)
+    simulate(client, [(c, t.root.instruction) for t, c in new], settings, reward_client)
     for t, c in new:
         if c.status == SIMULATED:
             backup(t, c)
