@@ -34,7 +34,9 @@ def run(marker: str, home: str, fail_after_s: int = 0):
     return materialize(
         [sleeper],
         resources={"trainer": TrainerResource(runs_dir=f"{home}/runs", stop_grace_s=5)},
-        run_config={"ops": {"sleeper": {"config": {"marker": marker, "fail_after_s": fail_after_s}}}},
+        run_config={
+            "ops": {"sleeper": {"config": {"marker": marker, "fail_after_s": fail_after_s}}}
+        },
         instance=DagsterInstance.ephemeral(),
         raise_on_error=False,
     )

@@ -37,6 +37,7 @@ from synth.medad.vqa import (
     parse_completion,
 )
 from train.medad_rewards import rewards
+from train.random_models import random_idefics3
 
 from conftest import decode_png as decode_plot
 from faulty_server import FaultyOpenAIServer
@@ -437,78 +438,13 @@ def test_medad_job_end_to_end(tmp_path):
 
 # A chat template that places the image token where an image part is (SmolLM2's own
 # template only knows text parts).
-VLM_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content is string %}{{ m.content }}"
-    "{% else %}{% for c in m.content %}{% if c.type == 'image' %}<image>{% else %}{{ c.text }}"
-    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def tiny_idefics3(path):
-    """A randomly initialised Idefics3 (SmolVLM's architecture) saved with its processor:
-    no weights can be downloaded here, and the wiring is what is under test."""
-    from transformers import (
-        Idefics3Config,
-        Idefics3ForConditionalGeneration,
-        Idefics3ImageProcessor,
-        Idefics3Processor,
-        LlamaConfig,
-    )
-    from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
-
-    from train.models import load_causal_lm
-
-    _, tok = load_causal_lm()
-    tok.add_special_tokens(
-        {
-            "additional_special_tokens": [
-                "<fake_token_around_image>",
-                "<image>",
-                "<end_of_utterance>",
-                "<global-img>",
-            ]
-        }
-    )
-    text = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=tok.pad_token_id,
-    )
-    vision = Idefics3VisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=64,
-        patch_size=16,
-    )
-    config = Idefics3Config(
-        text_config=text.to_dict(),
-        vision_config=vision.to_dict(),
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        scale_factor=2,
-    )
-    Idefics3ForConditionalGeneration(config).save_pretrained(path)
-    images = Idefics3ImageProcessor(
-        size={"longest_edge": 64}, max_image_size={"longest_edge": 64}, do_image_splitting=False
-    )
-    Idefics3Processor(images, tok, image_seq_len=4, chat_template=VLM_TEMPLATE).save_pretrained(
-        path
-    )
-
-
 def test_a_huggingface_vlm_from_a_local_path_trains_and_answers(small, tmp_path):
     from train import medad, medad_eval
 
     _, _, cases, _, _, items, _ = small
     items.write_parquet(tmp_path / "items.parquet")
     cases.write_parquet(tmp_path / "cases.parquet")
-    tiny_idefics3(tmp_path / "vlm")
+    random_idefics3(tmp_path / "vlm")
     assert medad.is_hf_vlm(str(tmp_path / "vlm")) and not medad.is_hf_vlm("")
     data = ["--items", str(tmp_path / "items.parquet"), "--cases", str(tmp_path / "cases.parquet")]
     result = medad.main(

@@ -296,3 +296,31 @@ def test_an_unknown_item_becomes_a_rejected_record_with_its_reason():
     (rej,) = result.rejected.to_dicts()
     assert rej["reason"] == "judge_http_404" and "pair-unknown" in rej["detail"]
     assert result.n_in == result.triaged.height + result.review.height + result.rejected.height
+
+
+def test_every_asset_names_its_roles_as_documented():
+    """docs/configuration.md's role table is what the assets declare, both ways."""
+    import re
+    from pathlib import Path
+
+    defs = build_definitions()
+    table = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+    documented: dict[str, set[str]] = {}
+    for line in table.read_text().splitlines():
+        m = re.match(r"\| `(\w+)` \| [^|]+ \| (.+) \|$", line)
+        if m and m.group(1) in ROLES:
+            documented[m.group(1)] = set(re.findall(r"`(\w+)`", m.group(2)))
+    assert set(documented) == set(ROLES)
+    declared: dict[str, set[str]] = {role: set() for role in ROLES}
+    for a in defs.get_repository_def().assets_defs_by_key.values():
+        keys = {k.to_user_string() for k in a.keys}
+        for role in set(a.required_resource_keys) & set(ROLES):
+            declared[role].add(
+                min(keys & documented[role]) if keys & documented[role] else min(keys)
+            )
+    assert "llm" not in {
+        k
+        for a in defs.get_repository_def().assets_defs_by_key.values()
+        for k in a.required_resource_keys
+    }
+    assert declared == documented

@@ -209,14 +209,15 @@ class HFVLM:
     ) -> None:
         """Fresh LoRA adapters on the model at `path`, or the trained ones in `adapter`
         (saved with their processor by `save`)."""
-        import torch
         from peft import LoraConfig, PeftModel, get_peft_model
         from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from train.models import training_dtype
 
         self.path, self.device = path, device
         self.processor = AutoProcessor.from_pretrained(adapter or path)
         self.tok = self.processor.tokenizer
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        dtype = training_dtype(device)
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
         if adapter is not None:
             self.lm = PeftModel.from_pretrained(model, adapter)
@@ -302,10 +303,10 @@ def is_hf_vlm(model: str) -> bool:
 def build_model(model: str, image_size: int, grid: int, lora_r: int, lora_alpha: int, seed: int):
     import torch
 
-    from train.models import load_lora_policy
+    from train.models import load_lora_policy, training_device
 
     torch.manual_seed(seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = training_device()
     if is_hf_vlm(model):
         return HFVLM(model, device, lora_r, lora_alpha)
     lm, tok, _ = load_lora_policy(model, lora_r, lora_alpha, 0.0, seed)
@@ -317,15 +318,15 @@ def load_trained(model_dir: str):
     import torch
     from peft import PeftModel
 
-    from train.models import load_causal_lm
+    from train.models import load_causal_lm, training_device
 
     out = Path(model_dir)
     cfg = json.loads((out / CONFIG_FILE).read_text())
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = training_device()
     if cfg["kind"] == "hf":
         return HFVLM(cfg["base_model"], device, adapter=out / "adapter")
-    base, tok = load_causal_lm(cfg["base_model"])
-    lm = PeftModel.from_pretrained(base.to(device), out / "adapter")
+    base, tok = load_causal_lm(cfg["base_model"], device)
+    lm = PeftModel.from_pretrained(base, out / "adapter")
     vlm = PrefixVLM(lm, tok, cfg["image_size"], cfg["grid"], device)
     state = torch.load(out / VISION_FILE, map_location=device)
     vlm.vision.load_state_dict(state["vision"])

@@ -30,20 +30,29 @@ from train.trace import collate, encode, sequence_logps, token_logps
 MODELS = ("reference", "realigned", "dpo_baseline")
 
 
+def encode_prompts(tok: Any, prompts: list[str], device: Any) -> dict[str, torch.Tensor]:
+    """Chat-formatted, left-padded prompts for generation, on `device`."""
+    texts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+        )
+        for p in prompts
+    ]
+    tok.padding_side = "left"
+    try:
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tok.padding_side = "right"
+    return {k: v.to(device) for k, v in enc.items()}
+
+
 def generate(
     model: Any, tok: Any, prompts: list[str], max_new_tokens: int, batch_size: int = 8
 ) -> list[str]:
-    tok.padding_side = "left"
+    """Greedy answers, in batches, on the model's device."""
     out: list[str] = []
     for i in range(0, len(prompts), batch_size):
-        texts = [
-            tok.apply_chat_template(
-                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
-            )
-            for p in prompts[i : i + batch_size]
-        ]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = {k: v.to(model.device) for k, v in enc.items()}
+        enc = encode_prompts(tok, prompts[i : i + batch_size], model.device)
         with torch.no_grad():
             ids = model.generate(
                 **enc,
@@ -53,7 +62,6 @@ def generate(
                 pad_token_id=tok.pad_token_id,
             )
         out += tok.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    tok.padding_side = "right"
     return [o.strip() for o in out]
 
 
