@@ -484,6 +484,7 @@ def test_trace_realigns_toward_the_new_policy_with_the_reference_judge(tmp_path)
         for m in ("reference", "realigned", "dpo_baseline")
         for lab in ("INVERT", "RETAIN")
     }
+    print("\n" + margin_table(margins))  # `pytest -s` shows the numbers the docs quote
     trace_gain = mean[("realigned", "INVERT")] - mean[("reference", "INVERT")]
     dpo_gain = mean[("dpo_baseline", "INVERT")] - mean[("reference", "INVERT")]
     assert trace_gain > 0 and trace_gain > dpo_gain, mean
@@ -499,6 +500,26 @@ def test_trace_realigns_toward_the_new_policy_with_the_reference_judge(tmp_path)
         for m in ("reference", "realigned")
     }
     assert by_model["reference"] != by_model["realigned"]  # re-alignment changed generations
+
+
+def margin_table(margins: pl.DataFrame) -> str:
+    """Held-out margins per model and label, and their change from the reference."""
+    mean = margins.group_by("model", "label").agg(pl.col("margin").mean())
+    get = {(m, lab): v for m, lab, v in mean.iter_rows()}
+    lines = [
+        "| model | INVERT | change | RETAIN | change | PUNISH | change |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for m in ("reference", "realigned", "dpo_baseline"):
+        cells = []
+        for lab in ("INVERT", "RETAIN", "PUNISH"):
+            v, ref = get.get((m, lab)), get.get(("reference", lab))
+            cells += [
+                f"{v:.2f}" if v is not None else "-",
+                "" if m == "reference" or v is None else f"{v - ref:+.2f}",
+            ]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 # A few dozen CPU steps on SmolLM2-135M + LoRA (about 3 minutes for both adapters).

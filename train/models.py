@@ -103,3 +103,46 @@ def load_lora_policy(
         task_type="CAUSAL_LM",
     )
     return get_peft_model(base, config), tok, device == "cuda"
+
+
+STAGES_FILE = "stages.json"
+
+
+def freeze_as_reference(model: Any, lora_config: Any) -> Any:
+    """Merge the trained adapters into the weights and start fresh ones on top: the model
+    trained so far (e.g. after SFT) becomes the reference that `disable_adapter()` gives,
+    which is what DPO's and GRPO's reference should be (the SFT policy, not the base)."""
+    from peft import get_peft_model
+
+    return get_peft_model(model.merge_and_unload(), lora_config)
+
+
+def save_stages(stages: list[tuple[str, Any]], out_dir: str | Path, tok: Any) -> Path:
+    """Save a sequence of adapters trained one on top of the other (each after merging the
+    ones before) as `out_dir/<stage>/` with `out_dir/stages.json` naming their order."""
+    import json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / STAGES_FILE).write_text(json.dumps([name for name, _ in stages]))
+    for name, adapter_model in stages:
+        if adapter_model is not None:
+            adapter_model.save_pretrained(out / name)
+    tok.save_pretrained(out)
+    return out
+
+
+def apply_adapters(base: Any, adapter_dir: str | Path) -> Any:
+    """A PEFT model: the adapter at `adapter_dir` on `base`, or, for a folder written by
+    `save_stages`, every stage but the last merged in order and the last one on top."""
+    import json
+
+    from peft import PeftModel
+
+    path = Path(adapter_dir)
+    if not (path / STAGES_FILE).exists():
+        return PeftModel.from_pretrained(base, path)
+    *merged, last = json.loads((path / STAGES_FILE).read_text())
+    for name in merged:
+        base = PeftModel.from_pretrained(base, path / name).merge_and_unload()
+    return PeftModel.from_pretrained(base, path / last)

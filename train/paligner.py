@@ -5,8 +5,9 @@
 
 SFT (TRL SFTTrainer, LoRA) on prompt -> completion, where the prompt asks to rewrite the
 original request and the completion is the best rewrite of its search tree; then, when a
-DPO table is given and --dpo-steps > 0, DPO (TRL DPOTrainer) on best over worst rewrite,
-continuing the same adapters (the reference is the base with adapters off). The CPU
+DPO table is given and --dpo-steps > 0, DPO (TRL DPOTrainer) on best over worst rewrite.
+DPO starts from the SFT model and uses it as its reference: the SFT adapters are merged
+into the weights and DPO trains fresh adapters on top (saved as two stages). The CPU
 default is a few steps of the embedded SmolLM2-135M; on a GPU the same entry point runs
 in bf16 with whatever --model and step counts you give it.
 """
@@ -66,12 +67,19 @@ def fit(trainer_cls: Any, args: Any, model: Any, tok: Any, ds: Any) -> tuple[lis
     return losses, time.perf_counter() - t0, tokens
 
 
+def tensors_changed(before: dict[str, Any], model: Any) -> int:
+    """How many of the trainable tensors recorded in `before` differ now."""
+    return sum(
+        not torch.equal(before[n], p.detach()) for n, p in model.named_parameters() if n in before
+    )
+
+
 def train(a: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     import polars as pl
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-    from train.models import load_lora_policy
+    from train.models import freeze_as_reference, load_lora_policy, save_stages
 
     model, tok, cuda = load_lora_policy(a.model, a.lora_r, a.lora_alpha, 0.05, a.seed)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -87,10 +95,16 @@ def train(a: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     )
     history = {"sft": sft_losses, "dpo": []}
     dpo_pairs, dpo_s = 0, 0.0
+    stages: list[tuple[str, Any]] = [("sft", model)]
+    out = Path(a.output_dir) / "adapter"
     if a.dpo and a.dpo_steps > 0:
         rows = pl.read_parquet(a.dpo).select("prompt", "chosen", "rejected").to_dicts()
         dpo_pairs = len(rows)
         if rows:
+            model.save_pretrained(out / "sft")  # before its adapters are merged away
+            changed = tensors_changed(before, model)
+            model = freeze_as_reference(model, model.peft_config["default"])
+            stages = [("sft", None), ("dpo", model)]
             ds = Dataset.from_list(
                 [
                     {
@@ -109,12 +123,12 @@ def train(a: argparse.Namespace, log: Any = print) -> dict[str, Any]:
                 tok,
                 ds,
             )
-    changed = sum(
-        not torch.equal(before[n], p.detach()) for n, p in model.named_parameters() if n in before
-    )
-    out = Path(a.output_dir) / "adapter"
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    if len(stages) == 1:
+        changed = tensors_changed(before, model)
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+    else:
+        save_stages(stages, out, tok)
     last = (history["dpo"] or history["sft"] or [{"loss": math.nan}])[-1]["loss"]
     return {
         "history": history,

@@ -98,13 +98,17 @@ def generate_off_and_on(
     base_model: str = "",
     max_new_tokens: int = 128,
 ) -> dict[str, list[str]]:
-    """Greedy generations for every prompt from the base (adapters off) and the trained
-    network (adapters on), keyed by the two names given."""
-    model, tok = load_adapters({"trained": adapter}, base_model)
-    out = {}
-    for name, as_ in zip(names, ("reference", "trained"), strict=True):
-        with using(model, as_):
-            out[name] = generate(model, tok, prompts, max_new_tokens)
+    """Greedy generations for every prompt from the base model and the trained network,
+    keyed by the two names given. The base answers first, before any adapter (a staged
+    adapter merges its earlier stages into the weights)."""
+    from train.models import apply_adapters, load_causal_lm
+
+    base, tok = load_causal_lm(base_model)
+    base.eval()
+    out = {names[0]: generate(base, tok, prompts, max_new_tokens)}
+    model = apply_adapters(base, adapter)
+    model.eval()
+    out[names[1]] = generate(model, tok, prompts, max_new_tokens)
     return out
 
 

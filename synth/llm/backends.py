@@ -255,6 +255,7 @@ class OpenAICompatBackend:
         self.identity = f"{self.kind}:{model}"
         self.attempts = 0
         self._clients: dict[int, Any] = {}
+        self._locks: dict[int, asyncio.Lock] = {}
         self._warned: set[str] = set()
 
     def _client(self) -> Any:
@@ -265,8 +266,9 @@ class OpenAICompatBackend:
         loop_id = id(asyncio.get_running_loop())
         if loop_id not in self._clients:
 
-            async def count(_request: Any) -> None:
-                self.attempts += 1
+            async def count(request: Any) -> None:
+                if request.method == "POST":  # a completion attempt, not the GET /models probe
+                    self.attempts += 1
 
             http = httpx2.AsyncClient(
                 timeout=httpx2.Timeout(self.timeout_s, connect=min(5.0, self.timeout_s)),
@@ -284,12 +286,16 @@ class OpenAICompatBackend:
         return self._clients[loop_id]
 
     async def _resolve_server(self) -> str:
-        if self.server == "auto":
-            try:
-                models = await self._client().models.list()
-                self.server = detect_server({"data": [m.model_dump() for m in models.data]})
-            except Exception:  # a server without GET /models: send only OpenAI parameters
-                self.server = "openai"
+        if self.server != "auto":
+            return self.server
+        lock = self._locks.setdefault(id(asyncio.get_running_loop()), asyncio.Lock())
+        async with lock:  # one GET /models, however many requests start at once
+            if self.server == "auto":
+                try:
+                    models = await self._client().models.list()
+                    self.server = detect_server({"data": [m.model_dump() for m in models.data]})
+                except Exception:  # a server without GET /models: send only OpenAI parameters
+                    self.server = "openai"
         return self.server
 
     async def complete(self, request: LLMRequest, sample_index: int) -> Sample:

@@ -19,6 +19,7 @@ from synth.records import (
     rejected_frame,
 )
 from synth.templates import PromptTemplate
+from synth.ultraprompt.intent import INTENT_JUDGE
 from synth.ultraprompt.search import (
     JUDGE_INTENT,
     RESPOND,
@@ -46,8 +47,10 @@ TREE_SCHEMA: dict[str, pl.DataType] = {
     "scores": pl.List(pl.Float64),
     "responses": pl.List(pl.Utf8),
     "value": pl.Float64(),
+    "q": pl.Float64(),
     "visits": pl.Int64(),
     "calls": pl.Int64(),
+    "attempt": pl.Int64(),
 }
 
 ULTRAPROMPT_SCHEMA: dict[str, pl.DataType] = {
@@ -68,7 +71,9 @@ ULTRAPROMPT_SCHEMA: dict[str, pl.DataType] = {
     "reward_gain": pl.Float64(),  # chosen - root
     "tree_nodes": pl.Int64(),
     "pruned_nodes": pl.Int64(),
-    "iterations_run": pl.Int64(),
+    "iterations_run": pl.Int64(),  # successful expansions
+    "retries_used": pl.Int64(),
+    "max_depth": pl.Int64(),  # of the simulated nodes
     "llm_calls": pl.Int64(),
 }
 
@@ -99,14 +104,26 @@ def synthesize(
     log: Callable[[str], None] | None = None,
     embedder: Any = None,
     reward_client: LLMClient | None = None,
+    intent_client: LLMClient | None = None,
 ) -> Synthesis:
     """Search every `split == "search"` seed; one record per seed or a rejected row.
-    `client` (generator) rewrites and answers, `reward_client` (reward) scores."""
+    `client` (generator) rewrites and answers, `reward_client` (reward) scores,
+    `intent_client` (judge, optional) double-checks each rewrite's intent."""
     rows = seeds.filter(pl.col("split") == "search").to_dicts()
     tasks = [SeedTask(r["record_id"], r["instruction"], r["category"]) for r in rows]
-    trees = search(client, tasks, settings, log, embedder, reward_client=reward_client)
+    trees = search(
+        client,
+        tasks,
+        settings,
+        log,
+        embedder,
+        reward_client=reward_client,
+        intent_client=intent_client,
+    )
     params_json = json.dumps(settings.model_dump(), sort_keys=True)
-    template_hash = content_id(REWRITE.hash, RESPOND.hash, JUDGE_INTENT.hash)[:12]
+    template_hash = content_id(REWRITE.hash, RESPOND.hash, JUDGE_INTENT.hash, INTENT_JUDGE.hash)[
+        :12
+    ]
     node_rows, kept, rejected = [], [], []
     for r, tree in zip(rows, trees, strict=True):
         node_rows += [node_row(tree, n) for n in tree.nodes]
@@ -135,7 +152,7 @@ def synthesize(
         best, worst, root = tree.best(), tree.worst(), tree.root
         prov = Provenance.of_client(
             client,
-            also=(reward_client,),
+            also=(reward_client, intent_client),
             template_id=REWRITE.id,
             template_hash=template_hash,
             params_json=params_json,
@@ -164,6 +181,8 @@ def synthesize(
                 "tree_nodes": len(tree.nodes),
                 "pruned_nodes": sum(n.status == "pruned" for n in tree.nodes),
                 "iterations_run": tree.iterations_run,
+                "retries_used": tree.retries_used,
+                "max_depth": max(n.depth for n in tree.simulated()),
                 "llm_calls": tree.calls,
             }
         )

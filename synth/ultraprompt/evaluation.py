@@ -4,7 +4,10 @@ For each held-out instruction and rewriter, the target model answers the origina
 the rewrite; a pairwise judge, shown the ORIGINAL request, says which answer serves it
 better. Each pair is judged in both orders and the two verdicts averaged, because small
 judges prefer whichever answer comes first. A rewrite wins when its averaged probability
-is above one half; an empty or failed rewrite counts as the original (no win)."""
+is above one half; an empty or failed rewrite counts as the original (no win). When the
+judge gives no usable verdict in either order, the row's `p_rewritten_better` and `win`
+are null and `judge_failed` is set: a failure is counted and left out of the win rate,
+never scored as a tie or a loss."""
 
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ WIN_SCHEMA = {
     "response_rewritten": pl.Utf8,
     "p_rewritten_better": pl.Float64,
     "win": pl.Boolean,
+    "judge_failed": pl.Boolean,
     "judge_method": pl.Utf8,
 }
 
@@ -76,8 +80,9 @@ def win_rates(
     for k, r in enumerate(rows):
         first, second = scores[2 * k], scores[2 * k + 1]
         votes = [s.p("A") for s in (first,) if s.ok] + [s.p("B") for s in (second,) if s.ok]
-        p = sum(votes) / len(votes) if votes else 0.5
+        p = sum(votes) / len(votes) if votes else None
         same = r["rewrite"] == r["instruction"]
+        failed = p is None and not same
         out.append(
             {
                 "rewriter": r["rewriter"],
@@ -86,10 +91,12 @@ def win_rates(
                 "response_original": answers[r["instruction"]],
                 "response_rewritten": answers[r["rewrite"]],
                 "p_rewritten_better": 0.5 if same else p,
-                "win": (not same) and p > 0.5,
+                "win": None if failed else (not same) and p > 0.5,
+                "judge_failed": failed,
                 "judge_method": "+".join(sorted({first.method, second.method})),
             }
         )
     if log:
-        log(f"judged {len(out)} rewrites in both orders")
+        failed = sum(r["judge_failed"] for r in out)
+        log(f"judged {len(out)} rewrites in both orders; {failed} without a usable verdict")
     return pl.DataFrame(out, schema=WIN_SCHEMA)

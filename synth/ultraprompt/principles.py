@@ -1,9 +1,8 @@
-"""The rewriting principles and the category rules, read from YAML files users can edit."""
+"""The rewriting principles, read from a YAML file users can edit."""
 
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +10,6 @@ import yaml
 
 HERE = Path(__file__).parent
 PRINCIPLES_FILE = HERE / "principles.yaml"
-CATEGORIES_FILE = HERE / "categories.yaml"
 CATEGORIES = ("helpfulness", "harmlessness", "honesty", "coding", "math")
 # Every seed may use this group, plus its own category's.
 SHARED_GROUP = "helpfulness"
@@ -55,26 +53,3 @@ def allowed_principles(
     if category not in CATEGORIES:
         raise ValueError(f"unknown category {category!r} (one of {CATEGORIES})")
     return tuple(name for name, p in principles.items() if p.category in (SHARED_GROUP, category))
-
-
-@functools.cache
-def _rules(path: Path = CATEGORIES_FILE) -> list[tuple[str, re.Pattern[str]]]:
-    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    rules = []
-    for category, patterns in raw.items():
-        if category not in CATEGORIES:
-            raise PrincipleFileError(f"{path}: unknown category {category!r}")
-        for p in patterns:
-            try:
-                rules.append((category, re.compile(p, re.IGNORECASE)))
-            except re.error as e:
-                raise PrincipleFileError(f"{path}: {category}: bad pattern {p!r}: {e}") from None
-    return rules
-
-
-def categorize(text: str, path: Path = CATEGORIES_FILE) -> tuple[str, str]:
-    """(category, the pattern that decided it); helpfulness with an empty rule when none matches."""
-    for category, pattern in _rules(path):
-        if pattern.search(text):
-            return category, pattern.pattern
-    return SHARED_GROUP, ""

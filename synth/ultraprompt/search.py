@@ -1,24 +1,28 @@
 """Monte-Carlo Tree Search over principle-guided rewrites of one instruction (P-Aligner).
 
-A node is an instruction; the root is the seed as written. An action rewrites a node by
-applying one principle that is not yet used on the path from the root (one LLM call).
-A new node is simulated: k responses from the target model to the node's instruction,
-each judged against the ORIGINAL instruction (p(Yes) from the logprobs of a Yes/No
-verdict); the node's reward is their mean. A Yes/No verdict rather than a 1-5 rating:
-a small judge puts all its top-token mass on one digit, so most rewards tie at exactly
-0 and the search has nothing to climb; p(Yes) stays graded. Selection is UCT over
-children's values; backup is max (a node's value is the best reward in its subtree).
-The whole tree, root included, is kept; its best and worst nodes are the chosen and
-rejected instruction.
+Following the paper's official code (`online_synthesis/mcts_utils.py`):
 
-All trees of a batch advance in lockstep, one expansion per tree per iteration, so the
-LLM calls of many seeds go out together. Every choice is seeded and every call goes
-through the response cache: a killed search, re-run, rebuilds the same trees from the
-cache without new calls.
+- A node is an instruction; the root is the seed as written. Expanding a node applies one
+  principle (of the seed's category, plus the helpfulness group) that none of the node's
+  children used yet: the ban is among siblings, so a principle may be applied again
+  further down a path. Rewrites compose: a child rewrites its parent's rewrite.
+- A new node is simulated: k responses (the generator role) to the node's instruction,
+  each scored against the ORIGINAL instruction by the reward role (a reward model, or a
+  chat judge's p(Yes)); the node's reward is their mean (`local_avg_reward`).
+- Selection descends while a node is fully expanded, by UCT on the children's Q: the
+  recursive mean of the child's own reward and its children's Q. Backup keeps the max
+  (`value`: the best reward in the subtree). The best node (the chosen instruction) is the
+  node with the highest own reward, the worst the lowest; the root is a candidate.
+- The budget counts successful expansions (`iterations`, 20 in the paper). A rewrite that
+  fails, comes back empty or unchanged, runs away, drifts from the original intent
+  (MiniLM cosine), answers instead of asking, adds facts or changes what is asked (see
+  `intent`) is pruned: kept in the tree with its reason but not a child, and the
+  expansion is retried with another sampling seed, within a separate retry budget. A
+  principle that fails twice at a node is not tried there again.
 
-A rewrite that drifts from the original intent (MiniLM cosine to the original below a
-threshold), comes back empty, unchanged, failed or runaway-long is pruned: the node is
-kept in the tree with the reason, never simulated, and its action counts as tried.
+All trees of a batch advance in lockstep, so the LLM calls of many seeds go out
+together. Every choice is seeded and every call goes through the response cache: a
+killed search, re-run, rebuilds the same trees from the cache without new calls.
 """
 
 from __future__ import annotations
@@ -33,11 +37,12 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from synth.llm import GenerationParams, LLMClient, LLMRequest
+from synth.llm import GenerationParams, LLMClient, LLMRequest, judge
 from synth.llm.reward import score_rewards
 from synth.progress import Progress
 from synth.records import content_id
 from synth.templates import PromptTemplate
+from synth.ultraprompt.intent import intent_problem, judge_intent_requests
 from synth.ultraprompt.principles import Principle, allowed_principles, load_principles
 
 REWRITE = PromptTemplate(
@@ -75,6 +80,10 @@ PRUNE_REASONS = (
     "no_change",
     "too_long",
     "intent_drift",
+    "answers_instead",
+    "adds_facts",
+    "changed_request",
+    "judge_intent_changed",
     "unscored",
 )
 
@@ -84,7 +93,9 @@ class SearchSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    iterations: int = 20  # expansions per tree (paper: 20)
+    iterations: int = 20  # successful expansions per tree (paper: 20)
+    retries: int = 20  # pruned or failed expansions a tree may retry beyond the budget
+    attempts_per_action: int = 2  # a principle that fails this often at a node is dropped there
     exploration_weight: float = 0.1  # UCT constant (paper: 0.1)
     samples: int = 2  # k responses per node
     response_max_tokens: int = 96
@@ -93,6 +104,7 @@ class SearchSettings(BaseModel):
     rewrite_temperature: float = 0.7
     # A rewrite whose MiniLM cosine to the ORIGINAL instruction is below this is pruned.
     min_intent_similarity: float = 0.45
+    min_content_coverage: float = 0.5  # share of the original's content words a rewrite keeps
     max_rewrite_chars: int = 2000
     seed: int = 0
 
@@ -111,10 +123,13 @@ class Node:
     reward: float | None = None
     scores: list[float] = field(default_factory=list)
     responses: list[str] = field(default_factory=list)
-    value: float | None = None
+    value: float | None = None  # max backup: the best reward in the subtree
+    q: float | None = None  # selection value: mean of the own reward and the children's q
     visits: int = 0
     calls: int = 0  # LLM requests this node cost (rewrite + responses + judgements)
-    children: list[int] = field(default_factory=list)  # pruned ones too: their actions are tried
+    children: list[int] = field(default_factory=list)  # simulated children only
+    attempts: dict[str, int] = field(default_factory=dict)  # failed expansions per principle
+    attempt: int = 0  # for a pruned node: which try of (parent, principle) it was
     exhausted: bool = False
     cache_keys: list[str] = field(default_factory=list)
 
@@ -126,7 +141,9 @@ class Tree:
     allowed: tuple[str, ...]
     nodes: list[Node]
     rng: random.Random
-    iterations_run: int = 0
+    max_attempts_per_action: int = 2
+    iterations_run: int = 0  # successful expansions
+    retries_used: int = 0
     failure: str = ""  # why the tree gave no usable result (root unscored)
 
     @property
@@ -165,31 +182,37 @@ class SeedTask:
 def new_tree(seed: SeedTask, settings: SearchSettings) -> Tree:
     root = Node(0, None, ROOT, seed.instruction, 0, 0)
     rng = random.Random(content_id("ultraprompt_rng", seed.record_id, settings.seed))
-    return Tree(seed.record_id, seed.category, allowed_principles(seed.category), [root], rng)
+    allowed = allowed_principles(seed.category)
+    return Tree(seed.record_id, seed.category, allowed, [root], rng, settings.attempts_per_action)
 
 
 # ---------------------------------------------------------------- selection and backup
 
 
 def uct(parent: Node, child: Node, weight: float) -> float:
-    return child.value + weight * math.sqrt(math.log(max(parent.visits, 1)) / child.visits)
+    return child.q + weight * math.sqrt(math.log(max(parent.visits, 1)) / child.visits)
+
+
+def untried(tree: Tree, node: Node) -> list[str]:
+    """Principles that no child of `node` used and that have not failed out there."""
+    used = {tree.nodes[c].action for c in node.children}
+    return [
+        a
+        for a in tree.allowed
+        if a not in used and node.attempts.get(a, 0) < tree.max_attempts_per_action
+    ]
 
 
 def select(tree: Tree, weight: float) -> tuple[Node, str] | None:
-    """The node to expand and the principle to apply, or None when the tree is exhausted."""
+    """The node to expand and the principle to apply, or None when the tree is exhausted:
+    descend while fully expanded, by UCT on Q (the mean), then pick an untried principle."""
     while not tree.root.exhausted:
         node = tree.root
         while True:
-            tried = {tree.nodes[c].action for c in node.children}
-            used = set(tree.path_actions(node)) | tried
-            untried = [a for a in tree.allowed if a not in used]
-            if untried:
-                return node, tree.rng.choice(untried)
-            live = [
-                tree.nodes[c]
-                for c in node.children
-                if tree.nodes[c].status == SIMULATED and not tree.nodes[c].exhausted
-            ]
+            todo = untried(tree, node)
+            if todo:
+                return node, tree.rng.choice(todo)
+            live = [tree.nodes[c] for c in node.children if not tree.nodes[c].exhausted]
             if not live:
                 node.exhausted = True  # nothing left below: restart from the root
                 break
@@ -198,15 +221,15 @@ def select(tree: Tree, weight: float) -> tuple[Node, str] | None:
 
 
 def backup(tree: Tree, node: Node) -> None:
-    """Max backup: each ancestor's value is the best reward in its subtree; visits count
-    the simulated nodes below and at it."""
-    node.value, node.visits = node.reward, 1
+    """From a newly simulated node up: visits +1, value = max of the own reward and the
+    children's values, q = mean of the own reward and the children's q."""
+    node.value, node.q, node.visits = node.reward, node.reward, 1
     while node.parent is not None:
         node = tree.nodes[node.parent]
         node.visits += 1
-        # Siblings simulated in one batch are backed up one after another.
-        values = [tree.nodes[c].value for c in node.children if tree.nodes[c].value is not None]
-        node.value = max([node.reward, *values])
+        kids = [tree.nodes[c] for c in node.children]
+        node.value = max([node.reward, *(k.value for k in kids)])
+        node.q = float(np.mean([node.reward, *(k.q for k in kids)]))
 
 
 # ---------------------------------------------------------------- LLM steps
@@ -299,7 +322,7 @@ def simulate(
 
 
 def _prune_reason(
-    parent: Node, text: str, ok: bool, similarity: float, settings: SearchSettings
+    original: str, parent: Node, text: str, ok: bool, similarity: float, settings: SearchSettings
 ) -> str:
     if not ok:
         return "rewrite_failed"
@@ -311,7 +334,7 @@ def _prune_reason(
         return "too_long"
     if similarity < settings.min_intent_similarity:
         return "intent_drift"
-    return ""
+    return intent_problem(original, text, settings.min_content_coverage)
 
 
 Embedder = Callable[[Sequence[str]], np.ndarray]
@@ -332,14 +355,23 @@ def expand(
     embedder: Embedder,
     iteration: int,
     variant: Sequence[int] | None = None,
+    intent_client: LLMClient | None = None,
 ) -> list[tuple[Tree, Node]]:
-    """One rewrite per pick; returns the new nodes that survived pruning (not yet simulated)."""
-    reqs = rewrite_requests([(n, a) for _, n, a in picks], principles, settings, variant)
+    """One rewrite per pick; returns the new nodes that survived pruning (not yet simulated).
+    A pruned node stays in the tree (with its reason and which attempt it was) but is not a
+    child of its parent, and its principle's failure count at the parent goes up."""
+    # A retry of (parent, principle) samples with another seed: the same seed would give
+    # the same rewrite back from the cache.
+    tries = [parent.attempts.get(action, 0) for _, parent, action in picks]
+    offsets = [t * 1000 + (variant[i] if variant else 0) for i, t in enumerate(tries)]
+    reqs = rewrite_requests([(n, a) for _, n, a in picks], principles, settings, offsets)
     outs = client.generate(reqs)
     texts = [clean_rewrite(o.text) if o.ok else "" for o in outs]
     vecs = embedder([t or " " for t in texts])
-    survivors = []
-    for (tree, parent, action), out, text, vec in zip(picks, outs, texts, vecs, strict=True):
+    children = []
+    for (tree, parent, action), out, text, vec, attempt in zip(
+        picks, outs, texts, vecs, tries, strict=True
+    ):
         sim = float(np.dot(originals[tree.seed_id], vec)) if text else 0.0
         child = Node(
             id=len(tree.nodes),
@@ -350,14 +382,30 @@ def expand(
             iteration=iteration,
             intent_similarity=round(sim, 6),
             calls=1,
+            attempt=attempt,
             cache_keys=[s.cache_key for s in out.samples],
         )
-        reason = _prune_reason(parent, text, out.ok, sim, settings)
+        reason = _prune_reason(tree.root.instruction, parent, text, out.ok, sim, settings)
         if reason:
             child.status, child.prune_reason = PRUNED, reason
         tree.nodes.append(child)
-        parent.children.append(child.id)
-        if not reason:
+        children.append((tree, parent, child))
+    if intent_client is not None:
+        asked = [(t, c) for t, _, c in children if c.status == PENDING]
+        verdicts = judge(
+            intent_client,
+            judge_intent_requests([(t.root.instruction, c.instruction) for t, c in asked]),
+        )
+        for (_, c), v in zip(asked, verdicts, strict=True):
+            c.calls += 1
+            c.cache_keys.append(v.cache_key)
+            if v.ok and v.p("Yes") < 0.5:
+                c.status, c.prune_reason = PRUNED, "judge_intent_changed"
+    survivors = []
+    for tree, parent, child in children:
+        if child.status == PRUNED:
+            parent.attempts[child.action] = parent.attempts.get(child.action, 0) + 1
+        else:
             survivors.append((tree, child))
     return survivors
 
@@ -382,6 +430,18 @@ def _start(
     return trees, originals
 
 
+def _settle(tree: Tree, node: Node) -> bool:
+    """After simulation: a scored node joins its parent's children and is backed up (True);
+    an unscored one counts as a failed attempt of its principle (False)."""
+    parent = tree.nodes[node.parent]
+    if node.status != SIMULATED:
+        parent.attempts[node.action] = parent.attempts.get(node.action, 0) + 1
+        return False
+    parent.children.append(node.id)
+    backup(tree, node)
+    return True
+
+
 def search(
     client: LLMClient,
     seeds: Sequence[SeedTask],
@@ -390,30 +450,41 @@ def search(
     embedder: Embedder | None = None,
     principles: dict[str, Principle] | None = None,
     reward_client: LLMClient | None = None,
+    intent_client: LLMClient | None = None,
 ) -> list[Tree]:
-    """One MCTS tree per seed, all advanced together. `client` rewrites and answers (the
-    generator role), `reward_client` scores the answers (the reward role)."""
+    """One MCTS tree per seed, all advanced together, until each has `iterations`
+    successful expansions, runs out of retries or of untried principles. `client` rewrites
+    and answers (the generator role), `reward_client` scores the answers (the reward role),
+    `intent_client` (the judge role, optional) double-checks each rewrite's intent."""
     embedder = embedder or _default_embedder
     principles = principles or load_principles()
     trees, originals = _start(client, seeds, settings, embedder, reward_client)
     progress = Progress(settings.iterations * len(trees), "mcts expansions", log)
-    for it in range(1, settings.iterations + 1):
+    rounds = 0
+    while True:
+        rounds += 1
         picks = []
         for t in trees:
-            if t.failure:
+            if t.failure or t.iterations_run >= settings.iterations:
+                continue
+            if t.retries_used > settings.retries:
                 continue
             chosen = select(t, settings.exploration_weight)
             if chosen is not None:
-                t.iterations_run = it
                 picks.append((t, *chosen))
         if not picks:
             break
-        new = expand(client, picks, originals, principles, settings, embedder, it)
+        new = expand(
+            client, picks, originals, principles, settings, embedder, rounds, None, intent_client
+        )
         simulate(client, [(n, t.root.instruction) for t, n in new], settings, reward_client)
-        for t, n in new:
-            if n.status == SIMULATED:
-                backup(t, n)
-        progress.update(len(picks))
+        done = {id(n) for t, n in new if _settle(t, n)}
+        for t in {id(t): t for t, _, _ in picks}.values():
+            made = [n for n in t.nodes if n.iteration == rounds and n.parent is not None]
+            ok = sum(id(n) in done for n in made)
+            t.iterations_run += ok
+            t.retries_used += len(made) - ok
+            progress.update(ok)
     progress.close()
     return trees
 
@@ -428,7 +499,8 @@ def best_of_n(
     reward_client: LLMClient | None = None,
 ) -> list[Tree]:
     """The baseline: n independent rewrites of the root, each with a random allowed
-    principle (drawn with replacement, distinct sampling seeds); keep the best."""
+    principle (drawn with replacement, distinct sampling seeds); keep the best. A pruned
+    one is not retried: the budget is n rewrites."""
     embedder = embedder or _default_embedder
     principles = principles or load_principles()
     trees, originals = _start(client, seeds, settings, embedder, reward_client)
@@ -439,12 +511,13 @@ def best_of_n(
         for j in range(n):
             picks.append((t, t.root, t.rng.choice(t.allowed)))
             variants.append(j)
-        t.iterations_run = n
     new = expand(client, picks, originals, principles, settings, embedder, 1, variants)
     simulate(client, [(c, t.root.instruction) for t, c in new], settings, reward_client)
     for t, c in new:
         if c.status == SIMULATED:
+            t.root.children.append(c.id)
             backup(t, c)
+            t.iterations_run += 1
     return trees
 
 
@@ -465,6 +538,8 @@ def node_row(tree: Tree, node: Node) -> dict[str, Any]:
         "scores": node.scores,
         "responses": node.responses,
         "value": node.value,
+        "q": node.q,
         "visits": node.visits,
         "calls": node.calls,
+        "attempt": node.attempt,
     }

@@ -1,7 +1,12 @@
-"""UltraPrompt seeds: instructions and harmlessness prompts, tagged, selected for diversity.
+"""UltraPrompt seeds: instructions and preference-pair prompts, categorised, selected for
+diversity.
 
-- Instructions (Self-Instruct/Alpaca rows) are tagged by the rules in categories.yaml;
-  the first human turn of a preference pair (HH-RLHF, PKU-SafeRLHF) is a harmlessness seed.
+- A candidate's category (which principle group its search may use, beside helpfulness)
+  is the source's own label when the row has one (a `category` column), else a
+  classifier's: the judge role picks one of the five categories, read from the logprobs
+  of its answer letter. A candidate the classifier gives no answer for is rejected with
+  the reason `category_unclassified`. (No keyword default: a cooking question from a
+  harmlessness dataset is not a harmlessness seed.)
 - Selection is embedding based: within each category, greedy farthest-point sampling on
   MiniLM vectors (start from the seed closest to the category's mean, then repeatedly take
   the seed least similar to everything taken). A seed not taken is rejected with the
@@ -19,6 +24,8 @@ import numpy as np
 import polars as pl
 from pydantic import BaseModel, ConfigDict
 
+from synth.llm import LLMClient, judge
+from synth.llm.judge import JUDGE_PARAMS
 from synth.loaders import instruction_text
 from synth.records import (
     PROVENANCE_DTYPE,
@@ -28,7 +35,43 @@ from synth.records import (
     frame,
     rejected_frame,
 )
-from synth.ultraprompt.principles import CATEGORIES, categorize
+from synth.templates import PromptTemplate
+from synth.ultraprompt.principles import CATEGORIES
+
+CATEGORY_LETTERS = dict(zip("ABCDE", CATEGORIES, strict=True))
+CLASSIFY = PromptTemplate(
+    id="ultraprompt_classify_seed",
+    system="You sort requests that users send to an AI assistant. Answer with a single letter.",
+    user=(
+        "Request:\n{instruction}\n\nWhich kind of request is it?\n"
+        "A) general helpfulness: advice, writing, explanation, everyday tasks\n"
+        "B) harmlessness: it could lead to harm, or touches safety, ethics or privacy\n"
+        "C) honesty: it asks for facts that must be true, or rests on a false premise\n"
+        "D) coding and debugging\n"
+        "E) math: calculation, word problems, proofs\n"
+        "Answer with the letter only."
+    ),
+)
+
+
+def classify(client: LLMClient, texts: list[str]) -> list[tuple[str | None, str]]:
+    """(category or None, how it was decided) per text, from the client's answer letter."""
+    scores = judge(
+        client,
+        [CLASSIFY.request(JUDGE_PARAMS, instruction=t) for t in texts],
+        choices=tuple(CATEGORY_LETTERS),
+    )
+    out = []
+    for sc in scores:
+        if not sc.ok or sc.best is None:
+            out.append((None, f"classifier failed: {sc.error}"))
+        else:
+            p = sc.probs[sc.best]
+            out.append(
+                (CATEGORY_LETTERS[sc.best], f"classifier: {sc.best} p={p:.2f} ({sc.method})")
+            )
+    return out
+
 
 SEED_SCHEMA: dict[str, pl.DataType] = {
     "record_id": pl.Utf8(),
@@ -52,38 +95,42 @@ class SeedSelection(BaseModel):
     categories: list[str] = list(CATEGORIES)  # categories to take seeds from
 
 
-def candidates(instructions: pl.DataFrame, pairs: pl.DataFrame) -> list[dict[str, Any]]:
-    """Every input row as a tagged candidate, instructions first, then pair prompts."""
+def candidates(
+    instructions: pl.DataFrame, pairs: pl.DataFrame, client: LLMClient | None
+) -> list[dict[str, Any]]:
+    """Every input row as a candidate, instructions first, then pair prompts, each with
+    its category: the row's own label, else the classifier's (None when it failed)."""
     out = []
     for r in instructions.iter_rows(named=True):
-        text = instruction_text(r)
-        category, rule = categorize(r["instruction"])
-        out.append(
-            {
-                "parent": r["record_id"],
-                "instruction": text,
-                "category": category,
-                "category_rule": rule,
-                "source_kind": "instruction",
-                "source": r.get("source", ""),
-                "source_index": r.get("source_index"),
-            }
-        )
+        out.append(_candidate(r, instruction_text(r), "instruction"))
     for r in pairs.iter_rows(named=True):
         history = r.get("history") or []
         first = history[0]["content"] if history else r["prompt"]
-        out.append(
-            {
-                "parent": r["record_id"],
-                "instruction": first,
-                "category": "harmlessness",
-                "category_rule": "source: preference pair first human turn",
-                "source_kind": "preference_pair",
-                "source": r.get("source", ""),
-                "source_index": r.get("source_index"),
-            }
+        out.append(_candidate(r, first, "preference_pair"))
+    todo = [c for c in out if c["category"] is None]
+    if todo and client is None:
+        raise ValueError(
+            f"{len(todo)} candidates have no category label and no classifier is given"
         )
+    for c, (category, rule) in zip(
+        todo, classify(client, [c["instruction"] for c in todo]) if todo else [], strict=True
+    ):
+        c["category"], c["category_rule"] = category, rule
     return out
+
+
+def _candidate(row: dict[str, Any], text: str, kind: str) -> dict[str, Any]:
+    label = row.get("category")
+    own = label if label in CATEGORIES else None
+    return {
+        "parent": row["record_id"],
+        "instruction": text,
+        "category": own,
+        "category_rule": "source label" if own else "",
+        "source_kind": kind,
+        "source": row.get("source", ""),
+        "source_index": row.get("source_index"),
+    }
 
 
 def farthest_point_order(vectors: np.ndarray, k: int) -> tuple[list[int], list[float]]:
@@ -111,14 +158,32 @@ def select_seeds(
     pairs: pl.DataFrame,
     settings: SeedSelection = SeedSelection(),
     embedder: Callable[[Sequence[str]], np.ndarray] | None = None,
+    client: LLMClient | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame, int]:
-    """(seeds, rejected, rows in)."""
+    """(seeds, rejected, rows in). `client` (the judge role) classifies the candidates
+    whose source has no category label."""
     if embedder is None:
         from quality.embeddings import embed as embedder
-    cands = candidates(instructions, pairs)
+    cands = candidates(instructions, pairs, client)
     vecs = embedder([c["instruction"] for c in cands]) if cands else np.empty((0, 384))
     kept, rejected = [], []
-    prov = Provenance(backend="source", model="all-MiniLM-L6-v2").as_dict()
+    for c in (c for c in cands if c["category"] is None):
+        rejected.append(
+            Rejected(
+                record_id=content_id("ultraprompt_seed_rejected", c["parent"], "unclassified"),
+                stage="seed_selection",
+                reason="category_unclassified",
+                detail=f"{c['source_kind']} {c['parent']}: {c['category_rule']}",
+                parent_ids=[c["parent"]],
+                source=c["source"],
+                source_index=c["source_index"],
+                payload={"instruction": c["instruction"]},
+            )
+        )
+    if client is not None:
+        prov = Provenance.of_client(client, CLASSIFY.id, template_hash=CLASSIFY.hash).as_dict()
+    else:
+        prov = Provenance(backend="source", model="all-MiniLM-L6-v2").as_dict()
     for category in CATEGORIES:
         idx = [i for i, c in enumerate(cands) if c["category"] == category]
         if not idx:
