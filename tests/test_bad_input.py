@@ -32,9 +32,7 @@ def test_unknown_backend_names_the_setting(tmp_path):
     )
     assert not result.success
     text = failure_text(result)
-    assert (
-        "model role '" in text and "unknown LLM backend 'gpt-in-a-box' (setting backend)" in text
-    )
+    assert "model role '" in text and "unknown LLM backend 'gpt-in-a-box' (setting backend)" in text
     assert not (tmp_path / "storage" / "judged_responses.parquet").exists()
     assert not (tmp_path / "storage" / "judged_responses_rejected.parquet").exists()
 

@@ -461,7 +461,10 @@ def test_ultraprompt_job_end_to_end(tmp_path):
     assert summary["sft_steps"][0] == 2 and summary["dpo_steps"][0] in (0, 1)
 
     evals = pl.read_parquet(storage / "paligner_eval.parquet")
-    assert evals.height == 2 * heldout and sorted(evals["rewriter"].unique()) == ["base", "paligner"]
+    assert evals.height == 2 * heldout and sorted(evals["rewriter"].unique()) == [
+        "base",
+        "paligner",
+    ]
     judged = evals.filter(~pl.col("judge_failed"))
     assert judged["p_rewritten_better"].is_between(0, 1).all()
     assert mats["paligner_eval"]["judge_failures"].value == evals["judge_failed"].sum()
