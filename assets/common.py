@@ -28,9 +28,19 @@ def dataset_metadata(
     md.update(drop_counts(rejected))
     md.update(extra)
     if kept.height:
-        preview = kept.drop([c for c in ("provenance", "parent_ids") if c in kept.columns]).head(5)
-        md["preview"] = MetadataValue.md(markdown_table(preview))
+        md["preview"] = MetadataValue.md(markdown_table(preview_frame(kept)))
     return md
+
+
+LINEAGE_COLUMNS = ("record_id", "parent_ids", "provenance")
+
+
+def preview_frame(df: pl.DataFrame, rows: int = 5) -> pl.DataFrame:
+    """The first rows as a person wants to read them: the family's content first, the
+    record id last, parents and provenance left out (they are in the table itself)."""
+    content = [c for c in df.columns if c not in LINEAGE_COLUMNS]
+    tail = ["record_id"] if "record_id" in df.columns else []
+    return df.select(content + tail).head(rows)
 
 
 def dataset_outputs(name: str, kept: pl.DataFrame, rejected: pl.DataFrame, metadata: dict):

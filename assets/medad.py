@@ -34,6 +34,7 @@ from assets.common import (
     run_settings,
     shard_settings,
 )
+from assets.export import export_asset
 from assets.plots import bar_plot, contact_sheet, histogram, sft_grpo_curves
 from pipelines.automation import TRAIN_WHEN_GATES_PASS
 from pipelines.resources import LLMResource, TrainerResource
@@ -597,14 +598,6 @@ def medad_eval(
     return Output(table, metadata=md)
 
 
-assets = [
-    medad_base_assets,
-    medad_center_case_assets,
-    medad_case_assets,
-    medad_vqa_assets,
-    medad_model,
-    medad_eval,
-]
 checks = [
     medad_cases_accounted,
     medad_class_balance,
@@ -613,4 +606,14 @@ checks = [
     medad_answers_verified,
     medad_no_phi,
     medad_vqa_ready_for_training,
+]
+medad_vqa_export = export_asset("medad", group=GROUP, checks=checks)
+assets = [
+    medad_base_assets,
+    medad_center_case_assets,
+    medad_case_assets,
+    medad_vqa_assets,
+    medad_model,
+    medad_eval,
+    medad_vqa_export,
 ]

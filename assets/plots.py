@@ -130,7 +130,7 @@ def diversity_plot(d, title: str) -> MetadataValue:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.4))
     left.bar(range(1, len(d.cluster_sizes) + 1), d.cluster_sizes, color="#4c72b0")
     left.set_title("topic cluster sizes")
     left.set_xlabel("cluster (largest first)")
@@ -139,6 +139,8 @@ def diversity_plot(d, title: str) -> MetadataValue:
     right.set_ylim(0, 1)
     right.set_title("distinct-n")
     fig.suptitle(title)
+    # The figure title above the panel titles, not on them.
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
     return png_markdown(fig, title)
 
 

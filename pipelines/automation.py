@@ -106,7 +106,8 @@ def build_failure_sensor(failures_log: str | Path):
     @run_failure_sensor(
         name="run_failure_recorder",
         default_status=DefaultSensorStatus.RUNNING,
-        monitor_all_code_locations=False,
+        # Every run of the instance, a CLI-launched one too (it has no code-location origin).
+        monitor_all_code_locations=True,
         description=f"Records each failed run (job, run id, failed steps, error) in {log_path}.",
     )
     def run_failure_recorder(context: RunFailureSensorContext):

@@ -4,6 +4,8 @@
     alignfoundry status               latest materialization, row count and checks per asset
     alignfoundry export FAMILY --to PATH [--repo-id ID]
     alignfoundry policy FILE          add a TRACE policy file's version as a triage partition
+    alignfoundry run FAMILY|all [--scale demo|default] [--policy FILE]
+                                      a family's jobs end to end, partitions included
 
 Errors are one line on stderr and a non-zero exit code.
 """
@@ -35,16 +37,18 @@ def _defs():
 def _instance():
     from dagster import DagsterInstance
 
+    from pipelines.settings import ensure_instance_yaml
+
     if not os.environ.get("DAGSTER_HOME"):
         raise CLIError(
             "DAGSTER_HOME is not set: point it at the instance your runs used (make sets $PWD/.alignfoundry/dagster)"
         )
+    ensure_instance_yaml()
     return DagsterInstance.get()
 
 
 def effective_config() -> dict:
-    from pipelines.definitions import home_dir, policy_files
-    from pipelines.settings import load_settings, role_summary
+    from pipelines.settings import home_dir, load_settings, policy_files, role_summary
     from quality.decontam import benchmark_files_from_env
 
     home = home_dir()
@@ -91,12 +95,15 @@ def status_rows(defs, instance) -> list[dict]:
         checks = latest_check_results(
             instance, [k for k in graph.asset_check_keys if k.asset_key == key]
         )
+        partition = getattr(event, "partition", None) if event is not None else None
         rows.append(
             {
                 "asset": key.to_user_string(),
+                "partition": partition,  # of the latest materialization, for a partitioned asset
                 "materialized": when,
                 "rows": md.get("dagster/row_count", md.get("kept", md.get("rows"))),
                 "rejected": md.get("rejected"),
+                "checks": len(checks),
                 "checks_passed": sum(c["passed"] is True for c in checks),
                 "checks_failed": [c["name"] for c in checks if c["passed"] is False],
                 "checks_not_run": sum(c["passed"] is None for c in checks),
@@ -110,20 +117,23 @@ def cmd_status(args) -> None:
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return
-    print(f"{'asset':34} {'materialized (UTC)':20} {'rows':>7} {'rejected':>8}  checks")
+    print(f"{'asset':44} {'materialized (UTC)':20} {'rows':>7} {'rejected':>8}  checks")
     for r in rows:
-        failed = f", FAILED: {', '.join(r['checks_failed'])}" if r["checks_failed"] else ""
-        not_run = f", {r['checks_not_run']} not run" if r["checks_not_run"] else ""
+        name = r["asset"] + (f" [{r['partition']}]" if r["partition"] else "")
         rows_s = "" if r["rows"] is None else str(r["rows"])
         rej = "" if r["rejected"] is None else str(r["rejected"])
-        print(
-            f"{r['asset']:34} {r['materialized']:20} {rows_s:>7} {rej:>8}  {r['checks_passed']} passed{failed}{not_run}"
-        )
+        if not r["checks"]:
+            checks = "-"
+        else:
+            checks = f"{r['checks_passed']} of {r['checks']} passed"
+            checks += f", FAILED: {', '.join(r['checks_failed'])}" if r["checks_failed"] else ""
+            checks += f", {r['checks_not_run']} not run" if r["checks_not_run"] else ""
+        print(f"{name:44} {r['materialized']:20} {rows_s:>7} {rej:>8}  {checks}")
 
 
 def cmd_export(args) -> None:
     from assets.export import EXPORTABLE, card_info
-    from pipelines.definitions import home_dir
+    from pipelines.settings import home_dir
     from quality.export import export_dataset
 
     spec = EXPORTABLE.get(args.family)
@@ -131,38 +141,34 @@ def cmd_export(args) -> None:
         raise CLIError(f"unknown family {args.family!r} (exportable: {', '.join(EXPORTABLE)})")
     storage = home_dir() / "storage"
     frames = {}
-    for name in (spec.curated, f"{spec.curated}_rejected", spec.seeds):
+    for name in spec.inputs():
         path = storage / f"{name}.parquet"
         if not path.exists():
             raise CLIError(
-                f"{name} has not been materialized (no {path}); run `dagster job execute -m pipelines.definitions -j {spec.family}` first"
+                f"{name} has not been materialized (no {path}); run `alignfoundry run {spec.family}` first"
             )
         frames[name] = pl.read_parquet(path)
     instance = _instance() if os.environ.get("DAGSTER_HOME") else None
-    defs = _defs()
     keys = [
         k
-        for k in defs.get_repository_def().asset_graph.asset_check_keys
+        for k in _defs().get_repository_def().asset_graph.asset_check_keys
         if k.asset_key.to_user_string() == spec.curated
     ]
+    data = spec.table(frames)
     info = card_info(
-        instance,
-        spec,
-        frames[spec.curated],
-        frames[f"{spec.curated}_rejected"],
-        frames[spec.seeds],
-        keys,
+        instance, spec, data, frames[f"{spec.curated}_rejected"], frames[spec.seeds], keys
     )
-    result = export_dataset(frames[spec.curated], Path(args.to), info, repo_id=args.repo_id)
+    result = export_dataset(data, Path(args.to), info, repo_id=args.repo_id)
     pushed = f", pushed to {args.repo_id}" if result["pushed_to_hub"] else ""
     print(f"exported {result['rows']} rows of {spec.curated} to {result['path']}{pushed}")
+    print(f"open it with: datasets.load_from_disk({str(result['path'])!r})")
 
 
 def cmd_policy(args: argparse.Namespace) -> None:
     """What the policy sensor does for a watched file, by hand: the file's version becomes
     a partition of the triage, and the command that triages under it is printed."""
-    from pipelines.definitions import home_dir
     from pipelines.partitions import TRACE_POLICY_VERSIONS
+    from pipelines.settings import home_dir
     from synth.trace.policy import PolicyError, load_policy
 
     try:
@@ -186,7 +192,38 @@ def cmd_policy(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_run(args: argparse.Namespace) -> None:
+    """A family's jobs, as `pipelines.runner` plans them, recorded in the instance."""
+    from pipelines.definitions import build_definitions
+    from pipelines.runner import FAMILIES, check_family, run_family, summary
+    from pipelines.settings import home_dir
+
+    families = FAMILIES if args.family == "all" else (args.family,)
+    if args.family != "all" and args.family not in FAMILIES:
+        raise CLIError(f"unknown family {args.family!r} (families: {', '.join(FAMILIES)}, all)")
+    instance, defs = _instance(), build_definitions(home_dir())
+    if args.dry_run:
+        for family in families:
+            print("\n".join(check_family(defs, instance, family, args.scale, args.policy)))
+        return
+    failed = []
+    for family in families:
+        result = run_family(defs, instance, family, args.scale, args.policy, log=_err)
+        print(summary(result))
+        if not result.success:
+            failed.append(family)
+    if failed:
+        raise CLIError(f"{', '.join(failed)} failed: see the runs in the UI (`make dev`)")
+
+
+def _err(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from pipelines.settings import quiet_environment
+
+    quiet_environment()
     ap = argparse.ArgumentParser(prog="alignfoundry", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("config", help="print the effective configuration")
@@ -203,6 +240,18 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("policy", help="add a TRACE policy file's version as a triage partition")
     p.add_argument("file")
     p.set_defaults(fn=cmd_policy)
+    p = sub.add_parser("run", help="run a family's jobs end to end (partitions included)")
+    p.add_argument(
+        "family", help="responses, trace, ultraprompt, personaknob, personaatlas, medad or all"
+    )
+    p.add_argument("--scale", default="default", choices=("demo", "default"))
+    p.add_argument(
+        "--policy", default="", help="TRACE: the policy file (default: the shipped new policy)"
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the runs and check their config only"
+    )
+    p.set_defaults(fn=cmd_run)
     args = ap.parse_args(argv)
     try:
         args.fn(args)

@@ -26,15 +26,7 @@ from pipelines.automation import (
 from pipelines.jobs import jobs, jobs_with_settings
 from pipelines.resources import LLMResource, ParquetIOManager, QualityResource, TrainerResource
 from pipelines.sensors import build_policy_sensor
-from pipelines.settings import ROLES, Settings, load_settings
-from synth.trace.policy import SHIPPED_POLICIES
-
-DEFAULT_HOME = ".alignfoundry"
-
-
-def home_dir(home: str | Path | None = None) -> Path:
-    """Where Parquet, the LLM cache, LanceDB and the Dagster instance live."""
-    return Path(home or os.environ.get("ALIGNFOUNDRY_HOME") or DEFAULT_HOME).expanduser().resolve()
+from pipelines.settings import ROLES, Settings, home_dir, load_settings, policy_files
 
 
 def role_resources(home: Path, settings: Settings | None = None) -> dict[str, LLMResource]:
@@ -71,12 +63,6 @@ def with_role(llm: LLMResource, role: str) -> LLMResource:
 def every_role(llm: LLMResource) -> dict[str, LLMResource]:
     """The same model settings in every role (each resource still names its role)."""
     return {role: with_role(llm, role) for role in ROLES}
-
-
-def policy_files() -> list[str]:
-    """Policy files the TRACE sensor watches: ALIGNFOUNDRY_POLICY_FILES (os.pathsep-separated)."""
-    listed = os.environ.get("ALIGNFOUNDRY_POLICY_FILES")
-    return listed.split(os.pathsep) if listed else [str(SHIPPED_POLICIES / "new_policy.yaml")]
 
 
 def build_definitions(

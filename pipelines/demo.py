@@ -1,9 +1,13 @@
-"""The README demo: materialize the `demo` job on the embedded defaults and print a summary.
+"""The README demo: every dataset family end to end on the embedded model, at a small scale.
 
-    make demo            # or: python -m pipelines.demo [--limit N]
+    make demo            # or: python -m pipelines.demo [--families trace,medad] [--scale demo]
 
-Runs are recorded in the Dagster instance under $ALIGNFOUNDRY_HOME/dagster, so
-`make dev` shows them in the UI afterwards.
+For each family it runs the family's jobs (see `pipelines.runner`): generation, curation,
+every check and gate, a few training steps through Dagster Pipes, the evaluation and the
+export. Then it prints what each made (rows in / kept / rejected by reason), the checks,
+the training and evaluation numbers, where to look in the UI, and the wall time. The runs
+are recorded in the Dagster instance under $ALIGNFOUNDRY_HOME/dagster, so `make dev`
+shows them afterwards.
 """
 
 from __future__ import annotations
@@ -15,64 +19,51 @@ import time
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Materialize the demo job and print what it made.")
-    ap.add_argument("--limit", type=int, default=None, help="only the first N seed instructions")
+    from pipelines.settings import quiet_environment
+
+    quiet_environment()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
         "--home",
         default=None,
         help="alignfoundry home (default $ALIGNFOUNDRY_HOME or .alignfoundry)",
     )
+    ap.add_argument("--families", default="all", help="comma-separated, or all")
+    ap.add_argument("--scale", default="demo", choices=("demo", "default"))
     args = ap.parse_args(argv)
 
-    from pipelines.definitions import build_definitions, home_dir
+    from pipelines.runner import FAMILIES, run_family, summary
+    from pipelines.settings import ensure_instance_yaml, home_dir
 
     home = home_dir(args.home)
     os.environ.setdefault("DAGSTER_HOME", str(home / "dagster"))
-    os.makedirs(os.environ["DAGSTER_HOME"], exist_ok=True)
+    ensure_instance_yaml()
+    families = FAMILIES if args.families == "all" else tuple(args.families.split(","))
     from dagster import DagsterInstance
 
-    defs = build_definitions(home)
-    run_config: dict = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
-    if args.limit is not None:
-        run_config["ops"] = {"judged_responses_assets": {"config": {"limit": args.limit}}}
-    start = time.perf_counter()
-    result = defs.resolve_job_def("demo").execute_in_process(
-        instance=DagsterInstance.get(), run_config=run_config, raise_on_error=False
-    )
-    elapsed = time.perf_counter() - start
+    from pipelines.definitions import build_definitions
 
-    print(
-        f"\nalignfoundry demo: run {result.run_id} {'succeeded' if result.success else 'FAILED'} in {elapsed:.0f}s"
-    )
-    print(f"home: {home}\n")
-    print(f"{'asset':34} {'rows_in':>8} {'kept':>6} {'rejected':>9}  dropped")
-    for ev in result.get_asset_materialization_events():
-        md = {k: v.value for k, v in ev.materialization.metadata.items()}
-        if "rows_in" not in md:
-            continue
-        dropped = (
-            ", ".join(f"{k[8:]}={v}" for k, v in md.items() if k.startswith("dropped_")) or "-"
-        )
-        print(
-            f"{ev.asset_key.to_user_string():34} {md['rows_in']:>8} {md['kept']:>6} {md['rejected']:>9}  {dropped}"
-        )
-    print(f"\n{'check':44} result")
-    failed = 0
-    for ev in result.get_asset_check_evaluations():
-        failed += not ev.passed
-        verdict = "passed" if ev.passed else f"FAILED ({ev.severity.value})"
-        print(f"{ev.asset_check_key.name:44} {verdict}")
-    for ev in result.get_asset_materialization_events():
-        if ev.asset_key.to_user_string().endswith("_export"):
-            md = ev.materialization.metadata
-            print(
-                f"\nexported {md['rows'].value} rows as a Hugging Face dataset: {md['export_path'].value}"
-            )
+    start = time.perf_counter()
+    defs, instance = build_definitions(home), DagsterInstance.get()
+    print(f"alignfoundry demo: {len(families)} families at the {args.scale} scale, home {home}")
+    results = []
+    for family in families:
+        results.append(run_family(defs, instance, family, args.scale))
+    elapsed = time.perf_counter() - start
+    print()
+    for r in results:
+        print(summary(r))
+        print()
+    ok = all(r.success for r in results)
     print(f"Data Docs (Great Expectations): {home / 'data_docs' / 'index.html'}")
+    print(f"Exports (Hugging Face datasets with cards): {home / 'exports'}")
     print(
-        "\nOpen the UI with `make dev` (http://127.0.0.1:3000) to browse assets, metadata and checks."
+        "Open the UI with `make dev` (http://127.0.0.1:3000): Lineage shows every family's group."
     )
-    return 0 if result.success else 1
+    print(
+        f"\nalignfoundry demo {'finished' if ok else 'FAILED'} in {elapsed:.0f}s ({elapsed / 60:.1f} min)"
+    )
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

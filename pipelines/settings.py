@@ -184,3 +184,43 @@ def role_summary(settings: Settings, env: dict[str, str] | None = None) -> dict[
         v["from"] = sorted({s for s in rs.sources.values() if s != "default"}) or ["defaults"]
         out[role] = v
     return out
+
+
+DEFAULT_HOME = ".alignfoundry"
+
+
+def home_dir(home: str | Path | None = None) -> Path:
+    """Where Parquet, the LLM cache, LanceDB and the Dagster instance live."""
+    return Path(home or os.environ.get("ALIGNFOUNDRY_HOME") or DEFAULT_HOME).expanduser().resolve()
+
+
+def policy_files() -> list[str]:
+    """Policy files the TRACE sensor watches: ALIGNFOUNDRY_POLICY_FILES (os.pathsep-separated)."""
+    from synth.trace.policy import SHIPPED_POLICIES
+
+    listed = os.environ.get("ALIGNFOUNDRY_POLICY_FILES")
+    return listed.split(os.pathsep) if listed else [str(SHIPPED_POLICIES / "new_policy.yaml")]
+
+
+def quiet_environment() -> None:
+    """No telemetry banner and no progress bars from the Hugging Face libraries, unless
+    the user asked for them."""
+    for k, v in (
+        ("DAGSTER_DISABLE_TELEMETRY", "1"),
+        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+        ("TRANSFORMERS_VERBOSITY", "error"),
+        ("TOKENIZERS_PARALLELISM", "false"),
+    ):
+        os.environ.setdefault(k, v)
+
+
+def ensure_instance_yaml() -> None:
+    """An empty dagster.yaml in DAGSTER_HOME when there is none: without it Dagster warns
+    on every command that it is using the defaults, which are what we want."""
+    home = os.environ.get("DAGSTER_HOME")
+    if not home:
+        return
+    path = Path(home) / "dagster.yaml"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("# Dagster instance settings; empty = the defaults (SQLite here).\n")

@@ -9,9 +9,13 @@ schema expectations still see every column).
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import shutil
+import tempfile
 from dataclasses import dataclass, field
+from html import escape as html_escape
 from pathlib import Path
 from typing import Any, Literal
 
@@ -149,7 +153,11 @@ def validate(
     import great_expectations.expectations as gxe
 
     docs = Path(docs_dir) if docs_dir is not None else None
-    ctx = _context(docs)
+    # GX rebuilds its whole site from the validations of its (ephemeral) context, which
+    # would delete every other suite's page: render into a scratch site, then keep the
+    # page in ours (see `keep_page`).
+    scratch = Path(tempfile.mkdtemp(prefix="gx-docs-")) if docs is not None else None
+    ctx = _context(scratch)
     batch_def = (
         ctx.data_sources.add_pandas("alignfoundry")
         .add_dataframe_asset(suite.name.split(".")[0])
@@ -207,8 +215,78 @@ def validate(
                 examples=examples,
             )
         )
-    page = None
-    if docs is not None:
-        pages = sorted(docs.joinpath("validations", *suite.name.split(".")).rglob("*.html"))
-        page = str(pages[-1]) if pages else str(docs / "index.html")
-    return SuiteResult(suite, df.height, outcomes, page)
+    result = SuiteResult(suite, df.height, outcomes)
+    if docs is not None and scratch is not None:
+        result.docs_page = keep_page(scratch, docs, result)
+        shutil.rmtree(scratch, ignore_errors=True)
+    return result
+
+
+_REMOTE = re.compile(
+    r"<(?:script[^>]*\ssrc|link[^>]*\shref|img[^>]*\ssrc)=\"https?://[^\"]*\"[^>]*>"
+    r"(?:\s*</script>)?",
+    re.I,
+)
+OFFLINE_STYLE = (
+    "<style>body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}"
+    "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
+    "vertical-align:top}.d-none,.collapse:not(.show){display:none}</style>"
+)
+
+
+def keep_page(scratch: Path, docs: Path, result: SuiteResult) -> str:
+    """Move the validation page GX rendered in `scratch` into `docs`, keeping its path
+    (so its relative links to `static/` hold), with the CDN scripts and styles it asks
+    for replaced by a small inline style: a page and the index open offline. Then
+    rewrite `docs/index.html` to list every page kept so far."""
+    pages = sorted(scratch.joinpath("validations").rglob("*.html"))
+    if not pages:
+        return str(docs / "index.html")
+    src = pages[-1]
+    dst = docs / src.relative_to(scratch)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    html = _REMOTE.sub("", src.read_text(encoding="utf-8"))
+    dst.write_text(html.replace("</head>", OFFLINE_STYLE + "</head>", 1), encoding="utf-8")
+    if not (docs / "static").exists():
+        shutil.copytree(scratch / "static", docs / "static")
+    summary = {
+        "suite": result.suite.name,
+        "severity": result.suite.severity,
+        "success": result.success,
+        "evaluated": len(result.outcomes),
+        "failed": len(result.failed),
+        "rows": result.rows,
+        "page": str(dst.relative_to(docs)),
+    }
+    dst.with_suffix(".json").write_text(json.dumps(summary))
+    write_index(docs)
+    return str(dst)
+
+
+def write_index(docs: Path) -> Path:
+    """A plain HTML index of every kept validation page, newest first per suite, with no
+    external assets."""
+    rows = [json.loads(p.read_text()) for p in docs.joinpath("validations").rglob("*.json")]
+    rows.sort(key=lambda r: (r["suite"], r["page"]), reverse=True)
+    body = []
+    for r in sorted(rows, key=lambda r: r["suite"]):
+        status = "passed" if r["success"] else f"FAILED {r['failed']} of {r['evaluated']}"
+        colour = "#2a7d2a" if r["success"] else "#b00020"
+        when = Path(r["page"]).parent.name
+        body.append(
+            f'<tr><td><a href="{html_escape(r["page"])}">{html_escape(r["suite"])}</a></td>'
+            f'<td>{r["severity"]}</td><td style="color:{colour}">{status}</td>'
+            f"<td>{r['rows']}</td><td>{html_escape(when)}</td></tr>"
+        )
+    index = docs / "index.html"
+    index.write_text(
+        '<!doctype html><html><head><meta charset="utf-8"><title>alignfoundry Data Docs</title>'
+        + OFFLINE_STYLE
+        + "</head><body><h1>alignfoundry Data Docs</h1>"
+        f"<p>{len(rows)} validations (Great Expectations); each row opens its page.</p>"
+        "<table><tr><th>suite</th><th>severity</th><th>result</th><th>rows</th><th>run</th></tr>"
+        + "".join(body)
+        + "</table></body></html>",
+        encoding="utf-8",
+    )
+    return index

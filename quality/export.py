@@ -11,22 +11,47 @@ from typing import Any
 
 import polars as pl
 
-# Licences of the sources the loaders know; a source not listed here is reported as unknown.
+# Licences of the sources the loaders know: (Hugging Face licence id, description). A
+# source not listed here is reported as unknown.
 KNOWN_LICENCES = {
-    "hh-rlhf": "MIT (Anthropic HH-RLHF)",
-    "self-instruct": "Apache-2.0 (Self-Instruct / Alpaca seed tasks)",
-    "seed_tasks": "Apache-2.0 (Self-Instruct / Alpaca seed tasks)",
-    "persona-hub": "CC BY-NC-SA 4.0, research use (Persona Hub)",
-    "pku-saferlhf": "CC BY-NC 4.0 (PKU-SafeRLHF)",
-    "synth/seeds": "Apache-2.0 (written for alignfoundry)",
+    "hh-rlhf": ("mit", "MIT (Anthropic HH-RLHF)"),
+    "self-instruct": ("apache-2.0", "Apache-2.0 (Self-Instruct / Alpaca seed tasks)"),
+    "seed_tasks": ("apache-2.0", "Apache-2.0 (Self-Instruct / Alpaca seed tasks)"),
+    "persona-hub": ("cc-by-nc-sa-4.0", "CC BY-NC-SA 4.0, research use (Persona Hub)"),
+    "pku-saferlhf": ("cc-by-nc-4.0", "CC BY-NC 4.0 (PKU-SafeRLHF)"),
+    "synth/seeds": ("apache-2.0", "Apache-2.0 (written for alignfoundry)"),
 }
+UNKNOWN = ("unknown", "unknown: check the source")
 
 
-def licence_of(source: str) -> str:
+def licence_of(source: str) -> tuple[str, str]:
+    """(licence id, description) of a source path or dataset id; a source that carries its
+    own licence is given as "name|licence id" (MedAD's allow-listed images)."""
+    if "|" in source:
+        name, lic = source.rsplit("|", 1)
+        return lic.strip().lower(), lic.strip()
     low = source.lower().replace("\\", "/")
-    return next(
-        (lic for key, lic in KNOWN_LICENCES.items() if key in low), "unknown: check the source"
-    )
+    return next((lic for key, lic in KNOWN_LICENCES.items() if key in low), UNKNOWN)
+
+
+def card_licence(sources: list[str]) -> dict[str, Any]:
+    """The card's `license` field: the sources' one licence, or `other` naming them all."""
+    ids = sorted({licence_of(s)[0] for s in sources})
+    if len(ids) == 1 and ids[0] != "unknown":
+        return {"license": ids[0]}
+    return {"license": "other", "license_name": "mixed: " + ", ".join(ids) if ids else "unknown"}
+
+
+def source_name(source: str) -> str:
+    """How a source is named in a card: a dataset id as it is, a local file by its name
+    only (a card is shared; the path on the machine that made it is not its business)."""
+    name = source.split("|", 1)[0]
+    if "/" in name and not Path(name).exists() and not name.startswith(("/", ".")):
+        return name  # a hub dataset id such as Anthropic/hh-rlhf
+    parts = Path(name).parts
+    if "synth" in parts and "seeds" in parts:
+        return "synth/seeds/" + Path(name).name  # shipped with alignfoundry
+    return Path(name).name
 
 
 @dataclass(slots=True)
@@ -45,6 +70,8 @@ class DatasetCardInfo:
     rows_in: int
     rejected: dict[str, int]  # reason -> count
     checks: list[CheckSummary] = field(default_factory=list)
+    # every upstream stage's dropped rows: stage -> {reason: count}
+    upstream_rejected: dict[str, dict[str, int]] = field(default_factory=dict)
     sources: list[str] = field(default_factory=list)
     dedup: dict[str, Any] = field(default_factory=dict)
 
@@ -77,7 +104,7 @@ def render_card(df: pl.DataFrame, info: DatasetCardInfo) -> str:
         pretty_name=info.name,
         size_categories=[_size_category(df.height)],
         tags=["alignfoundry", info.family, "alignment"],
-        license="other",  # per-source licences are listed in the card body
+        **card_licence(info.sources),
     )
     schema = "\n".join(f"| `{c}` | `{t}` |" for c, t in df.schema.items())
     checks = (
@@ -95,7 +122,19 @@ def render_card(df: pl.DataFrame, info: DatasetCardInfo) -> str:
         for g in _generators(df)
     )
     dedup = "\n".join(f"- {k}: {v}" for k, v in info.dedup.items()) or "- (not deduplicated)"
-    sources = "\n".join(f"- `{s}`: {licence_of(s)}" for s in info.sources) or "- (none recorded)"
+    sources = (
+        "\n".join(f"- `{source_name(s)}`: {licence_of(s)[1]}" for s in info.sources)
+        or "- (none recorded)"
+    )
+    upstream = (
+        "\n".join(
+            f"| {stage} | {sum(r.values())} | "
+            + (", ".join(f"{k} {v}" for k, v in sorted(r.items())) or "-")
+            + " |"
+            for stage, r in info.upstream_rejected.items()
+        )
+        or "| (no upstream stage dropped rows) | 0 | |"
+    )
     return f"""---
 {data.to_yaml()}
 ---
@@ -118,6 +157,12 @@ stable `record_id`, its `parent_ids` and a `provenance` record of how it was gen
 | reason | rows |
 |---|---|
 {rejected}
+
+### Rows dropped upstream, by stage
+
+| stage | rows | reasons |
+|---|---|---|
+{upstream}
 
 ## Deduplication and decontamination
 
@@ -153,14 +198,17 @@ def export_dataset(
     info: DatasetCardInfo,
     repo_id: str | None = None,
 ) -> dict[str, Any]:
-    """save_to_disk under out_dir/data and a README.md card; push_to_hub when a repo id,
-    an HF token and network (HF_HUB_OFFLINE unset) are all configured."""
+    """save_to_disk at out_dir (`datasets.load_from_disk(out_dir)` opens it) with the card
+    as its README.md; push_to_hub when a repo id, an HF token and network (HF_HUB_OFFLINE
+    unset) are all configured. A binary `image` column becomes an Image feature."""
     import datasets
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ds = datasets.Dataset.from_polars(df)
-    ds.save_to_disk(str(out / "data"))
+    if "image" in df.columns and df.schema["image"] == pl.Binary:
+        ds = ds.cast_column("image", datasets.Image())
+    ds.save_to_disk(str(out))
     card = render_card(df, info)
     (out / "README.md").write_text(card, encoding="utf-8")
     pushed = False

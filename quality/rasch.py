@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
-import torch
 
 RATING_COLUMNS = ("model", "dimension", "criterion", "judge", "item", "rating")
 
@@ -52,6 +51,8 @@ def _sum_to_zero(n: int, groups: list[list[int]]) -> np.ndarray:
 def fit_rasch(ratings: pl.DataFrame, ridge: float = 1e-3, max_iter: int = 200) -> RaschFit:
     """Fit the model to ratings (columns RATING_COLUMNS; rating 0/1). `ridge` is a small
     L2 penalty that keeps perfectly separated facets finite; it shrinks toward zero."""
+    import torch  # here, not at import: the CLI and the code location load this module
+
     if missing := [c for c in RATING_COLUMNS if c not in ratings.columns]:
         raise ValueError(f"ratings: missing column(s) {', '.join(missing)}")
     if not ratings.height:

@@ -44,6 +44,15 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def docs_shot(page, name: str) -> None:
+    """With ALIGNFOUNDRY_SCREENSHOTS set (to docs/screenshots), also keep a screenshot
+    for the README."""
+    target = os.environ.get("ALIGNFOUNDRY_SCREENSHOTS")
+    if target:
+        Path(target).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(target) / name))
+
+
 def artifacts() -> Path:
     out = Path(os.environ.get("ALIGNFOUNDRY_TEST_ARTIFACTS", REPO / "test-artifacts")) / "browser"
     out.mkdir(parents=True, exist_ok=True)
@@ -61,10 +70,28 @@ def wait_for_run(url: str, timeout_s: float = 180) -> dict:
     raise AssertionError("the run launched from the UI did not finish")
 
 
-def test_a_person_uses_the_ui(cli_env):
+def test_a_person_uses_the_ui(cli_env, tmp_path):
+    from dagster import DagsterInstance
     from playwright.sync_api import expect, sync_playwright
 
+    from pipelines.definitions import build_definitions
+
     shots = artifacts()
+    # A family with a plot and Data Docs to look at: the responses slice, made beforehand.
+    made = (
+        build_definitions(cli_env["ALIGNFOUNDRY_HOME"])
+        .resolve_job_def("responses")
+        .execute_in_process(
+            instance=DagsterInstance.from_config(cli_env["DAGSTER_HOME"]),
+            run_config={"ops": {"judged_responses_assets": {"config": {"limit": 4}}}},
+        )
+    )
+    assert made.success
+    docs_url = next(
+        e.metadata["data_docs_url"].value
+        for e in made.get_asset_check_evaluations()
+        if e.asset_check_key.name == "responses_curated_integrity_suite"
+    )
     with dagster_dev(cli_env) as (url, _), sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
         page = browser.new_page(viewport={"width": 1400, "height": 900})
@@ -76,6 +103,7 @@ def test_a_person_uses_the_ui(cli_env):
             for group in FAMILY_GROUPS:
                 expect(page.get_by_text(group, exact=True).first).to_be_visible(timeout=20_000)
             page.screenshot(path=str(shots / "1-asset-graph.png"))
+            docs_shot(page, "lineage.png")
 
             # launch a materialization from the asset page
             page.goto(f"{url}/assets/seed_personas")
@@ -108,6 +136,34 @@ def test_a_person_uses_the_ui(cli_env):
                 expect(page.get_by_text(check).first).to_be_visible(timeout=20_000)
             expect(page.get_by_text(re.compile("Passed|Succeeded")).first).to_be_visible()
             page.screenshot(path=str(shots / "5-checks.png"), full_page=True)
+
+            # a family's plot: the curated responses' diversity
+            page.goto(f"{url}/assets/responses_curated?view=events")
+            expect(page.get_by_text("diversity", exact=True).first).to_be_visible(timeout=20_000)
+            docs_shot(page, "asset.png")
+            row = page.locator("tr").filter(has=page.get_by_text("diversity", exact=True))
+            row.get_by_text("[Show Markdown]").first.click()
+            plot = page.locator("img[alt='responses_curated: diversity']").first
+            expect(plot).to_be_visible(timeout=20_000)
+            assert (plot.bounding_box() or {}).get("width", 0) > 300
+            page.screenshot(path=str(shots / "6-family-plot.png"))
+            docs_shot(page, "plot.png")
+            page.keyboard.press("Escape")
+
+            # the suite check's Data Docs link opens offline, and so does the index
+            assert docs_url.startswith("file://")
+            page.goto(docs_url)
+            suite_link = page.get_by_role("link", name="responses_curated.integrity")
+            expect(suite_link.first).to_be_visible(timeout=20_000)
+            expect(page.get_by_text("Status: Succeeded").first).to_be_visible()
+            page.screenshot(path=str(shots / "7-data-docs-page.png"), full_page=True)
+            index = Path(cli_env["ALIGNFOUNDRY_HOME"]) / "data_docs" / "index.html"
+            page.goto(index.as_uri())
+            link = page.get_by_role("link", name="responses_curated.integrity")
+            expect(link.first).to_be_visible(timeout=20_000)
+            link.first.click()
+            expect(page.get_by_text("Evaluated Expectations").first).to_be_visible(timeout=20_000)
+            page.screenshot(path=str(shots / "8-data-docs-index-link.png"))
         except Exception:
             page.screenshot(path=str(shots / "failure.png"), full_page=True)
             raise

@@ -23,7 +23,7 @@ def test_errors_are_one_line_with_a_nonzero_exit(tmp_path, cli_env):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "alignfoundry: error: unknown family 'nosuch' (exportable: responses, trace, ultraprompt, personaknob, personaatlas)"
+        "alignfoundry: error: unknown family 'nosuch' (exportable: responses, trace, ultraprompt, personaknob, personaatlas, medad)"
     ]
     env = {k: v for k, v in cli_env.items() if k != "DAGSTER_HOME"}
     proc = subprocess.run([str(ALIGNFOUNDRY), "status"], env=env, capture_output=True, text=True)
@@ -75,7 +75,7 @@ def test_config_status_and_export(tmp_path, cli_env, monkeypatch, capsys):
     out = tmp_path / "exported"
     assert cli.main(["export", "responses", "--to", str(out)]) == 0
     assert "exported" in capsys.readouterr().out
-    ds = datasets.load_from_disk(str(out / "data"))
+    ds = datasets.load_from_disk(str(out))
     assert ds.num_rows == curated["rows"]
     assert "| responses_curated_accounted | ERROR | passed |" in (out / "README.md").read_text()
 
@@ -104,3 +104,40 @@ def test_policy_adds_its_version_as_a_triage_partition(tmp_path, cli_env):
         text=True,
     )
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "none.yaml" in bad.stderr
+
+
+def test_every_hint_works_as_printed_and_the_export_opens(tmp_path, cli_env):
+    """`export` on a family not yet made prints a command; every family's command is one
+    that runs (its plan and config check out), and the responses one, run as printed,
+    makes what `export` then writes as a dataset `load_from_disk` opens."""
+    import re
+    import shlex
+
+    from pipelines.runner import FAMILIES
+
+    def cli_run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(ALIGNFOUNDRY), *args], env=cli_env, capture_output=True, text=True, timeout=900
+        )
+
+    hints = {}
+    for family in FAMILIES:
+        proc = cli_run("export", family, "--to", str(tmp_path / family))
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+        (hint,) = re.findall(r"run `([^`]+)` first", proc.stderr)
+        hints[family] = shlex.split(hint)
+        assert hints[family] == ["alignfoundry", "run", family]
+        check = cli_run(*hints[family][1:], "--dry-run")
+        assert check.returncode == 0, check.stderr
+        assert check.stdout.startswith(f"{family}: job ")
+    made = cli_run(*hints["responses"][1:], "--scale", "demo")
+    assert made.returncode == 0, made.stderr
+    assert "== responses: succeeded" in made.stdout and "checks:" in made.stdout
+    out = tmp_path / "responses_export"
+    exported = cli_run("export", "responses", "--to", str(out))
+    assert exported.returncode == 0, exported.stderr
+    ds = datasets.load_from_disk(str(out))
+    card = (out / "README.md").read_text()
+    assert ds.num_rows > 0 and "license: apache-2.0" in card
+    assert str(tmp_path) not in card and "/work/" not in card  # no local paths in a card
+    assert "| seed_instructions |" in card and "| judged_responses |" in card  # upstream drops

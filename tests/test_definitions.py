@@ -77,7 +77,7 @@ def test_the_slice_materializes_with_lineage_and_passing_checks(tmp_path):
     dropped = pl.read_parquet(tmp_path / "storage" / "responses_curated_rejected.parquet")
     assert curated.height + dropped.height == kept.height
     export = tmp_path / "exports" / "responses_curated"
-    ds = datasets.load_from_disk(str(export / "data"))
+    ds = datasets.load_from_disk(str(export))
     assert ds.num_rows == curated.height and "cluster_id" in ds.column_names
     card = (export / "README.md").read_text()
     assert "| responses_curated_integrity_suite | ERROR | passed |" in card

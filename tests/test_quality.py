@@ -16,7 +16,7 @@ from quality.dedup import clustered_pairs, exact_clusters, exact_pairs
 from quality.expectations import Suite, validate
 from quality.store import EmbeddingStore
 from quality.suites import SUITES
-from synth.loaders import SHIPPED_SEEDS, load_preference_pairs
+from synth.loaders import SHIPPED_SEEDS, load_instructions, load_preference_pairs
 
 from conftest import trace_partition
 
@@ -173,6 +173,20 @@ def test_suite_reports_failing_records_and_writes_data_docs(tmp_path):
     assert failed.threshold == {"min_value": 1, "max_value": 20_000}
     assert result.docs_page.endswith(".html") and "chosen" in Path(result.docs_page).read_text()
     json.dumps(result.metadata())  # metadata is plain JSON
+    # Every validation keeps its page (GX alone keeps only the last one's), and the index
+    # lists them all and opens offline.
+    (other,) = SUITES["seed_instructions"]
+    third = validate(
+        load_instructions(str(SHIPPED_SEEDS / "instructions.jsonl")).kept, other, tmp_path / "docs"
+    )
+    for r in (ok, result, third):
+        assert Path(r.docs_page).exists()
+    index = (tmp_path / "docs" / "index.html").read_text()
+    assert index.count("<tr><td><a href=") == 3 and "FAILED 1 of" in index
+    assert "http://" not in index and "https://" not in index
+    for r in (ok, result, third):
+        page = Path(r.docs_page).read_text()
+        assert '<script src="https://' not in page and "bootstrapcdn" not in page
 
 
 def test_drift_suite_warns_on_distribution_bounds():

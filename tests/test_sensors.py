@@ -177,3 +177,50 @@ def test_training_waits_for_its_gates(tmp_path, gate_passes):
     assert requested == {k: int(gate_passes) for k in TRAINING_ASSETS}
     sensor = defs.get_sensor_def("training_automation")
     assert sensor.default_status == DefaultSensorStatus.STOPPED
+
+
+def test_a_failed_run_launched_from_the_dagster_cli_is_recorded(tmp_path, cli_env):
+    """The sensor as the daemon ticks it, against a run that `dagster asset materialize`
+    launched (such a run has no code-location origin): it is recorded."""
+    import subprocess
+
+    from dagster import build_sensor_context
+
+    from pipelines.definitions import build_definitions
+
+    from conftest import DAGSTER_CLI
+
+    defs = build_definitions(tmp_path)
+    sensor = defs.get_sensor_def("run_failure_recorder")
+    instance = DagsterInstance.from_config(cli_env["DAGSTER_HOME"])
+    repo = defs.get_repository_def()
+    # as the daemon ticks it: inside its code location's repository
+    tick = dict(instance=instance, repository_def=repo, repository_name=repo.name)
+    first = sensor.evaluate_tick(build_sensor_context(**tick))
+    missing = tmp_path / "no.jsonl"
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps({"ops": {"seed_personas": {"config": {"source": str(missing)}}}}))
+    proc = subprocess.run(
+        [
+            str(DAGSTER_CLI),
+            "asset",
+            "materialize",
+            "-m",
+            "pipelines.definitions",
+            "--select",
+            "seed_personas,seed_personas_rejected",
+            "-c",
+            str(config),
+        ],
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    sensor.evaluate_tick(build_sensor_context(cursor=first.cursor, **tick))
+    (record,) = [
+        json.loads(line) for line in (tmp_path / "failures.jsonl").read_text().splitlines()
+    ]
+    assert record["job"] == "__ASSET_JOB" and record["failed_steps"] == ["seed_personas"]
+    assert "no such file or folder" in record["error"] or record["error"]

@@ -381,9 +381,11 @@ def test_failed_gate_stops_training(tmp_path):
 def test_trace_job_end_to_end(tmp_path):
     """Wiring on the embedded judge (its labels are noise): every asset and check runs."""
     result = _run_trace(tmp_path, threshold=0.3)
-    checks = {e.asset_check_key.name: e.passed for e in result.get_asset_check_evaluations()}
-    blocking = {k: v for k, v in checks.items() if k != "trace_triage_label_shift"}
-    assert result.success and all(blocking.values()), [k for k, v in checks.items() if not v]
+    evals = result.get_asset_check_evaluations()
+    # the embedded judge's labels are noise: only the ERROR checks must pass (WARN ones, the
+    # drift suites and the label shift, report what noise looks like)
+    failed = [e.asset_check_key.name for e in evals if not e.passed and e.severity.value == "ERROR"]
+    assert result.success and not failed, failed
     # The triage is a partition per policy version: storage/<asset>/<version>.parquet.
     version = load_policy(SHIPPED_POLICIES / "new_policy.yaml").version
     triaged = pl.read_parquet(tmp_path / "storage" / "trace_triage" / f"{version}.parquet")

@@ -420,7 +420,6 @@ def test_ultraprompt_job_end_to_end(tmp_path):
     # more principles cannot go past depth 1, and the embedded model rewrites poorly.
     warn = {"ultraprompt_trees_deep", "ultraprompt_search_gains", "ultraprompt_pruned_share"}
     assert failed <= {"ultraprompt_drift_suite", "ultraprompt_curated_drift_suite", *warn}, failed
-    assert not checks["ultraprompt_trees_deep"].passed  # depth 1 at a budget of 3: it says so
     for name in (
         "ultraprompt_trees_verified",
         "ultraprompt_accounted",
