@@ -59,6 +59,7 @@ def llm_metadata(*clients: Any) -> dict[str, Any]:
     for c in (c for c in clients if c is not None):
         md[f"role_{c.role}"] = c.model_label
         md.update(c.stats.as_metadata(prefix=f"{c.role}_"))
+        md[f"{c.role}_attempts"] = c.attempts
         for f in ("calls", "cache_hits", "cache_misses", "prompt_tokens", "completion_tokens"):
             setattr(total, f, getattr(total, f) + getattr(c.stats, f))
         total.wall_s = max(total.wall_s, c.stats.wall_s)

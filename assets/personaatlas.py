@@ -171,7 +171,7 @@ def personaatlas_trajectory_shard_assets(
     seed_instructions: pl.DataFrame,
 ):
     client, sim_client = generator.client(), simulator.client()
-    pool = pool_clients(generator.cache_path, generator.max_concurrency, config.assistants_file)
+    pool = pool_clients(generator.cache_file, generator.max_concurrency, config.assistants_file)
     shards = PERSONA_SHARDS.get_partition_keys()
     shard = (shards.index(context.partition_key), len(shards))
     kept, rejected, n_in = synthesize_trajectories(

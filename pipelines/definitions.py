@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from dagster import Definitions, EnvVar
@@ -46,6 +47,7 @@ def role_resources(home: Path, settings: Settings | None = None) -> dict[str, LL
             max_concurrency=rs["max_concurrency"],
             timeout_s=rs["timeout_s"],
             max_retries=rs["max_retries"],
+            deadline_s=rs["deadline_s"],
             response_format=rs["response_format"],
             cache_namespace=rs["cache_namespace"],
             cache_path=str(home / "llm_cache.sqlite"),
@@ -127,4 +129,17 @@ def build_definitions(
     )
 
 
+def _step_workers_die_with_their_run() -> None:
+    """In a step worker of Dagster's multiprocess executor (a multiprocessing child of the
+    run's process): die when that process dies, even by kill -9, instead of going on
+    calling the LLM and writing the cache with nobody to report to."""
+    import multiprocessing
+
+    if multiprocessing.parent_process() is not None and sys.platform.startswith("linux"):
+        from pipelines.resources import _die_with_parent
+
+        _die_with_parent()
+
+
+_step_workers_die_with_their_run()
 defs = build_definitions()

@@ -43,31 +43,68 @@ class LLMResource(ConfigurableResource):
     max_concurrency: int = 8
     timeout_s: float = 60.0
     max_retries: int = 4
+    # One request's total time, retries included; and when most recent calls find no
+    # server, the rest are rejected at once (a hung server costs minutes, not hours).
+    deadline_s: float = 180.0
     response_format: str = "auto"  # auto | json_schema | none
-    cache_path: str = ".alignfoundry/llm_cache.sqlite"
+    cache_path: str = ""  # empty = $ALIGNFOUNDRY_HOME/llm_cache.sqlite
     cache_namespace: str = ""  # set to keep this role's cache entries apart
     embedded_n_parallel: int = 8
     check_server: bool = True  # probe base_url when a run starts, so a dead server fails fast
 
     _backend: object = PrivateAttr(default=None)
+    _eff: dict = PrivateAttr(default_factory=dict)
+
+    def effective(self) -> dict[str, Any]:
+        """The settings this role runs with. A field left at its class default takes the
+        role's value from alignfoundry.yaml and the environment: run config that sets one
+        field (`resources: {judge: {config: {timeout_s: 3}}}`) rebuilds the resource from
+        that field alone, and must not drop the backend, URL and model configured for it."""
+        import os
+
+        from pipelines.settings import ROLE_SETTINGS, load_settings
+
+        configured = load_settings().roles.get(self.role)
+        out = {}
+        for name in ROLE_SETTINGS:
+            if name == "api_key_env":
+                continue
+            value = getattr(self, name)
+            if configured is not None and value == type(self).model_fields[name].default:
+                value = configured[name]
+            out[name] = value
+        key = self.api_key
+        if key is None and configured is not None:
+            key = os.environ.get(configured["api_key_env"]) or None
+        out["api_key"] = key
+        return out
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
         # Fails before any asset body runs, naming the role and the setting that is wrong.
+        e = self._eff = self.effective()
         try:
             self._backend = make_backend(
-                self.backend,
-                model=self.model,
-                base_url=self.base_url,
-                api_key=self.api_key,
-                timeout_s=self.timeout_s,
-                max_retries=self.max_retries,
-                response_format=self.response_format,
+                e["backend"],
+                model=e["model"],
+                base_url=e["base_url"],
+                api_key=e["api_key"],
+                timeout_s=e["timeout_s"],
+                max_retries=e["max_retries"],
+                response_format=e["response_format"],
                 n_parallel=self.embedded_n_parallel,
                 check_server=self.check_server,
-                server=self.server,
+                server=e["server"],
             )
-        except (ValueError, ConnectionError, FileNotFoundError, ImportError) as e:
-            raise type(e)(f"model role '{self.role}': {e}") from None
+        except (ValueError, ConnectionError, FileNotFoundError, ImportError) as err:
+            raise type(err)(f"model role '{self.role}': {err}") from None
+
+    @property
+    def cache_file(self) -> str:
+        """The response cache: the configured path, or the one under ALIGNFOUNDRY_HOME (never
+        a path relative to wherever the process happens to run)."""
+        from pipelines.settings import home_dir
+
+        return self.cache_path or str(home_dir() / "llm_cache.sqlite")
 
     @property
     def label(self) -> str:
@@ -80,22 +117,24 @@ class LLMResource(ConfigurableResource):
         """(JSON spec, environment) that rebuild this role in a training subprocess
         (`synth.llm.client_from_spec`); the API key travels in the environment only."""
         var = f"ALIGNFOUNDRY_ROLE_{self.role.upper()}_KEY"
-        fields = ("role", "backend", "model", "base_url", "server", "timeout_s", "max_retries")
-        fields += ("response_format", "cache_path", "cache_namespace", "max_concurrency")
-        spec = {f: getattr(self, f) for f in fields}
-        spec["api_key_var"] = var if self.api_key else ""
-        return json.dumps(spec), ({var: self.api_key} if self.api_key else {})
+        e = self._eff or self.effective()
+        key = e.pop("api_key")
+        spec = {"role": self.role, **e, "cache_path": self.cache_file}
+        spec["api_key_var"] = var if key else ""
+        return json.dumps(spec), ({var: key} if key else {})
 
     def client(self) -> LLMClient:
         """A client with its own statistics, sharing the backend and the cache file."""
         if self._backend is None:
             raise RuntimeError(f"model role '{self.role}' used before setup")
+        e = self._eff
         return LLMClient(
             self._backend,
-            ResponseCache(self.cache_path),
-            self.max_concurrency,
+            ResponseCache(self.cache_file),
+            e["max_concurrency"],
             role=self.role,
-            cache_namespace=self.cache_namespace,
+            cache_namespace=e["cache_namespace"],
+            deadline_s=e["deadline_s"] or None,
         )
 
 
@@ -135,6 +174,8 @@ class ChildStoppingPipesClient(PipesSubprocessClient):
     SIGKILL after `termination_timeout_seconds`), and dies with the step process if that
     is killed outright."""
 
+    log_path: str = ""  # the child's stdout and stderr go here (else to ours)
+
     def run(  # ty: ignore[invalid-method-override]
         self,
         *,
@@ -148,6 +189,7 @@ class ChildStoppingPipesClient(PipesSubprocessClient):
         import signal
         import subprocess
 
+        out = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115 (closed below)
         with open_pipes_session(
             context=context,
             context_injector=self.context_injector,
@@ -159,11 +201,14 @@ class ChildStoppingPipesClient(PipesSubprocessClient):
                 cwd=cwd or self.cwd,
                 env={**os.environ, **self.env, **(env or {}), **session.get_bootstrap_env_vars()},
                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                stdout=out,
+                stderr=subprocess.STDOUT if out else None,
             )
             try:
                 if process.wait() != 0:
                     raise DagsterPipesExecutionError(
                         f"External execution process failed with code {process.returncode}"
+                        + (f"; its output ends:\n{_tail(self.log_path)}" if out else "")
                     )
             except BaseException:
                 if process.poll() is None:
@@ -175,7 +220,17 @@ class ChildStoppingPipesClient(PipesSubprocessClient):
                         process.kill()
                         process.wait()
                 raise
+            finally:
+                if out is not None:
+                    out.close()
         return PipesClientCompletedInvocation(session)
+
+
+def _tail(path: str, lines: int = 25) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no output)"
 
 
 class TrainerResource(ConfigurableResource):
@@ -185,13 +240,15 @@ class TrainerResource(ConfigurableResource):
     """
 
     python: str = sys.executable
-    runs_dir: str = ".alignfoundry/runs"
+    runs_dir: str = ""  # empty = $ALIGNFOUNDRY_HOME/runs
     base_model: str = ""  # empty = the embedded SmolLM2-135M; else a local path or hub id
     extra_env: dict[str, str] = {}
     stop_grace_s: float = 10.0  # after SIGINT, how long a child may take before SIGKILL
 
     def run_dir(self, name: str) -> Path:
-        path = Path(self.runs_dir) / name
+        from pipelines.settings import home_dir
+
+        path = Path(self.runs_dir or home_dir() / "runs") / name
         path.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -208,11 +265,16 @@ class TrainerResource(ConfigurableResource):
         command = [self.python, "-m", module, *args]
         if self.base_model:
             command += ["--model", self.base_model]
-        context.log.info("launching: " + " ".join(command))
+        log_path = self.run_dir("logs") / f"{module}-{context.run_id[:8]}.log"
+        context.log.info("launching: " + " ".join(command) + f" (output: {log_path})")
         env = {**self.extra_env, **(env or {})}
-        return ChildStoppingPipesClient(
+        client = ChildStoppingPipesClient(
             cwd=str(REPO_ROOT), env=env, termination_timeout_seconds=self.stop_grace_s
-        ).run(command=command, context=context, extras={"report_asset_key": report_asset_key})
+        )
+        client.log_path = str(log_path)
+        return client.run(
+            command=command, context=context, extras={"report_asset_key": report_asset_key}
+        )
 
     def launch_reported(
         self,
@@ -236,22 +298,28 @@ class TrainerResource(ConfigurableResource):
 class QualityResource(ConfigurableResource):
     """Where the quality layer keeps its state: LanceDB tables, Data Docs, exports."""
 
-    home: str = ".alignfoundry"
+    home: str = ""  # empty = $ALIGNFOUNDRY_HOME
     benchmark_files: list[
         str
     ] = []  # extra eval sets every training dataset is decontaminated against
 
     @property
+    def root(self) -> Path:
+        from pipelines.settings import home_dir
+
+        return home_dir(self.home or None)
+
+    @property
     def lancedb_dir(self) -> Path:
-        return Path(self.home) / "lancedb"
+        return self.root / "lancedb"
 
     @property
     def data_docs_dir(self) -> Path:
-        return Path(self.home) / "data_docs"
+        return self.root / "data_docs"
 
     @property
     def exports_dir(self) -> Path:
-        return Path(self.home) / "exports"
+        return self.root / "exports"
 
     def store(self):
         from quality.store import EmbeddingStore

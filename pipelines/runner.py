@@ -20,23 +20,36 @@ from typing import Any
 
 FAMILIES = ("responses", "trace", "ultraprompt", "personaknob", "personaatlas", "medad")
 
+# PersonaAtlas' two ops must share their settings (the shards check it).
+ATLAS_DEMO = {
+    "hub_personas": 1,
+    "sampled_personas": 2,
+    "max_turns": 2,
+    "assistant_max_tokens": 64,
+    "user_max_tokens": 48,
+}
+# The embedded 135M judge's verdicts sit near p = 0.5 whatever it reads: at the demo scale
+# PersonaKnob accepts weaker verdicts, so that a few pairs pass and training runs. With a
+# real judge keep the default threshold (0.5).
+KNOB_DEMO = {"scenarios": 6, "max_attempts": 2, "heldout_every": 3, "threshold": 0.3}
 # Small settings per op: every family through its checks, gate, a few training steps and
 # an evaluation, on the embedded model. The ops' defaults are the `default` scale.
 DEMO_SCALE: dict[str, dict[str, Any]] = {
     "judged_responses_assets": {"limit": 8},
     "trace_triage_assets": {"threshold": 0.3, "review_margin": 0.01},
     "trace_model_assets": {"max_steps": 2, "max_length": 128, "gold_batch_size": 6},
-    "trace_eval": {"max_new_tokens": 16, "max_length": 128},
-    "ultraprompt_seeds_assets": {"per_category": 2, "heldout_every": 2},
-    "ultraprompt_search_assets": {"iterations": 3, "samples": 1, "retries": 2},
+    "trace_eval": {"max_new_tokens": 12, "max_length": 128},
+    # The embedded classifier files most seeds under helpfulness: take enough of them.
+    "ultraprompt_seeds_assets": {"per_category": 4, "heldout_every": 3},
+    "ultraprompt_search_assets": {"iterations": 2, "samples": 1, "retries": 4},
     "paligner_model": {"max_steps": 2, "dpo_steps": 1, "max_length": 256},
     "paligner_eval": {"max_new_tokens": 32, "response_max_tokens": 32},
-    "personaknob_scenario_assets": {"scenarios": 4, "max_attempts": 1, "heldout_every": 2},
-    "personaknob_response_assets": {"scenarios": 4, "max_attempts": 1, "heldout_every": 2},
+    "personaknob_scenario_assets": KNOB_DEMO,
+    "personaknob_response_assets": KNOB_DEMO,
     "personaknob_model": {"max_steps": 2},
     "personaknob_eval": {"max_new_tokens": 32},
-    "personaatlas_persona_assets": {"hub_personas": 1, "sampled_personas": 3},
-    "personaatlas_trajectory_shard_assets": {"hub_personas": 1, "sampled_personas": 3},
+    "personaatlas_persona_assets": ATLAS_DEMO,
+    "personaatlas_trajectory_shard_assets": ATLAS_DEMO,
     "personaatlas_model": {"sft_steps": 2, "grpo_steps": 1},
     "personaatlas_eval": {"max_new_tokens": 32, "answer_max_tokens": 32},
     "medad_base_assets": {"image_size": 96, "cases_per_base": 1},
@@ -179,7 +192,8 @@ def summary(result: FamilyResult) -> str:
     lines = [
         f"== {result.family}: {'succeeded' if result.success else 'FAILED'} in {result.seconds:.0f}s"
     ]
-    datasets, metrics, checks = [], {}, {}
+    datasets: dict[str, str] = {}  # one line per asset (and partition): its last materialization
+    metrics, checks = {}, {}
     for run in result.runs:
         for ev in run.get_asset_materialization_events():
             md = {k: v.value for k, v in ev.materialization.metadata.items()}
@@ -189,7 +203,7 @@ def summary(result: FamilyResult) -> str:
                     f"{k[8:]} {v}" for k, v in md.items() if k.startswith("dropped_")
                 )
                 part = f" [{ev.partition}]" if ev.partition else ""
-                datasets.append(
+                datasets[name + part] = (
                     f"   {name + part:44} {md['rows_in']:>6} in {md['kept']:>6} kept {md['rejected']:>5} rejected"
                     + (f"  ({dropped})" if dropped else "")
                 )
@@ -198,7 +212,7 @@ def summary(result: FamilyResult) -> str:
                     metrics[f"{name}.{k}"] = v
         for ev in run.get_asset_check_evaluations():
             checks[ev.asset_check_key.name] = (ev.passed, ev.severity.value)
-    lines += datasets
+    lines += datasets.values()
     failed = sorted(n for n, (ok, _) in checks.items() if not ok)
     lines.append(
         f"   checks: {sum(ok for ok, _ in checks.values())} passed, {len(failed)} failed"

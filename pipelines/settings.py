@@ -43,6 +43,7 @@ ROLE_SETTINGS: dict[str, tuple[type, Any, str]] = {
     "max_concurrency": (int, 8, "CONCURRENCY"),
     "timeout_s": (float, 60.0, "TIMEOUT_S"),
     "max_retries": (int, 4, "MAX_RETRIES"),
+    "deadline_s": (float, 180.0, "DEADLINE_S"),
     "response_format": (str, "auto", "RESPONSE_FORMAT"),
     "cache_namespace": (str, "", "CACHE_NAMESPACE"),
 }
@@ -215,12 +216,16 @@ def quiet_environment() -> None:
 
 
 def ensure_instance_yaml() -> None:
-    """An empty dagster.yaml in DAGSTER_HOME when there is none: without it Dagster warns
-    on every command that it is using the defaults, which are what we want."""
+    """A dagster.yaml in DAGSTER_HOME when there is none: without it Dagster warns on every
+    command that it is using the defaults (which are what we want), and prints its
+    telemetry banner."""
     home = os.environ.get("DAGSTER_HOME")
     if not home:
         return
     path = Path(home) / "dagster.yaml"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("# Dagster instance settings; empty = the defaults (SQLite here).\n")
+        path.write_text(
+            "# Dagster instance settings: the defaults (SQLite under this folder), no telemetry.\n"
+            "telemetry:\n  enabled: false\n"
+        )

@@ -75,15 +75,25 @@ def _is_jsonl(path: Path) -> bool:
     return "".join(path.suffixes[-2:]).lower() in (".jsonl", ".jsonl.gz", ".ndjson")
 
 
+# A row that stands for a line that could not be read: the loader rejects it alone.
+UNREADABLE = "__unreadable__"
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSON-lines file. Bytes that are not UTF-8 are kept as lone surrogates
-    (surrogateescape) so the loader can reject that record alone, naming the field."""
+    """Rows of a JSON-lines file, each bad line costing only itself:
+    - bytes that are not UTF-8 are kept as lone surrogates (surrogateescape), so the loader
+      rejects that record naming the field;
+    - a line that is not JSON becomes an `UNREADABLE` row (`invalid_json`, with file:line);
+    - a gzip file cut short keeps the rows read before the cut and ends with an
+      `UNREADABLE` row (`truncated_file`, with the compressed byte offset).
+    Only a file where no line parses fails as a whole."""
     if path.stat().st_size == 0:
         raise SeedSourceError(f"{path}: the seed file is empty")
     rows: list[dict[str, Any]] = []
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
+    with path.open("rb") as raw_file:
+        f = gzip.GzipFile(fileobj=raw_file) if path.suffix == ".gz" else raw_file
+        lineno = 0
+        try:
             for lineno, raw in enumerate(f, 1):
                 line = raw.decode("utf-8", errors="surrogateescape")
                 if not line.strip():
@@ -91,12 +101,20 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise SeedSourceError(
-                        f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})"
-                    ) from None
+                    detail = f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})"
+                    rows.append({UNREADABLE: ("invalid_json", detail)})
+                    continue
                 rows.append(obj if isinstance(obj, dict) else {"_value": obj})
-    except (OSError, EOFError) as e:
-        raise SeedSourceError(f"{path}: cannot be read ({e})") from None
+        except (OSError, EOFError) as e:
+            if not rows:
+                raise SeedSourceError(f"{path}: cannot be read ({e})") from None
+            detail = (
+                f"{path}: the file ends early after line {lineno} (compressed byte "
+                f"{raw_file.tell()} of {path.stat().st_size}): {e}"
+            )
+            rows.append({UNREADABLE: ("truncated_file", detail)})
+    if rows and all(UNREADABLE in r for r in rows):
+        raise SeedSourceError(rows[0][UNREADABLE][1] + " (and no line of the file parses)")
     return rows
 
 
@@ -212,7 +230,7 @@ class _Rows:
         path = Path(source).expanduser()
         if path.is_file() and _is_jsonl(path):
             self.rows: Any = read_jsonl(path)
-            self.columns = sorted({k for r in self.rows for k in r})
+            self.columns = sorted({k for r in self.rows if UNREADABLE not in r for k in r})
         else:
             self.rows = read_source(source, split)
             self.columns = list(self.rows.column_names)
@@ -249,6 +267,12 @@ def _load(
     prov = Provenance(backend="source", model=source).as_dict()
     for i, row in enumerate(ds.head(n_in)):
         where = f"{source} record {i}"
+        if UNREADABLE in row:
+            reason, detail = row[UNREADABLE]
+            rejected.append(
+                Rejected(content_id(kind, source, i), "load", reason, detail, [], source, i, {})
+            )
+            continue
         out = next((bad for k, v in row.items() if (bad := _bad_text(v, k, where))), None) or parse(
             row, where
         )
@@ -312,9 +336,21 @@ def instruction_text(row: dict[str, Any]) -> str:
     return f"{row['instruction']}\n\n{row['input']}" if row.get("input") else row["instruction"]
 
 
+_MARKUP = re.compile(r"<[^>]*>|&[a-z]+;|[`*_#>|~\-=\[\](){}]")
+
+
+def _no_content(text: str, name: str, where: str) -> Problem | None:
+    """A text that is only whitespace, markup or punctuation (`<p></p>`, `***`)."""
+    if not re.search(r"\w", _MARKUP.sub(" ", text)):
+        return ("no_content", f"{where}: field '{name}' has no words, only markup {text[:40]!r}")
+    return None
+
+
 def _parse_instruction(row: dict[str, Any], where: str) -> dict[str, Any] | Problem:
     instruction, bad = _field(row, "instruction", where)
     if bad:
+        return bad
+    if bad := _no_content(instruction, "instruction", where):
         return bad
     inp, out = row.get("input") or "", row.get("output") or ""
     instances = row.get("instances")
@@ -393,6 +429,13 @@ def split_pair(chosen: str, rejected: str) -> tuple[list[tuple[str, str]], str, 
     return c[:-1], c[-1][1], r[-1][1]
 
 
+def _identical(chosen: str, rejected: str, where: str) -> Problem | None:
+    """A pair whose two responses are the same teaches no preference."""
+    if " ".join(chosen.split()) == " ".join(rejected.split()):
+        return ("identical_pair", f"{where}: fields 'chosen' and 'rejected' are the same response")
+    return None
+
+
 def _parse_pair(row: dict[str, Any], where: str) -> dict[str, Any] | Problem:
     if "response_0" in row:  # PKU-SafeRLHF
         prompt, bad = _field(row, "prompt", where)
@@ -408,6 +451,8 @@ def _parse_pair(row: dict[str, Any], where: str) -> dict[str, Any] | Problem:
                 f"{where}: field 'safer_response_id' should be 0 or 1, got {safer}",
             )
         chosen, rejected = (r0, r1) if safer == 0 else (r1, r0)
+        if bad := _identical(chosen, rejected, where):
+            return bad
         return {
             "source_format": "pku-saferlhf",
             "history": [{"role": "user", "content": prompt.strip()}],
@@ -426,6 +471,8 @@ def _parse_pair(row: dict[str, Any], where: str) -> dict[str, Any] | Problem:
     for name, text in (("chosen", c), ("rejected", r)):
         if not text:
             return ("empty_field", f"{where}: field '{name}' has an empty final assistant response")
+    if bad := _identical(c, r, where):
+        return bad
     return {
         "source_format": "hh-rlhf",
         "history": [{"role": role, "content": content} for role, content in history],
@@ -457,7 +504,9 @@ PERSONA_SCHEMA: dict[str, pl.DataType] = {**_COMMON, "persona": pl.Utf8()}
 
 def _parse_persona(row: dict[str, Any], where: str) -> dict[str, Any] | Problem:
     persona, bad = _field(row, "persona", where)
-    return bad if bad else {"persona": persona.strip()}
+    if bad or (bad := _no_content(persona, "persona", where)):
+        return bad
+    return {"persona": persona.strip()}
 
 
 def load_personas(source: str, split: str = "train", limit: int | None = None) -> LoadResult:

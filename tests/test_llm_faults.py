@@ -95,3 +95,42 @@ def test_server_without_structured_output_falls_back_to_parse_repair_retry():
     assert r.error == "invalid_json"
     assert s.requests == 2
     assert "fault-free answer" in r.first.error_detail
+
+
+def test_a_hung_server_costs_one_deadline_then_the_circuit_opens():
+    """40 records against a server that never answers: the first calls wait out the
+    request deadline (retries included), then the breaker rejects the rest at once."""
+    with FaultyOpenAIServer("hang", hang_s=30) as s:
+        backend = OpenAICompatBackend(s.base_url, "faulty", timeout_s=0.5, max_retries=2)
+        client = LLMClient(backend, max_concurrency=4, deadline_s=1.0)
+        reqs = [LLMRequest.chat(f"q{i}", params=GenerationParams(max_tokens=4)) for i in range(40)]
+        out = client.generate(reqs)
+    reasons = [r.error for r in out]
+    assert all(reasons)  # nothing answered, nothing lost
+    assert set(reasons) <= {"timeout", "deadline_exceeded", "circuit_open"}
+    assert reasons.count("circuit_open") >= 40 - 8 - 4  # the window, plus those in flight
+    assert client.stats.calls <= 8 + 4 and client.breaker.open
+    assert "found no server" in out[-1].first.error_detail
+    assert client.attempts >= client.stats.calls  # retries are counted as attempts
+
+
+def test_generation_streams_with_a_bounded_window():
+    """A generator of requests is consumed as results come back: never more than the
+    window is taken ahead of what was handed out."""
+    taken = 0
+
+    def requests():
+        nonlocal taken
+        for i in range(200):
+            taken += 1
+            yield LLMRequest.chat(f"q{i}", params=GenerationParams(max_tokens=4))
+
+    with FaultyOpenAIServer("ok") as s:
+        client = LLMClient(OpenAICompatBackend(s.base_url, "faulty"), max_concurrency=8)
+        seen, ahead = set(), 0
+        for n, (i, resp) in enumerate(client.stream(requests(), window=16), 1):
+            assert resp.ok
+            seen.add(i)
+            ahead = max(ahead, taken - n)
+    assert seen == set(range(200)) and ahead <= 16 + 16 + 1  # the window and the hand-off queue
+    assert s.max_in_flight <= 8

@@ -3,6 +3,7 @@
 import gzip
 import json
 
+import polars as pl
 import pytest
 
 from synth.loaders import (
@@ -118,16 +119,92 @@ def test_bad_records_are_rejected_naming_record_and_field(tmp_path):
     assert got[4][0] == "duplicate" and "record 0" in got[4][1]
 
 
-def test_malformed_json_line_fails_fast_naming_file_and_line(tmp_path):
-    f = tmp_path / "broken.jsonl"
-    f.write_text('{"persona": "ok"}\n{"persona": "missing quote}\n')
-    with pytest.raises(SeedSourceError, match=r"broken.jsonl:2: invalid JSON"):
-        load_personas(str(f))
+def test_a_line_that_is_not_json_costs_only_itself(tmp_path):
+    pairs = [
+        json.dumps(
+            {
+                "prompt": f"q{i}",
+                "response_0": f"a{i}",
+                "response_1": f"b{i}",
+                "safer_response_id": 0,
+            }
+        )
+        for i in range(5)
+    ]
+    pairs[2] = '{"prompt": "q2", "response_0": "unterminated'
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("\n".join(pairs) + "\n")
+    r = load_preference_pairs(str(f))
+    assert r.n_in == 5 and r.kept.height == 4 and r.rejected.height == 1
+    (bad,) = r.rejected.to_dicts()
+    assert bad["reason"] == "invalid_json" and f"{f}:3: invalid JSON" in bad["detail"]
+    assert bad["source_index"] == 2
+    # a file where no line parses still fails, naming the first bad line
     g = tmp_path / "broken.jsonl.gz"
     with gzip.open(g, "wt") as fh:
-        fh.write('{"persona": "ok"}\nnot json\n')
-    with pytest.raises(SeedSourceError, match=r"broken.jsonl.gz:2"):
+        fh.write("not json\nnor this\n")
+    with pytest.raises(
+        SeedSourceError, match=r"broken.jsonl.gz:1: invalid JSON .* no line of the file parses"
+    ):
         load_personas(str(g))
+
+
+def test_a_truncated_gzip_keeps_what_it_read_and_records_the_cut(tmp_path):
+    lines = "".join(
+        json.dumps({"persona": f"A nurse who keeps bees, number {i}, " + "x" * 200}) + "\n"
+        for i in range(200)
+    )
+    whole = tmp_path / "whole.jsonl.gz"
+    with gzip.open(whole, "wt") as fh:
+        fh.write(lines)
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    r = load_personas(str(cut))
+    (trunc,) = r.rejected.filter(pl.col("reason") == "truncated_file").to_dicts()
+    assert "ends early" in trunc["detail"] and f"of {len(data) * 2 // 3}" in trunc["detail"]
+    assert 0 < r.kept.height < 200 and r.n_in == r.kept.height + r.rejected.height
+    assert r.kept["persona"].to_list() == [
+        json.loads(x)["persona"] for x in lines.splitlines()[: r.kept.height]
+    ]
+
+
+def test_pairs_that_teach_nothing_and_texts_with_no_words_are_rejected(tmp_path):
+    rows = [
+        {
+            "prompt": "q",
+            "response_0": "Same answer.",
+            "response_1": "Same  answer. ",
+            "safer_response_id": 1,
+        },
+        {
+            "chosen": "\n\nHuman: hi\n\nAssistant: hello",
+            "rejected": "\n\nHuman: hi\n\nAssistant: hello",
+        },
+        {"prompt": "q2", "response_0": "yes", "response_1": "no", "safer_response_id": 0},
+    ]
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = load_preference_pairs(str(f))
+    assert r.kept.height == 1 and r.rejected["reason"].to_list() == [
+        "identical_pair",
+        "identical_pair",
+    ]
+    assert "fields 'chosen' and 'rejected' are the same response" in r.rejected["detail"][0]
+    ins = tmp_path / "ins.jsonl"
+    ins.write_text(
+        "".join(json.dumps({"instruction": t}) + "\n" for t in ("<p> </p>", "***", "Name a bird."))
+    )
+    i = load_instructions(str(ins))
+    assert i.kept["instruction"].to_list() == ["Name a bird."]
+    assert i.rejected["reason"].to_list() == ["no_content", "no_content"]
+    assert "field 'instruction' has no words" in i.rejected["detail"][0]
+    per = tmp_path / "personas.jsonl"
+    per.write_text(
+        json.dumps({"persona": "---"}) + "\n" + json.dumps({"persona": "A baker."}) + "\n"
+    )
+    p = load_personas(str(per))
+    assert p.kept.height == 1 and p.rejected["reason"].to_list() == ["no_content"]
 
 
 def test_unusable_sources_fail_fast(tmp_path):

@@ -324,3 +324,40 @@ def test_every_asset_names_its_roles_as_documented():
         for k in a.required_resource_keys
     }
     assert declared == documented
+
+
+def test_a_partial_override_in_run_config_keeps_the_other_settings(
+    tmp_path, monkeypatch, llama_server
+):
+    """Setting one field of a role in run config (here a timeout) keeps the backend, URL
+    and model the environment gave it, and the metadata says which model answered."""
+    monkeypatch.setenv("ALIGNFOUNDRY_GENERATOR_BACKEND", "openai")
+    monkeypatch.setenv("ALIGNFOUNDRY_GENERATOR_BASE_URL", llama_server)
+    monkeypatch.setenv("ALIGNFOUNDRY_GENERATOR_MODEL", "smollm2")
+    defs = build_definitions(tmp_path)
+    result = defs.resolve_job_def("responses").execute_in_process(
+        instance=DagsterInstance.ephemeral(),
+        run_config={
+            "ops": {"judged_responses_assets": {"config": {"limit": 2}}},
+            "resources": {"generator": {"config": {"timeout_s": 30.0}}},
+        },
+    )
+    assert result.success
+    (mat,) = [
+        e.materialization
+        for e in result.get_asset_materialization_events()
+        if e.asset_key.path == ["judged_responses"]
+    ]
+    assert mat.metadata["role_generator"].value == "openai:smollm2"
+    assert mat.metadata["generator_calls"].value == 2
+
+
+def test_every_default_path_lives_under_the_home(tmp_path, monkeypatch):
+    from pipelines.resources import QualityResource, TrainerResource
+
+    monkeypatch.setenv("ALIGNFOUNDRY_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)  # a checkout's .alignfoundry must never be picked up
+    assert LLMResource().cache_file == str(tmp_path / "home" / "llm_cache.sqlite")
+    assert TrainerResource().run_dir("x") == tmp_path / "home" / "runs" / "x"
+    assert QualityResource().lancedb_dir == tmp_path / "home" / "lancedb"
+    assert not (tmp_path / ".alignfoundry").exists()

@@ -224,3 +224,46 @@ def test_a_failed_run_launched_from_the_dagster_cli_is_recorded(tmp_path, cli_en
     ]
     assert record["job"] == "__ASSET_JOB" and record["failed_steps"] == ["seed_personas"]
     assert "no such file or folder" in record["error"] or record["error"]
+
+
+def test_a_malformed_policy_beside_a_valid_one_costs_only_itself(tmp_path):
+    from pipelines.sensors import build_policy_sensor
+    from synth.trace.policy import SHIPPED_POLICIES, load_policy
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "name: x\ntitle: t\ndescription: d\ncategories:\n  - {id: a, name: A, tier: 1, description: d}\n"
+        "exceptions: [be kind]\nrequirements: [no insults]\n"
+    )
+    good = SHIPPED_POLICIES / "strict.yaml"
+    sensor = build_policy_sensor([str(bad), str(good)])
+    with DagsterInstance.ephemeral() as instance:
+        result = sensor(build_sensor_context(instance=instance))
+    (request,) = result.run_requests
+    assert request.partition_key == load_policy(good).version
+    assert str(bad) not in json.loads(result.cursor)
+
+
+def test_the_policy_command_names_the_field_on_one_line(tmp_path, cli_env):
+    import subprocess
+
+    from conftest import DAGSTER_CLI
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "name: x\ntitle: t\ndescription: d\ncategories:\n  - {id: a, name: A, tier: 1, description: d}\n"
+        "exceptions: [be kind]\nrequirements: []\n"
+    )
+    alignfoundry = DAGSTER_CLI.parent / "alignfoundry"
+    proc = subprocess.run(
+        [str(alignfoundry), "policy", str(bad)], env=cli_env, capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "exceptions[0]: should be a mapping with id and text" in proc.stderr
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: [unclosed\n  title: t\n")
+    proc = subprocess.run(
+        [str(alignfoundry), "policy", str(broken)], env=cli_env, capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "invalid YAML" in proc.stderr

@@ -114,4 +114,5 @@ def client_from_spec(spec: dict[str, Any] | str, check_server: bool = True):
         int(s.get("max_concurrency", 8)),
         role=s.get("role", ""),
         cache_namespace=s.get("cache_namespace", ""),
+        deadline_s=float(s["deadline_s"]) if s.get("deadline_s") else None,
     )
