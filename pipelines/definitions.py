@@ -119,6 +119,7 @@ def build_definitions(
         job_defs = jobs_with_settings(settings.op_config(), Definitions(**parts, jobs=jobs))
     return Definitions(
         **parts,
+        executor=executor_from_env(),
         jobs=job_defs,
         sensors=[
             build_policy_sensor(policy_files()),
@@ -126,6 +127,29 @@ def build_definitions(
             build_failure_sensor(home / "failures.jsonl"),
             build_training_automation_sensor(),
         ],
+    )
+
+
+def executor_from_env():
+    """The jobs' executor: Dagster's default (a process per step on this machine), or, with
+    ALIGNFOUNDRY_EXECUTOR=celery, steps on Celery workers through the broker in
+    ALIGNFOUNDRY_CELERY_BROKER (dagster-celery). A worker lost mid-step gives its step back
+    to the queue (acks late, rejected on worker loss), so another worker runs it."""
+    if os.environ.get("ALIGNFOUNDRY_EXECUTOR", "") != "celery":
+        return None
+    from dagster_celery import celery_executor
+
+    broker = os.environ.get("ALIGNFOUNDRY_CELERY_BROKER", "redis://127.0.0.1:6379/0")
+    return celery_executor.configured(
+        {
+            "broker": broker,
+            "backend": broker,
+            "config_source": {
+                "task_acks_late": True,
+                "task_reject_on_worker_lost": True,
+                "worker_prefetch_multiplier": 1,
+            },
+        }
     )
 
 
