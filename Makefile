@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 export ALIGNFOUNDRY_HOME ?= $(CURDIR)/.alignfoundry
 export DAGSTER_HOME ?= $(ALIGNFOUNDRY_HOME)/dagster
 
-.PHONY: venv browser services demo test test-fast lint format dev bench clean
+.PHONY: venv browser services services-start services-stop demo test test-fast lint format dev bench clean
 
 venv: $(VENV)/.installed
 
@@ -43,6 +43,14 @@ services:
 	  ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq postgresql redis-server >/dev/null) \
 	  || echo "warning: could not install postgresql/redis-server; the cluster test will be skipped"; \
 	else echo "warning: no apt-get; the cluster test will be skipped"; fi
+
+# PostgreSQL and Redis on 127.0.0.1 (free ports, pids and URLs in $(SERVICES)/services.json).
+SERVICES ?= $(ALIGNFOUNDRY_HOME)/services
+services-start: venv services
+	$(PY) -m pipelines.services start $(SERVICES)
+
+services-stop: venv
+	$(PY) -m pipelines.services stop $(SERVICES)
 
 demo: venv
 	mkdir -p $(DAGSTER_HOME)

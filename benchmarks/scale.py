@@ -236,36 +236,36 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--curate", type=int, default=0, help="also curate this many records")
     ap.add_argument("--one-size", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--base-url", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--rps-at", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.rps_at:  # a child: the client comparison, off the server's interpreter lock
+        print(json.dumps(client_vs_raw(a.base_url, a.rps_at, a.rps_requests)))
+        return
     if a.one_size:  # a child: one size, its own peak memory
         with tempfile.TemporaryDirectory() as tmp:
             print(json.dumps(run_size(a.one_size, a.base_url, Path(tmp), a.concurrency)))
         return
     server = InstantServer()
+
+    def child(args: list) -> dict:
+        """A measurement in a fresh process: its own peak memory, and its own interpreter
+        lock (the server's threads would otherwise share this one's)."""
+        out = subprocess.run(
+            [sys.executable, "-m", "benchmarks.scale", "--base-url", server.base_url]
+            + [str(x) for x in args],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+        )
+        if out.returncode:
+            raise SystemExit(f"benchmarks.scale {' '.join(map(str, args))}:\n{out.stderr[-2000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
     try:
         sizes = [int(x) for x in a.sizes.split(",")]
-        rows = []
-        for n in sizes:
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "benchmarks.scale",
-                    "--one-size",
-                    str(n),
-                    "--base-url",
-                    server.base_url,
-                    "--concurrency",
-                    str(a.concurrency),
-                ],
-                capture_output=True,
-                text=True,
-                check=True,
-                env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
-            )
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows = [child(["--one-size", n, "--concurrency", a.concurrency]) for n in sizes]
         rps = [
-            client_vs_raw(server.base_url, c, a.rps_requests)
+            child(["--rps-at", c, "--rps-requests", a.rps_requests])
             for c in (int(x) for x in a.concurrencies.split(","))
         ]
     finally:

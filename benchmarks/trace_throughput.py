@@ -185,11 +185,14 @@ def main(argv=None) -> None:
     print(
         f"| impact score / reference forward pass | {per_pair / forward:.1f}x | forward {forward:.2f} s per pair |"
     )
-    print(
+    by_label = (
         pl.DataFrame({"label": [r["label"] for r in labelled], "impact_weight": weights})
         .group_by("label")
         .agg(pl.col("impact_weight").sum())
+        .sort("label")
     )
+    shares = ", ".join(f"{lab} {w:.2f}" for lab, w in by_label.iter_rows())
+    print(f"\nimpact weight by label (sums to 1 over conflict pairs): {shares}")
 
 
 if __name__ == "__main__":

@@ -285,6 +285,13 @@ class OpenAICompatBackend:
             }
         return self._clients[loop_id]
 
+    async def release_loop(self) -> None:
+        """Close this event loop's HTTP client before the loop ends (asyncio.run does not
+        wait for a client garbage-collected later, and its close then fails on a closed loop)."""
+        client = self._clients.pop(id(asyncio.get_running_loop()), None)
+        if client is not None:
+            await client.close()
+
     async def _resolve_server(self) -> str:
         if self.server != "auto":
             return self.server
@@ -391,6 +398,12 @@ class PoolingRewardBackend:
             headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
             self._clients = {loop_id: httpx.AsyncClient(timeout=self.timeout_s, headers=headers)}
         return self._clients[loop_id]
+
+    async def release_loop(self) -> None:
+        """Close this event loop's HTTP client before the loop ends."""
+        client = self._clients.pop(id(asyncio.get_running_loop()), None)
+        if client is not None:
+            await client.aclose()
 
     async def complete(self, request: LLMRequest, sample_index: int) -> Sample:
         import httpx

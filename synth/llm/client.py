@@ -126,7 +126,20 @@ class LLMClient:
         on_done: Callable[[int], None] | None = None,
     ) -> list[LLMResponse]:
         """Responses in request order. Never raises for a failed call: the sample has `error`."""
-        return asyncio.run(self.agenerate(requests, on_done))
+
+        async def run() -> list[LLMResponse]:
+            try:
+                return await self.agenerate(requests, on_done)
+            finally:
+                await self.release_loop()
+
+        return asyncio.run(run())
+
+    async def release_loop(self) -> None:
+        """Close the backend's HTTP client of the running event loop (call before it ends)."""
+        release = getattr(self.backend, "release_loop", None)
+        if release is not None:
+            await release()
 
     async def agenerate(
         self,
@@ -154,8 +167,11 @@ class LLMClient:
 
         def run() -> None:
             async def pump() -> None:
-                async for item in self.astream(requests, window):
-                    await asyncio.to_thread(done.put, item)
+                try:
+                    async for item in self.astream(requests, window):
+                        await asyncio.to_thread(done.put, item)
+                finally:
+                    await self.release_loop()
 
             try:
                 asyncio.run(pump())

@@ -214,7 +214,11 @@ async def _gather(
     batches: list[tuple[LLMClient, list[LLMRequest]]], on_done: Callable[[int], None]
 ):
     """Every pool entry's batch at once: entries may sit on different servers."""
-    return await asyncio.gather(*(c.agenerate(reqs, on_done) for c, reqs in batches))
+    try:
+        return await asyncio.gather(*(c.agenerate(reqs, on_done) for c, reqs in batches))
+    finally:
+        for c, _ in batches:
+            await c.release_loop()
 
 
 def plan_conversations(
