@@ -90,6 +90,8 @@ def run_asset(llm: LLMResource, home: Path, n: int, max_tokens: int) -> tuple[fl
 
 
 def start_server(port: int, parallel: int) -> subprocess.Popen:
+    from pipelines.resources import _die_with_parent
+
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -103,6 +105,7 @@ def start_server(port: int, parallel: int) -> subprocess.Popen:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        preexec_fn=_die_with_parent,  # a benchmark stopped any way takes its server with it
     )
     for _ in range(300):
         try:

@@ -134,7 +134,7 @@ def trace_run(env: dict, tmp_path: Path, config: dict) -> subprocess.Popen:
 TRACE_CONFIG = {
     "ops": {
         "trace_triage_assets": {"config": {"threshold": 0.3, "review_margin": 0.01}},
-        "trace_model_assets": {"config": {"max_steps": 6, "max_length": 128, "gold_batch_size": 6}},
+        "trace_model_assets": {"config": {"max_steps": 2, "max_length": 128, "gold_batch_size": 6}},
         "trace_eval": {"config": {"max_new_tokens": 12, "max_length": 128}},
     }
 }

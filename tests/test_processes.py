@@ -1,6 +1,8 @@
 """Processes die with their run: a Pipes child (training, evaluation) is stopped when its
-step fails or times out, and dies when the step process is killed outright."""
+step fails or times out, and dies when the step process is killed outright; the step
+workers of a `dagster asset materialize` die when that CLI is killed with -9."""
 
+import contextlib
 import os
 import random
 import signal
@@ -9,7 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from sleeper_job import run
+
+from conftest import DAGSTER_CLI
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -70,3 +75,69 @@ def test_a_killed_step_process_takes_its_child_with_it(tmp_path):
             os.kill(pid, signal.SIGKILL)
         if worker.poll() is None:
             worker.kill()
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid` (children, their children, ...), from /proc."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            parents.setdefault(ppid, []).append(int(entry.name))
+    out, todo = set(), [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.add(child)
+            todo.append(child)
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited: only its entry waits for a parent
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_materialize_cli_takes_its_step_workers_with_it(tmp_path, cli_env):
+    # The judged responses call the embedded model for a while: kill the CLI meanwhile.
+    cli = subprocess.Popen(
+        [
+            str(DAGSTER_CLI),
+            "asset",
+            "materialize",
+            "-m",
+            "pipelines.definitions",
+            "--select",
+            "seed_instructions,seed_instructions_rejected,judged_responses,judged_responses_rejected",
+        ],
+        cwd=REPO,
+        env=cli_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    seeds = tmp_path / "storage" / "seed_instructions.parquet"
+    workers: set[int] = set()
+    try:
+        assert wait_for(seeds.exists, 180), "the seed step never finished"
+        assert wait_for(lambda: bool(descendants(cli.pid)), 60), "no step worker started"
+        time.sleep(5)  # the judged responses' step is generating
+        workers = descendants(cli.pid)
+        assert workers and cli.poll() is None, "the run ended before the kill"
+        os.kill(cli.pid, signal.SIGKILL)
+        cli.wait(10)
+        assert wait_for(lambda: not any(alive(p) for p in workers), 20), (
+            f"outlived the CLI: {[p for p in workers if alive(p)]}"
+        )
+    finally:
+        for p in descendants(cli.pid) | workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+        if cli.poll() is None:
+            cli.kill()
