@@ -15,6 +15,7 @@ import pytest
 from sleeper_job import run
 
 from conftest import DAGSTER_CLI
+from faulty_server import FaultyOpenAIServer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -105,39 +106,47 @@ def alive(pid: int) -> bool:
 
 @pytest.mark.slow
 def test_kill_9_of_the_materialize_cli_takes_its_step_workers_with_it(tmp_path, cli_env):
-    # The judged responses call the embedded model for a while: kill the CLI meanwhile.
-    cli = subprocess.Popen(
-        [
-            str(DAGSTER_CLI),
-            "asset",
-            "materialize",
-            "-m",
-            "pipelines.definitions",
-            "--select",
-            "seed_instructions,seed_instructions_rejected,judged_responses,judged_responses_rejected",
-        ],
-        cwd=REPO,
-        env=cli_env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    seeds = tmp_path / "storage" / "seed_instructions.parquet"
-    workers: set[int] = set()
-    try:
-        assert wait_for(seeds.exists, 180), "the seed step never finished"
-        assert wait_for(lambda: bool(descendants(cli.pid)), 60), "no step worker started"
-        time.sleep(5)  # the judged responses' step is generating
-        workers = descendants(cli.pid)
-        assert workers and cli.poll() is None, "the run ended before the kill"
-        os.kill(cli.pid, signal.SIGKILL)
-        cli.wait(10)
-        assert wait_for(lambda: not any(alive(p) for p in workers), 20), (
-            f"outlived the CLI: {[p for p in workers if alive(p)]}"
+    # Every role on a server that holds each request: the judged responses' step worker
+    # sits calling the LLM when the CLI is killed, and must not go on calling it.
+    with FaultyOpenAIServer("hang", hang_s=120) as server:
+        env = {
+            **cli_env,
+            "ALIGNFOUNDRY_LLM_BACKEND": "openai",
+            "ALIGNFOUNDRY_LLM_BASE_URL": server.base_url,
+            "ALIGNFOUNDRY_LLM_MODEL": "faulty",
+        }
+        cli = subprocess.Popen(
+            [
+                str(DAGSTER_CLI),
+                "asset",
+                "materialize",
+                "-m",
+                "pipelines.definitions",
+                "--select",
+                "seed_instructions,seed_instructions_rejected,judged_responses,judged_responses_rejected",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
-    finally:
-        for p in descendants(cli.pid) | workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p, signal.SIGKILL)
-        if cli.poll() is None:
-            cli.kill()
+        workers: set[int] = set()
+        try:
+            assert wait_for(lambda: server.in_flight > 0, 180), "the step never called the LLM"
+            workers = descendants(cli.pid)
+            assert workers and cli.poll() is None, "the run ended before the kill"
+            os.kill(cli.pid, signal.SIGKILL)
+            cli.wait(10)
+            assert wait_for(lambda: not any(alive(p) for p in workers), 20), (
+                f"outlived the CLI: {[p for p in workers if alive(p)]}"
+            )
+            calls = server.requests
+            time.sleep(2)
+            assert server.requests == calls, "the LLM is still being called"
+        finally:
+            for p in descendants(cli.pid) | workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p, signal.SIGKILL)
+            if cli.poll() is None:
+                cli.kill()
