@@ -59,13 +59,20 @@ def artifacts() -> Path:
     return out
 
 
-def wait_for_run(url: str, timeout_s: float = 180) -> dict:
+def run_ids(url: str) -> set[str]:
+    runs = httpx.post(f"{url}/graphql", json={"query": RUNS}, timeout=10).json()
+    return {r["runId"] for r in runs["data"]["runsOrError"]["results"]}
+
+
+def wait_for_run(url: str, before: set[str], timeout_s: float = 180) -> dict:
+    """The run launched from the UI (one not in `before`: the launch is asynchronous, so
+    the newest run may still be the one made beforehand), once it has finished."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         runs = httpx.post(f"{url}/graphql", json={"query": RUNS}, timeout=10).json()
-        results = runs["data"]["runsOrError"]["results"]
-        if results and results[0]["status"] in ("SUCCESS", "FAILURE", "CANCELED"):
-            return results[0]
+        new = [r for r in runs["data"]["runsOrError"]["results"] if r["runId"] not in before]
+        if new and new[0]["status"] in ("SUCCESS", "FAILURE", "CANCELED"):
+            return new[0]
         time.sleep(1)
     raise AssertionError("the run launched from the UI did not finish")
 
@@ -107,9 +114,10 @@ def test_a_person_uses_the_ui(cli_env, tmp_path):
 
             # launch a materialization from the asset page
             page.goto(f"{url}/assets/seed_personas")
+            before = run_ids(url)
             page.locator("button", has_text="Materialize").first.click()
             page.get_by_role("button", name="Confirm").click()  # seed_personas_rejected comes too
-            run = wait_for_run(url)
+            run = wait_for_run(url, before)
             assert run["status"] == "SUCCESS", run
 
             # the run page says it succeeded
