@@ -36,6 +36,15 @@ def free_port() -> int:
 DAGSTER_CLI = Path(sys.executable).parent / "dagster"
 
 
+def materialize_cmd(selection: str, *extra: str) -> list[str]:
+    """`dagster asset materialize` of `selection` from the project's code location."""
+    return [str(DAGSTER_CLI), "asset", "materialize", "-m", "pipelines.definitions"] + [
+        "--select",
+        selection,
+        *extra,
+    ]
+
+
 @pytest.fixture
 def cli_env(tmp_path) -> dict[str, str]:
     """Environment for a `dagster` CLI subprocess whose home and instance live in tmp_path."""

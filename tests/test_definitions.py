@@ -13,7 +13,7 @@ from PIL import Image
 from pipelines.definitions import build_definitions
 from synth.responses import JUDGE_FOLLOWS, RESPOND_PLAIN, RESPOND_WITH_INPUT
 
-from conftest import DAGSTER_CLI
+from conftest import materialize_cmd
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -99,15 +99,7 @@ def test_the_slice_materializes_with_lineage_and_passing_checks(tmp_path):
 
 def test_cli_materialize_in_a_subprocess(tmp_path, cli_env):
     proc = subprocess.run(
-        [
-            str(DAGSTER_CLI),
-            "asset",
-            "materialize",
-            "-m",
-            "pipelines.definitions",
-            "--select",
-            "seed_personas,seed_personas_rejected",
-        ],
+        materialize_cmd("seed_personas,seed_personas_rejected"),
         cwd=REPO,
         env=cli_env,
         capture_output=True,

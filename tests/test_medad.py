@@ -492,18 +492,10 @@ def test_a_huggingface_vlm_from_a_local_path_trains_and_answers(small, tmp_path)
 def test_one_center_partition_materializes_from_the_dagster_cli(cli_env, tmp_path):
     import subprocess
 
-    from conftest import DAGSTER_CLI
+    from conftest import materialize_cmd
 
     select = "medad_bases,medad_bases_rejected,medad_center_cases,medad_center_cases_rejected"
-    cmd = [
-        str(DAGSTER_CLI),
-        "asset",
-        "materialize",
-        "-m",
-        "pipelines.definitions",
-        "--select",
-        select,
-    ]
+    cmd = materialize_cmd(select)
     done = subprocess.run(
         [*cmd, "--partition", "center_2"], env=cli_env, capture_output=True, text=True, timeout=300
     )

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from sleeper_job import run
 
-from conftest import DAGSTER_CLI
+from conftest import materialize_cmd
 from faulty_server import FaultyOpenAIServer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -116,15 +116,9 @@ def test_kill_9_of_the_materialize_cli_takes_its_step_workers_with_it(tmp_path, 
             "ALIGNFOUNDRY_LLM_MODEL": "faulty",
         }
         cli = subprocess.Popen(
-            [
-                str(DAGSTER_CLI),
-                "asset",
-                "materialize",
-                "-m",
-                "pipelines.definitions",
-                "--select",
-                "seed_instructions,seed_instructions_rejected,judged_responses,judged_responses_rejected",
-            ],
+            materialize_cmd(
+                "seed_instructions,seed_instructions_rejected,judged_responses,judged_responses_rejected"
+            ),
             cwd=REPO,
             env=env,
             stdout=subprocess.DEVNULL,

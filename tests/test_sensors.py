@@ -188,7 +188,7 @@ def test_a_failed_run_launched_from_the_dagster_cli_is_recorded(tmp_path, cli_en
 
     from pipelines.definitions import build_definitions
 
-    from conftest import DAGSTER_CLI
+    from conftest import materialize_cmd
 
     defs = build_definitions(tmp_path)
     sensor = defs.get_sensor_def("run_failure_recorder")
@@ -201,17 +201,7 @@ def test_a_failed_run_launched_from_the_dagster_cli_is_recorded(tmp_path, cli_en
     config = tmp_path / "run.yaml"
     config.write_text(json.dumps({"ops": {"seed_personas": {"config": {"source": str(missing)}}}}))
     proc = subprocess.run(
-        [
-            str(DAGSTER_CLI),
-            "asset",
-            "materialize",
-            "-m",
-            "pipelines.definitions",
-            "--select",
-            "seed_personas,seed_personas_rejected",
-            "-c",
-            str(config),
-        ],
+        materialize_cmd("seed_personas,seed_personas_rejected", "-c", str(config)),
         env=cli_env,
         capture_output=True,
         text=True,
