@@ -140,17 +140,20 @@ def executor_from_env():
     from dagster_celery import celery_executor
 
     broker = os.environ.get("ALIGNFOUNDRY_CELERY_BROKER", "redis://127.0.0.1:6379/0")
-    return celery_executor.configured(
-        {
-            "broker": broker,
-            "backend": broker,
-            "config_source": {
-                "task_acks_late": True,
-                "task_reject_on_worker_lost": True,
-                "worker_prefetch_multiplier": 1,
-            },
-        }
-    )
+    return celery_executor.configured(celery_config(broker))
+
+
+def celery_config(broker: str) -> dict:
+    """The celery executor's config, the same for the run and for its workers (`-y FILE`)."""
+    return {
+        "broker": broker,
+        "backend": broker,
+        "config_source": {
+            "task_acks_late": True,
+            "task_reject_on_worker_lost": True,
+            "worker_prefetch_multiplier": 1,
+        },
+    }
 
 
 def _step_workers_die_with_their_run() -> None:

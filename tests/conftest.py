@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -11,6 +10,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from pipelines.services import free_port  # noqa: F401 (tests import it from here)
 
 os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,12 +26,6 @@ def shared_data() -> Path:
     if not SHARED_DATA.exists():
         pytest.skip(f"real public data not found at {SHARED_DATA}")
     return SHARED_DATA
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 DAGSTER_CLI = Path(sys.executable).parent / "dagster"

@@ -23,7 +23,7 @@ import yaml
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus
 
 from pipelines import services
-from pipelines.definitions import build_definitions
+from pipelines.definitions import build_definitions, celery_config
 
 from conftest import DAGSTER_CLI
 
@@ -53,22 +53,7 @@ def cluster(tmp_path):
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     celery_yaml = tmp_path / "celery.yaml"
-    celery_yaml.write_text(
-        yaml.safe_dump(
-            {
-                "execution": {
-                    "config": {
-                        "broker": info["broker"],
-                        "backend": info["broker"],
-                        "config_source": {
-                            "task_acks_late": True,
-                            "task_reject_on_worker_lost": True,
-                        },
-                    }
-                }
-            }
-        )
-    )
+    celery_yaml.write_text(yaml.safe_dump({"execution": {"config": celery_config(info["broker"])}}))
     workers = [
         subprocess.Popen(
             [
