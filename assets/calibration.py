@@ -16,9 +16,10 @@ from dagster import (
 )
 
 from assets.common import llm_metadata, markdown_table
+from assets.declare import family_definitions
 from assets.plots import bar_plot
+from assets.resources import LLMResource
 from assets.trace import policy_from_asset
-from pipelines.resources import LLMResource
 from quality.calibration import (
     PreferencePair,
     balanced_sample,
@@ -126,5 +127,4 @@ def _judge_check(name: str):
     return _check
 
 
-assets = [judge_calibration]
-checks = [_judge_check(j) for j in JUDGES]
+defs = family_definitions(judge_calibration, [_judge_check(j) for j in JUDGES])

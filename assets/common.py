@@ -11,11 +11,9 @@ from dagster import (
     AssetCheckSeverity,
     AssetExecutionContext,
     MetadataValue,
-    Output,
 )
 
-from pipelines.status import latest_materialization_metadata
-from quality.accounting import Accounting, account
+from assets.status import latest_materialization_metadata
 from synth.records import drop_counts
 
 S = TypeVar("S")
@@ -27,7 +25,7 @@ def dataset_metadata(
     md: dict[str, Any] = {"rows_in": n_in, "kept": kept.height, "rejected": rejected.height}
     md.update(drop_counts(rejected))
     md.update(extra)
-    if kept.height:
+    if kept.height and "preview" not in md:  # a step may show its own preview
         md["preview"] = MetadataValue.md(markdown_table(preview_frame(kept)))
     return md
 
@@ -41,12 +39,6 @@ def preview_frame(df: pl.DataFrame, rows: int = 5) -> pl.DataFrame:
     content = [c for c in df.columns if c not in LINEAGE_COLUMNS]
     tail = ["record_id"] if "record_id" in df.columns else []
     return df.select(content + tail).head(rows)
-
-
-def dataset_outputs(name: str, kept: pl.DataFrame, rejected: pl.DataFrame, metadata: dict):
-    """The two outputs of a dataset multi-asset: `name` and its `name_rejected` companion."""
-    yield Output(kept, output_name=name, metadata=metadata)
-    yield Output(rejected, output_name=f"{name}_rejected", metadata=rejected_metadata(rejected))
 
 
 def llm_metadata(*clients: Any) -> dict[str, Any]:
@@ -131,28 +123,6 @@ def rows_in(context: AssetCheckExecutionContext, asset: str) -> int | None:
     """`rows_in` that the asset reported when it was materialized."""
     value = latest_materialization_metadata(context.instance, asset).get("rows_in")
     return None if value is None else int(value)
-
-
-def planned_account(
-    context: AssetCheckExecutionContext, asset: str, kept_index: list[int], rejected: pl.DataFrame
-) -> tuple[Accounting, int | None]:
-    """Accounting of a planned asset: plan indices 0..rows_in-1, each kept (`kept_index`)
-    or rejected (its `source_index`) exactly once; with the reported rows_in."""
-    n_in = rows_in(context, asset)
-    return account(range(n_in or 0), kept_index, rejected["source_index"].to_list()), n_in
-
-
-def accounting_result(acc: Accounting, reported_rows_in: int | None) -> AssetCheckResult:
-    passed = acc.ok and (reported_rows_in is None or reported_rows_in == acc.n_in)
-    return AssetCheckResult(
-        passed=passed,
-        severity=AssetCheckSeverity.ERROR,
-        metadata={
-            **acc.metadata(),
-            "reported_rows_in": -1 if reported_rows_in is None else reported_rows_in,
-            "rule": "rows_in == kept + rejected, each input exactly once",
-        },
-    )
 
 
 def rate_result(observed: float, threshold: float, at_least: bool) -> AssetCheckResult:

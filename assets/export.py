@@ -16,8 +16,8 @@ from dagster import (
     asset,
 )
 
-from pipelines.resources import QualityResource
-from pipelines.status import latest_check_results, latest_materialization_metadata
+from assets.resources import QualityResource
+from assets.status import latest_check_results, latest_materialization_metadata
 from quality.export import CheckSummary, DatasetCardInfo, export_dataset
 
 DEDUP_KEYS = (
@@ -164,9 +164,12 @@ class ExportConfig(Config):
 
 
 def export_asset(family: str, group: str, checks: list):
-    """`checks`: the check definitions of the curated asset, whose latest results the card lists."""
+    """`<curated>_export`: the family's curated dataset as a Hugging Face dataset, with a
+    card that lists the latest result of `checks` on the curated asset (check definitions,
+    or declared steps: their checks)."""
     spec = EXPORTABLE[family]
-    check_keys = [k for c in checks for k in c.check_keys if k.asset_key == AssetKey(spec.curated)]
+    defs = [d for c in checks for d in (c.checks if hasattr(c, "checks") else [c])]
+    check_keys = [k for c in defs for k in c.check_keys if k.asset_key == AssetKey(spec.curated)]
 
     @asset(
         name=f"{spec.curated}_export",

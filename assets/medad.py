@@ -12,33 +12,29 @@ from dagster import (
     AssetCheckSeverity,
     AssetExecutionContext,
     AssetIn,
-    AssetOut,
     Config,
     MetadataValue,
     Output,
     StaticPartitionsDefinition,
-    asset,
     asset_check,
-    multi_asset,
 )
 
-from assets.common import (
-    accounting_result,
-    dataset_metadata,
-    dataset_outputs,
-    first_parents,
-    llm_metadata,
-    markdown_table,
-    planned_account,
-    rows_in,
-    run_settings,
-    shard_settings,
+from assets.common import llm_metadata, markdown_table, preview_frame, run_settings, shard_settings
+from assets.declare import (
+    LoraTrainingConfig,
+    Made,
+    Parents,
+    Planned,
+    dataset,
+    evaluation,
+    family_definitions,
+    gate,
+    gate_result,
+    training,
 )
 from assets.export import export_asset
 from assets.plots import bar_plot, contact_sheet, histogram, sft_grpo_curves
-from pipelines.automation import TRAIN_WHEN_GATES_PASS
-from pipelines.resources import LLMResource, TrainerResource
-from quality.accounting import account
+from assets.resources import LLMResource, TrainerResource
 from quality.medad import answer_problems, balance_report, coverage_report, phi_hits
 from synth.medad.bases import (
     ALLOWLIST,
@@ -87,18 +83,14 @@ def _panels(df: pl.DataFrame, n: int) -> list[dict]:
     ]
 
 
-@multi_asset(
-    outs={
-        "medad_bases": AssetOut(
-            description="Base images from the reviewed allow-list (modality, anatomy, licence, de-identified DICOM header, tissue mask); normal bases and the real-anomaly evaluation slice."
-        ),
-        "medad_bases_rejected": AssetOut(
-            description="Allow-list entries that could not be loaded or gave an unusable image, with the reason."
-        ),
-    },
-    group_name=GROUP,
+@dataset(
+    "medad_bases",
+    group=GROUP,
+    description="Base images from the reviewed allow-list (modality, anatomy, licence, de-identified DICOM header, tissue mask); normal bases and the real-anomaly evaluation slice.",
+    rejected="Allow-list entries that could not be loaded or gave an unusable image, with the reason.",
+    accounted=None,  # loading is all-or-reason per entry: see medad_bases_rejected
 )
-def medad_base_assets(context: AssetExecutionContext, config: MedADConfig):
+def medad_base_assets(context: AssetExecutionContext, config: MedADConfig) -> Made:
     entries = load_allowlist(config.allowlist_path())
     bases, failures = load_bases(entries, config.image_size)
     kept = bases_frame(bases)
@@ -106,13 +98,10 @@ def medad_base_assets(context: AssetExecutionContext, config: MedADConfig):
         Rejected(e["id"], "bases", reason, detail, [e["id"]], "allowlist", entries.index(e), e)
         for e, reason, detail in failures
     )
-    md = dataset_metadata(
-        kept,
-        rejected,
-        len(entries),
-        settings=config.model_dump_json(),
+    md = {
+        "settings": config.model_dump_json(),
         **{f"role_{k}": v for k, v in Counter(kept["role"].to_list()).items()},
-    )
+    }
     md["preview"] = MetadataValue.md(
         markdown_table(kept.select("base_id", "role", "modality", "anatomy", "licence"), width=60)
     )
@@ -123,7 +112,7 @@ def medad_base_assets(context: AssetExecutionContext, config: MedADConfig):
         ],
         "MedAD base images (allow-list)",
     )
-    yield from dataset_outputs("medad_bases", kept, rejected, md)
+    return Made(kept, rejected, len(entries), md)
 
 
 # One partition per acquisition center. The count is fixed when the code location loads
@@ -157,22 +146,18 @@ def _case_sheet(cases: pl.DataFrame, title: str, n: int) -> MetadataValue:
     return contact_sheet(_panels(shown, n), title)
 
 
-@multi_asset(
-    outs={
-        "medad_center_cases": AssetOut(
-            description="One acquisition center's cases (a partition per center): the normal bases with 0-3 synthetic lesions through that center's profile."
-        ),
-        "medad_center_cases_rejected": AssetOut(
-            description="That center's planned cases dropped because a lesion did not fit in the tissue or was no longer visible (CNR below min_cnr)."
-        ),
-    },
-    ins={"medad_bases": AssetIn()},
+@dataset(
+    "medad_center_cases",
+    group=GROUP,
+    ins=("medad_bases",),
+    description="One acquisition center's cases (a partition per center): the normal bases with 0-3 synthetic lesions through that center's profile.",
+    rejected="That center's planned cases dropped because a lesion did not fit in the tissue or was no longer visible (CNR below min_cnr).",
     partitions_def=MEDAD_CENTERS,
-    group_name=GROUP,
+    accounted=None,  # the merge, medad_cases, accounts for every center's cases
 )
 def medad_center_case_assets(
     context: AssetExecutionContext, config: MedADConfig, medad_bases: pl.DataFrame
-):
+) -> Made:
     partitions = MEDAD_CENTERS.get_partition_keys()
     if config.centers != len(partitions):
         raise ValueError(
@@ -187,36 +172,33 @@ def medad_center_case_assets(
         centers={center},
         real_anomalies=False,
     )
-    md = dataset_metadata(kept, rejected, n_in, settings=config.model_dump_json(), center=center)
+    md: dict = {"settings": config.model_dump_json(), "center": center}
     if kept.height:
         md["abnormal_share"] = round(float(kept["abnormal"].mean()), 4)
         md["contact_sheet"] = _case_sheet(kept, f"MedAD {center}: cases with lesion contours", 12)
-    yield from dataset_outputs("medad_center_cases", kept, rejected, md)
+    return Made(kept, rejected, n_in, md)
 
 
-@multi_asset(
-    outs={
-        "medad_cases": AssetOut(
-            description="Cases of every center merged, plus the real-anomaly slice: a base image with 0-3 synthetic lesions (label mask = the truth) through a seeded acquisition center; split train / test / heldout_center / real_anomaly."
-        ),
-        "medad_cases_rejected": AssetOut(
-            description="Every center's dropped cases: a lesion that did not fit in the tissue or was no longer visible (CNR below min_cnr) after the center transform."
-        ),
-    },
+@dataset(
+    "medad_cases",
+    group=GROUP,
     ins={
         # Missing partitions load as absent, so the body can name them.
         "medad_center_cases": AssetIn(metadata={"allow_missing_partitions": True}),
         "medad_center_cases_rejected": AssetIn(metadata={"allow_missing_partitions": True}),
         "medad_bases": AssetIn(),
     },
-    group_name=GROUP,
+    description="Cases of every center merged, plus the real-anomaly slice: a base image with 0-3 synthetic lesions (label mask = the truth) through a seeded acquisition center; split train / test / heldout_center / real_anomaly.",
+    rejected="Every center's dropped cases: a lesion that did not fit in the tissue or was no longer visible (CNR below min_cnr) after the center transform.",
+    accounted=Planned("plan_index"),
+    accounted_description="No planned case lost: planned = kept + rejected, each exactly once.",
 )
 def medad_case_assets(
     context: AssetExecutionContext,
     medad_center_cases: dict[str, pl.DataFrame],
     medad_center_cases_rejected: dict[str, pl.DataFrame],
     medad_bases: pl.DataFrame,
-):
+) -> Made:
     order = MEDAD_CENTERS.get_partition_keys()
     s = shard_settings(
         context,
@@ -232,7 +214,7 @@ def medad_case_assets(
     real, real_rejected, _ = build_cases(bases, s, centers=set(), real_anomalies=True)
     kept = pl.concat([*(medad_center_cases[c] for c in order), real]).sort("plan_index")
     rejected = pl.concat([*(medad_center_cases_rejected[c] for c in order), real_rejected])
-    md = dataset_metadata(kept, rejected, len(plan_cases(bases, s)), settings=s.model_dump_json())
+    md: dict = {"settings": s.model_dump_json()}
     md["centers"] = MetadataValue.md(
         markdown_table(
             pl.DataFrame([vars(c) for c in center_profiles(s)]).with_columns(
@@ -247,21 +229,7 @@ def medad_case_assets(
         if cnr:
             md["lesion_cnr"] = histogram(cnr, "lesion contrast-to-noise after the center", "CNR")
         md["contact_sheet"] = _case_sheet(kept, "MedAD cases with lesion contours (red)", 18)
-    yield from dataset_outputs("medad_cases", kept, rejected, md)
-
-
-@asset_check(
-    asset="medad_cases",
-    blocking=True,
-    additional_ins={"rejected": AssetIn("medad_cases_rejected")},
-    description="No planned case lost: planned = kept + rejected, each exactly once.",
-)
-def medad_cases_accounted(
-    context: AssetCheckExecutionContext, cases: pl.DataFrame, rejected: pl.DataFrame
-) -> AssetCheckResult:
-    return accounting_result(
-        *planned_account(context, "medad_cases", cases["plan_index"].to_list(), rejected)
-    )
+    return Made(kept, rejected, len(plan_cases(bases, s)), md)
 
 
 @asset_check(
@@ -304,28 +272,26 @@ def medad_case_counts(
     )
 
 
-@multi_asset(
-    outs={
-        "medad_vqa": AssetOut(
-            description="Multiple-choice items (modality, anatomy, presence, 3x3 location, count, size, characterisation) with answers computed from the mask and a <think>...</think><answer>X</answer> completion."
-        ),
-        "medad_vqa_rejected": AssetOut(
-            description="Cases no item could be made from (an unreadable mask, a mask that disagrees with the recorded lesion count), with the reason."
-        ),
-    },
-    ins={"medad_cases": AssetIn()},
-    group_name=GROUP,
+@dataset(
+    "medad_vqa",
+    group=GROUP,
+    ins=("medad_cases",),
+    description="Multiple-choice items (modality, anatomy, presence, 3x3 location, count, size, characterisation) with answers computed from the mask and a <think>...</think><answer>X</answer> completion.",
+    rejected="Cases no item could be made from (an unreadable mask, a mask that disagrees with the recorded lesion count), with the reason.",
+    accounted=Parents("medad_cases", kept_key="case_id", kept_many=True),
+    accounted_description="No case lost: every case has items or a rejected row, never both.",
 )
 def medad_vqa_assets(
     context: AssetExecutionContext, generator: LLMResource, medad_cases: pl.DataFrame
-):
+) -> Made:
     s = run_settings(context, "medad_cases", MedADSettings)
     client = generator.client() if s.paraphrase_rate > 0 else None
     kept, rejected, n_in = build_items(
         medad_cases, s.seed, client, s.paraphrase_rate, log=context.log.info
     )
-    md = dataset_metadata(kept.drop("facts_json"), rejected, n_in, **llm_metadata(client))
+    md = llm_metadata(client)
     if kept.height:
+        md["preview"] = MetadataValue.md(markdown_table(preview_frame(kept.drop("facts_json"))))
         md["items_per_type"] = bar_plot(
             {q: kept.filter(pl.col("question_type") == q).height for q in QUESTION_TYPES},
             "items per question type",
@@ -336,24 +302,7 @@ def medad_vqa_assets(
         )
         md["paraphrase"] = MetadataValue.json(dict(Counter(kept["paraphrase"].to_list())))
         md["per_split"] = MetadataValue.json(dict(Counter(kept["split"].to_list())))
-    yield from dataset_outputs("medad_vqa", kept, rejected, md)
-
-
-@asset_check(
-    asset="medad_vqa",
-    blocking=True,
-    additional_ins={"rejected": AssetIn("medad_vqa_rejected"), "cases": AssetIn("medad_cases")},
-    description="No case lost: every case has items or a rejected row, never both.",
-)
-def medad_vqa_accounted(
-    context: AssetCheckExecutionContext,
-    items: pl.DataFrame,
-    rejected: pl.DataFrame,
-    cases: pl.DataFrame,
-) -> AssetCheckResult:
-    with_items = sorted(set(items["case_id"].to_list()))
-    acc = account(cases["record_id"].to_list(), with_items, first_parents(rejected))
-    return accounting_result(acc, rows_in(context, "medad_vqa"))
+    return Made(kept, rejected, n_in, md)
 
 
 @asset_check(
@@ -420,11 +369,10 @@ def medad_no_phi(
     )
 
 
-@asset_check(
-    asset="medad_vqa",
-    blocking=True,
-    additional_ins={"cases": AssetIn("medad_cases")},
-    description=f"Gate before training: at least {MIN_TRAINING_ITEMS} training items; no case of the test, held-out-center or real-anomaly splits among them; every training completion well-formed.",
+@gate(
+    "medad_vqa",
+    f"at least {MIN_TRAINING_ITEMS} training items; no case of the test, held-out-center or real-anomaly splits among them; every training completion well-formed.",
+    ins={"cases": "medad_cases"},
 )
 def medad_vqa_ready_for_training(items: pl.DataFrame, cases: pl.DataFrame) -> AssetCheckResult:
     from synth.medad.vqa import parse_completion
@@ -434,20 +382,17 @@ def medad_vqa_ready_for_training(items: pl.DataFrame, cases: pl.DataFrame) -> As
     leaked = sum(split_of.get(c) != "train" for c in train["case_id"].to_list())
     malformed = sum(parse_completion(c) is None for c in train["completion"].to_list())
     types = sorted(set(train["question_type"].to_list()))
-    return AssetCheckResult(
-        passed=train.height >= MIN_TRAINING_ITEMS and not leaked and not malformed,
-        severity=AssetCheckSeverity.ERROR,
-        metadata={
-            "observed_train_items": train.height,
-            "threshold": MIN_TRAINING_ITEMS,
-            "train_items_from_eval_cases": leaked,
-            "malformed_completions": malformed,
-            "question_types": types,
-        },
+    return gate_result(
+        train.height,
+        MIN_TRAINING_ITEMS,
+        "train_items",
+        details={"question_types": types},
+        train_items_from_eval_cases=leaked,
+        malformed_completions=malformed,
     )
 
 
-class MedADTrainConfig(Config):
+class MedADTrainConfig(LoraTrainingConfig):
     # 12 steps at 2e-3 are about what the 135M prefix model needs to write the
     # think/answer form, so that GRPO's rewards are not all zero.
     sft_steps: int = 12
@@ -458,13 +403,9 @@ class MedADTrainConfig(Config):
     w_format: float = 0.2
     w_accuracy: float = 0.6
     w_consistency: float = 0.2
-    batch_size: int = 2
     learning_rate: float = 2e-3  # SFT
     grpo_learning_rate: float = 1e-5
     grid: int = 4
-    lora_r: int = 16
-    lora_alpha: int = 32
-    seed: int = 0
 
 
 def _training_inputs(run_dir, items: pl.DataFrame, cases: pl.DataFrame) -> list[str]:
@@ -474,11 +415,7 @@ def _training_inputs(run_dir, items: pl.DataFrame, cases: pl.DataFrame) -> list[
     return ["--items", str(items_path), "--cases", str(cases_path)]
 
 
-@asset(
-    group_name=GROUP,
-    ins={"medad_vqa": AssetIn(), "medad_cases": AssetIn()},
-    automation_condition=TRAIN_WHEN_GATES_PASS,
-)
+@training("medad_model", group=GROUP, ins=("medad_vqa", "medad_cases"))
 def medad_model(
     context: AssetExecutionContext,
     config: MedADTrainConfig,
@@ -528,10 +465,7 @@ class MedADEvalConfig(Config):
     batch_size: int = 8
 
 
-@asset(
-    group_name=GROUP,
-    ins={"medad_model": AssetIn(), "medad_vqa": AssetIn(), "medad_cases": AssetIn()},
-)
+@evaluation("medad_eval", group=GROUP, ins=("medad_model", "medad_vqa", "medad_cases"))
 def medad_eval(
     context: AssetExecutionContext,
     config: MedADEvalConfig,
@@ -598,22 +532,26 @@ def medad_eval(
     return Output(table, metadata=md)
 
 
-checks = [
-    medad_cases_accounted,
-    medad_class_balance,
-    medad_case_counts,
-    medad_vqa_accounted,
-    medad_answers_verified,
-    medad_no_phi,
-    medad_vqa_ready_for_training,
-]
-medad_vqa_export = export_asset("medad", group=GROUP, checks=checks)
-assets = [
+defs = family_definitions(
     medad_base_assets,
     medad_center_case_assets,
     medad_case_assets,
+    medad_class_balance,
+    medad_case_counts,
     medad_vqa_assets,
+    medad_answers_verified,
+    medad_no_phi,
+    medad_vqa_ready_for_training,
     medad_model,
     medad_eval,
-    medad_vqa_export,
-]
+    export_asset(
+        "medad",
+        group=GROUP,
+        checks=[
+            medad_vqa_assets,
+            medad_answers_verified,
+            medad_no_phi,
+            medad_vqa_ready_for_training,
+        ],
+    ),
+)

@@ -12,35 +12,32 @@ from dagster import (
     AssetCheckSeverity,
     AssetExecutionContext,
     AssetIn,
-    AssetOut,
     Config,
     MetadataValue,
     Output,
     StaticPartitionsDefinition,
-    asset,
     asset_check,
-    multi_asset,
 )
 
-from assets.common import (
-    accounting_result,
-    dataset_metadata,
-    dataset_outputs,
-    first_parents,
-    llm_metadata,
-    markdown_table,
-    planned_account,
-    rows_in,
-    run_settings,
-    shard_settings,
-)
+from assets.common import llm_metadata, markdown_table, run_settings, shard_settings
 from assets.curation import curated_assets
+from assets.declare import (
+    LoraTrainingConfig,
+    Made,
+    Parents,
+    Planned,
+    dataset,
+    evaluation,
+    family_definitions,
+    gate,
+    gate_result,
+    problems_result,
+    trained_output,
+    training,
+)
 from assets.export import export_asset
 from assets.plots import bar_plot, barh_plot, line_plot, sft_grpo_curves
-from assets.quality import suite_checks
-from pipelines.automation import TRAIN_WHEN_GATES_PASS
-from pipelines.resources import LLMResource, TrainerResource
-from quality.accounting import account
+from assets.resources import LLMResource, TrainerResource
 from quality.curation import CurationSpec
 from quality.personaatlas import coverage, noise_report, persona_problems, turn_problems
 from synth.personaatlas.noise import layer_shares
@@ -62,61 +59,39 @@ class PersonaAtlasConfig(Config, AtlasSettings):
     pass
 
 
-@multi_asset(
-    outs={
-        "personaatlas_personas": AssetOut(
-            description="Personas: a value for every schema dimension (hidden) and the observed part, from Persona Hub text mapped by the LLM and from seeded sampling."
-        ),
-        "personaatlas_personas_rejected": AssetOut(
-            description="Persona Hub texts whose mapping onto the schema did not parse, was too sparse or not distinct, with the reason."
-        ),
-    },
-    ins={"seed_personas": AssetIn()},
-    group_name=GROUP,
+@dataset(
+    "personaatlas_personas",
+    group=GROUP,
+    ins=("seed_personas",),
+    description="Personas: a value for every schema dimension (hidden) and the observed part, from Persona Hub text mapped by the LLM and from seeded sampling.",
+    rejected="Persona Hub texts whose mapping onto the schema did not parse, was too sparse or not distinct, with the reason.",
+    accounted=Planned("persona_index"),
+    accounted_description="No persona lost: Persona Hub texts mapped + sampled personas = kept + rejected.",
 )
 def personaatlas_persona_assets(
     context: AssetExecutionContext,
     config: PersonaAtlasConfig,
     generator: LLMResource,
     seed_personas: pl.DataFrame,
-):
+) -> Made:
     client = generator.client()
     schema = config.schema()
     kept, rejected, n_in = build_personas(
         client, seed_personas, schema, config, log=context.log.info
     )
-    md = dataset_metadata(
-        kept,
-        rejected,
-        n_in,
-        settings=config.model_dump_json(),
-        dimensions=len(schema.dimensions),
+    md = {
+        "settings": config.model_dump_json(),
+        "dimensions": len(schema.dimensions),
         **{f"source_{k}": v for k, v in Counter(kept["source"].to_list()).items()},
         **{f"split_{k}": v for k, v in Counter(kept["split"].to_list()).items()},
         **llm_metadata(client),
-    )
+    }
     if kept.height:
         md["mean_observed_dims"] = round(float(kept["observed_dims"].mean()), 2)
         md["coverage_per_dimension"] = barh_plot(
             coverage(kept, schema), "share of personas exposing each dimension", "share of personas"
         )
-    yield from dataset_outputs("personaatlas_personas", kept, rejected, md)
-
-
-@asset_check(
-    asset="personaatlas_personas",
-    blocking=True,
-    additional_ins={"rejected": AssetIn("personaatlas_personas_rejected")},
-    description="No persona lost: Persona Hub texts mapped + sampled personas = kept + rejected.",
-)
-def personaatlas_personas_accounted(
-    context: AssetCheckExecutionContext, personas: pl.DataFrame, rejected: pl.DataFrame
-) -> AssetCheckResult:
-    return accounting_result(
-        *planned_account(
-            context, "personaatlas_personas", personas["persona_index"].to_list(), rejected
-        )
-    )
+    return Made(kept, rejected, n_in, md)
 
 
 @asset_check(
@@ -129,16 +104,11 @@ def personaatlas_personas_distinct(
 ) -> AssetCheckResult:
     s = run_settings(context, "personaatlas_personas", AtlasSettings)
     problems = persona_problems(personas, s.schema(), s.min_distance, s.min_constraints)
-    return AssetCheckResult(
-        passed=not problems,
-        severity=AssetCheckSeverity.ERROR,
-        metadata={
-            "personas": personas.height,
-            "min_distance": s.min_distance,
-            "min_constraints": s.min_constraints,
-            "observed_problems": len(problems),
-            "examples": problems[:10],
-        },
+    return problems_result(
+        problems,
+        personas=personas.height,
+        min_distance=s.min_distance,
+        min_constraints=s.min_constraints,
     )
 
 
@@ -149,18 +119,14 @@ PERSONA_SHARDS = StaticPartitionsDefinition(
 )
 
 
-@multi_asset(
-    outs={
-        "personaatlas_trajectory_shards": AssetOut(
-            description="One persona shard's conversations (a partition per shard): persona, initial query, every turn with clean and sent user text, noise, assistant reply and the simulator's verdict."
-        ),
-        "personaatlas_trajectory_shards_rejected": AssetOut(
-            description="That shard's planned conversations that could not be completed, with the turn and the reason."
-        ),
-    },
-    ins={"personaatlas_personas": AssetIn(), "seed_instructions": AssetIn()},
+@dataset(
+    "personaatlas_trajectory_shards",
+    group=GROUP,
+    ins=("personaatlas_personas", "seed_instructions"),
+    description="One persona shard's conversations (a partition per shard): persona, initial query, every turn with clean and sent user text, noise, assistant reply and the simulator's verdict.",
+    rejected="That shard's planned conversations that could not be completed, with the turn and the reason.",
     partitions_def=PERSONA_SHARDS,
-    group_name=GROUP,
+    accounted=None,  # the merge accounts for every shard's conversations
 )
 def personaatlas_trajectory_shard_assets(
     context: AssetExecutionContext,
@@ -169,7 +135,7 @@ def personaatlas_trajectory_shard_assets(
     simulator: LLMResource,
     personaatlas_personas: pl.DataFrame,
     seed_instructions: pl.DataFrame,
-):
+) -> Made:
     client, sim_client = generator.client(), simulator.client()
     pool = pool_clients(generator.cache_file, generator.max_concurrency, config.assistants_file)
     shards = PERSONA_SHARDS.get_partition_keys()
@@ -184,26 +150,17 @@ def personaatlas_trajectory_shard_assets(
         shard=shard,
         simulator=sim_client,
     )
-    md = dataset_metadata(
-        kept,
-        rejected,
-        n_in,
-        settings=config.model_dump_json(),
-        shard=context.partition_key,
+    md = {
+        "settings": config.model_dump_json(),
+        "shard": context.partition_key,
         **llm_metadata(client, sim_client),
-    )
-    yield from dataset_outputs("personaatlas_trajectory_shards", kept, rejected, md)
+    }
+    return Made(kept, rejected, n_in, md)
 
 
-@multi_asset(
-    outs={
-        "personaatlas_trajectories": AssetOut(
-            description="Every persona shard's conversations merged: persona (full and observed), original and initial query, every turn with clean and sent user text, noise, assistant reply and model, and the user simulator's verdict."
-        ),
-        "personaatlas_trajectories_rejected": AssetOut(
-            description="Planned conversations that could not be completed (failed call, empty assistant turn, unparseable verdict), with the turn and the reason."
-        ),
-    },
+@dataset(
+    "personaatlas_trajectories",
+    group=GROUP,
     ins={
         # Missing partitions load as absent, so the body can name them.
         "personaatlas_trajectory_shards": AssetIn(metadata={"allow_missing_partitions": True}),
@@ -213,7 +170,10 @@ def personaatlas_trajectory_shard_assets(
         "personaatlas_personas": AssetIn(),
         "seed_instructions": AssetIn(),
     },
-    group_name=GROUP,
+    description="Every persona shard's conversations merged: persona (full and observed), original and initial query, every turn with clean and sent user text, noise, assistant reply and model, and the user simulator's verdict.",
+    rejected="Planned conversations that could not be completed (failed call, empty assistant turn, unparseable verdict), with the turn and the reason.",
+    accounted=Planned("plan_index"),
+    accounted_description="No planned conversation lost: planned = kept + rejected, each exactly once.",
 )
 def personaatlas_trajectory_assets(
     context: AssetExecutionContext,
@@ -221,7 +181,7 @@ def personaatlas_trajectory_assets(
     personaatlas_trajectory_shards_rejected: dict[str, pl.DataFrame],
     personaatlas_personas: pl.DataFrame,
     seed_instructions: pl.DataFrame,
-):
+) -> Made:
     order = PERSONA_SHARDS.get_partition_keys()
     s = shard_settings(
         context,
@@ -235,7 +195,7 @@ def personaatlas_trajectory_assets(
     kept = pl.concat([personaatlas_trajectory_shards[k] for k in order]).sort("plan_index")
     rejected = pl.concat([personaatlas_trajectory_shards_rejected[k] for k in order])
     n_in = len(plan_conversations(personaatlas_personas, seed_instructions, s))
-    md = dataset_metadata(kept, rejected, n_in, settings=s.model_dump_json(), shards=len(order))
+    md: dict = {"settings": s.model_dump_json(), "shards": len(order)}
     if kept.height:
         turns = [t for ts in kept["turns"].to_list() for t in ts]
         mix = Counter(t["noise_layer"] or "clean" for t in turns)
@@ -253,23 +213,7 @@ def personaatlas_trajectory_assets(
             "share of satisfied verdicts per turn",
             "turn",
         )
-    yield from dataset_outputs("personaatlas_trajectories", kept, rejected, md)
-
-
-@asset_check(
-    asset="personaatlas_trajectories",
-    blocking=True,
-    additional_ins={"rejected": AssetIn("personaatlas_trajectories_rejected")},
-    description="No planned conversation lost: planned = kept + rejected, each exactly once.",
-)
-def personaatlas_trajectories_accounted(
-    context: AssetCheckExecutionContext, trajectories: pl.DataFrame, rejected: pl.DataFrame
-) -> AssetCheckResult:
-    return accounting_result(
-        *planned_account(
-            context, "personaatlas_trajectories", trajectories["plan_index"].to_list(), rejected
-        )
-    )
+    return Made(kept, rejected, n_in, md)
 
 
 @asset_check(
@@ -282,16 +226,8 @@ def personaatlas_turns_valid(
 ) -> AssetCheckResult:
     s = run_settings(context, "personaatlas_trajectories", AtlasSettings)
     problems = turn_problems(trajectories, s.min_turns, s.max_turns)
-    return AssetCheckResult(
-        passed=not problems,
-        severity=AssetCheckSeverity.ERROR,
-        metadata={
-            "conversations": trajectories.height,
-            "bounds": [s.min_turns, s.max_turns],
-            "observed_problems": len(problems),
-            "examples": problems[:10],
-        },
-    )
+    bounds = [s.min_turns, s.max_turns]
+    return problems_result(problems, conversations=trajectories.height, bounds=bounds)
 
 
 @asset_check(
@@ -312,7 +248,7 @@ def personaatlas_noise_mix(
     )
 
 
-personaatlas_curated_assets, personaatlas_curated_checks = curated_assets(
+personaatlas_curated = curated_assets(
     "personaatlas_curated",
     "personaatlas_trajectories",
     CurationSpec(
@@ -323,59 +259,37 @@ personaatlas_curated_assets, personaatlas_curated_checks = curated_assets(
 )
 
 
-@multi_asset(
-    outs={
-        "personaatlas_ppopt": AssetOut(
-            description="PPOpt rows, one per persona: history (user turns, replies masked; noised and clean) + target query -> the teacher's <REASONING>profile</REASONING><PROMPT>rewrite</PROMPT>."
-        ),
-        "personaatlas_ppopt_rejected": AssetOut(
-            description="Personas without a PPOpt row (one curated session only, or a teacher output that did not parse), with the reason."
-        ),
-    },
-    ins={"personaatlas_curated": AssetIn()},
-    group_name=GROUP,
+@dataset(
+    "personaatlas_ppopt",
+    group=GROUP,
+    ins=("personaatlas_curated",),
+    description="PPOpt rows, one per persona: history (user turns, replies masked; noised and clean) + target query -> the teacher's <REASONING>profile</REASONING><PROMPT>rewrite</PROMPT>.",
+    rejected="Personas without a PPOpt row (one curated session only, or a teacher output that did not parse), with the reason.",
+    accounted=Parents("personaatlas_curated", kept_key="persona_id", source_key="persona_id"),
+    accounted_description="No persona lost: personas in the curated conversations = PPOpt rows + rejected.",
 )
 def personaatlas_ppopt_assets(
     context: AssetExecutionContext, generator: LLMResource, personaatlas_curated: pl.DataFrame
-):
+) -> Made:
     client = generator.client()
     s = run_settings(context, "personaatlas_trajectories", AtlasSettings)
     kept, rejected, n_in = build_ppopt(
         client, personaatlas_curated, s.schema(), s.seed, log=context.log.info
     )
-    md = dataset_metadata(kept, rejected, n_in, **llm_metadata(client))
-    md.update({f"split_{k}": v for k, v in Counter(kept["split"].to_list()).items()})
+    md = {
+        **llm_metadata(client),
+        **{f"split_{k}": v for k, v in Counter(kept["split"].to_list()).items()},
+    }
     if kept.height:
         md["mean_history_sessions"] = round(float(kept["history_ids"].list.len().mean()), 3)
         md["noised_history_turns"] = int(kept["noised_history_turns"].sum())
-    yield from dataset_outputs("personaatlas_ppopt", kept, rejected, md)
+    return Made(kept, rejected, n_in, md)
 
 
-@asset_check(
-    asset="personaatlas_ppopt",
-    blocking=True,
-    additional_ins={
-        "rejected": AssetIn("personaatlas_ppopt_rejected"),
-        "curated": AssetIn("personaatlas_curated"),
-    },
-    description="No persona lost: personas in the curated conversations = PPOpt rows + rejected.",
-)
-def personaatlas_ppopt_accounted(
-    context: AssetCheckExecutionContext,
-    rows: pl.DataFrame,
-    rejected: pl.DataFrame,
-    curated: pl.DataFrame,
-) -> AssetCheckResult:
-    personas = sorted(set(curated["persona_id"].to_list()))
-    acc = account(personas, rows["persona_id"].to_list(), first_parents(rejected))
-    return accounting_result(acc, rows_in(context, "personaatlas_ppopt"))
-
-
-@asset_check(
-    asset="personaatlas_ppopt",
-    blocking=True,
-    additional_ins={"curated": AssetIn("personaatlas_curated")},
-    description=f"Gate before training: at least {MIN_TRAINING_ROWS} training rows, each with a well-formed teacher output; history only from the persona's own curated sessions, never the target; held-out personas carry no teacher output.",
+@gate(
+    "personaatlas_ppopt",
+    f"at least {MIN_TRAINING_ROWS} training rows, each with a well-formed teacher output; history only from the persona's own curated sessions, never the target; held-out personas carry no teacher output.",
+    ins={"curated": "personaatlas_curated"},
 )
 def personaatlas_ppopt_ready_for_training(
     rows: pl.DataFrame, curated: pl.DataFrame
@@ -388,23 +302,17 @@ def personaatlas_ppopt_ready_for_training(
         any(owner.get(h) != r["persona_id"] or h == r["parent_ids"][0] for h in r["history_ids"])
         for r in rows.to_dicts()
     )
-    return AssetCheckResult(
-        passed=train.height >= MIN_TRAINING_ROWS
-        and not malformed
-        and not leaked
-        and not bad_history,
-        severity=AssetCheckSeverity.ERROR,
-        metadata={
-            "observed_train_rows": train.height,
-            "threshold": MIN_TRAINING_ROWS,
-            "malformed_completions": malformed,
-            "heldout_with_teacher_output": leaked,
-            "rows_with_bad_history": bad_history,
-        },
+    return gate_result(
+        train.height,
+        MIN_TRAINING_ROWS,
+        "train_rows",
+        malformed_completions=malformed,
+        heldout_with_teacher_output=leaked,
+        rows_with_bad_history=bad_history,
     )
 
 
-class PPOptConfig(Config):
+class PPOptConfig(LoraTrainingConfig):
     sft_steps: int = 4
     grpo_steps: int = 2
     num_generations: int = 2
@@ -413,19 +321,10 @@ class PPOptConfig(Config):
     w_task: float = 0.7  # paper 0.7
     kl_beta: float = 0.0
     temperature: float = 1.0
-    batch_size: int = 2
-    learning_rate: float = 2e-4
-    lora_r: int = 16
-    lora_alpha: int = 32
     max_length: int = 1024
-    seed: int = 0
 
 
-@asset(
-    group_name=GROUP,
-    ins={"personaatlas_ppopt": AssetIn()},
-    automation_condition=TRAIN_WHEN_GATES_PASS,
-)
+@training("personaatlas_model", group=GROUP, ins=("personaatlas_ppopt",))
 def personaatlas_model(
     context: AssetExecutionContext,
     config: PPOptConfig,
@@ -445,34 +344,18 @@ def personaatlas_model(
     )
     reported["role_judge"] = judge.label
     history = reported["history"]
-    summary = pl.DataFrame(
-        [
-            {
-                "adapter_dir": str(reported["output_dir"]),
-                "final_sft_loss": float(reported["final_sft_loss"]),
-                "final_reward": float(reported["final_reward"]),
-                "train_rows": int(reported["train_rows"]),
-                "trainable_tensors_changed": int(reported["trainable_tensors_changed"]),
-            }
-        ]
-    )
-    md = {
-        k: reported[k]
-        for k in (
-            "final_sft_loss",
-            "final_reward",
-            "train_rows",
-            "trainable_tensors_changed",
-            "sft_tokens_per_s",
-            "grpo_completions_per_s",
-            "device",
-            "role_judge",
-        )
+    row = {
+        "final_sft_loss": float(reported["final_sft_loss"]),
+        "final_reward": float(reported["final_reward"]),
+        "train_rows": int(reported["train_rows"]),
     }
-    md["adapter_dir"] = MetadataValue.path(str(reported["output_dir"]))
-    md["history"] = MetadataValue.json(history)
-    md.update(sft_grpo_curves(history, "PPOpt", ("profile_score", "task_score", "format_ok")))
-    return Output(summary, metadata=md)
+    md = {
+        **row,
+        **{k: reported[k] for k in ("sft_tokens_per_s", "grpo_completions_per_s", "role_judge")},
+        "history": MetadataValue.json(history),
+        **sft_grpo_curves(history, "PPOpt", ("profile_score", "task_score", "format_ok")),
+    }
+    return trained_output(reported, row, md)
 
 
 class PPOptEvalConfig(Config):
@@ -480,7 +363,7 @@ class PPOptEvalConfig(Config):
     answer_max_tokens: int = 96
 
 
-@asset(group_name=GROUP, ins={"personaatlas_model": AssetIn(), "personaatlas_ppopt": AssetIn()})
+@evaluation("personaatlas_eval", group=GROUP, ins=("personaatlas_model", "personaatlas_ppopt"))
 def personaatlas_eval(
     context: AssetExecutionContext,
     config: PPOptEvalConfig,
@@ -554,27 +437,20 @@ def personaatlas_eval(
 
 
 personaatlas_curated_export = export_asset(
-    "personaatlas", group=GROUP, checks=[*personaatlas_curated_checks]
+    "personaatlas", group=GROUP, checks=[personaatlas_curated]
 )
 
-assets = [
+defs = family_definitions(
     personaatlas_persona_assets,
+    personaatlas_personas_distinct,
     personaatlas_trajectory_shard_assets,
     personaatlas_trajectory_assets,
-    personaatlas_curated_assets,
+    personaatlas_turns_valid,
+    personaatlas_noise_mix,
+    personaatlas_curated,
     personaatlas_ppopt_assets,
+    personaatlas_ppopt_ready_for_training,
     personaatlas_model,
     personaatlas_eval,
     personaatlas_curated_export,
-]
-checks = [
-    personaatlas_personas_accounted,
-    personaatlas_personas_distinct,
-    personaatlas_trajectories_accounted,
-    personaatlas_turns_valid,
-    personaatlas_noise_mix,
-    *suite_checks("personaatlas_trajectories"),
-    *personaatlas_curated_checks,
-    personaatlas_ppopt_accounted,
-    personaatlas_ppopt_ready_for_training,
-]
+)

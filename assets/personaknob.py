@@ -15,29 +15,29 @@ from dagster import (
     Config,
     MetadataValue,
     Output,
-    asset,
     asset_check,
     multi_asset,
 )
 
-from assets.common import (
-    accounting_result,
-    dataset_metadata,
-    dataset_outputs,
-    first_parents,
-    llm_metadata,
-    markdown_table,
-    planned_account,
-    rows_in,
-    run_settings,
-)
+from assets.common import first_parents, llm_metadata, markdown_table, run_settings
 from assets.curation import curated_assets
+from assets.declare import (
+    LoraTrainingConfig,
+    Made,
+    Parents,
+    Planned,
+    dataset,
+    evaluation,
+    family_definitions,
+    gate,
+    gate_result,
+    problems_result,
+    trained_output,
+    training,
+)
 from assets.export import export_asset
 from assets.plots import ability_plot, bar_plot, line_plot, partial_order_plot
-from assets.quality import suite_checks
-from pipelines.automation import TRAIN_WHEN_GATES_PASS
-from pipelines.resources import LLMResource, TrainerResource
-from quality.accounting import account
+from assets.resources import LLMResource, TrainerResource
 from quality.curation import CurationSpec
 from quality.personaknob import pass_rates, verify_order, verify_records
 from quality.rasch import fit_rasch
@@ -62,34 +62,42 @@ class PersonaKnobConfig(Config, KnobSettings):
     pass
 
 
-@multi_asset(
-    outs={
-        "personaknob_scenarios": AssetOut(
-            description="Scenarios: seed scene (a persona), context, trigger, the user's prompt, and the active dimension mask."
-        ),
-        "personaknob_scenarios_rejected": AssetOut(
-            description="Planned scenarios whose user prompt could not be written, with the reason."
-        ),
-    },
-    ins={"seed_personas": AssetIn()},
-    group_name=GROUP,
+def mask_mix_off(
+    context: AssetCheckExecutionContext, kept: pl.DataFrame, rejected: pl.DataFrame, n_in: int
+) -> dict[str, int]:
+    """Planned masks (kept and rejected) minus the configured mix, where they differ."""
+    settings = run_settings(context, "personaknob_scenarios", KnobSettings)
+    expected = Counter(allocate_masks(n_in or 0, settings.mask_mix, settings.seed))
+    planned = Counter(kept["mask"].to_list() + [json.loads(p)["mask"] for p in rejected["payload"]])
+    return {
+        m: planned[m] - expected[m]
+        for m in set(expected) | set(planned)
+        if planned[m] != expected[m]
+    }
+
+
+@dataset(
+    "personaknob_scenarios",
+    group=GROUP,
+    ins=("seed_personas",),
+    description="Scenarios: seed scene (a persona), context, trigger, the user's prompt, and the active dimension mask.",
+    rejected="Planned scenarios whose user prompt could not be written, with the reason.",
+    accounted=Planned("plan_index", plan_problems=mask_mix_off),
+    accounted_description="No planned scenario lost, and the planned masks are exactly the configured mix.",
 )
 def personaknob_scenario_assets(
     context: AssetExecutionContext,
     config: PersonaKnobConfig,
     generator: LLMResource,
     seed_personas: pl.DataFrame,
-):
+) -> Made:
     client = generator.client()
     kept, rejected, planned = make_scenarios(client, seed_personas, config, log=context.log.info)
-    md = dataset_metadata(
-        kept,
-        rejected,
-        planned,
-        settings=config.model_dump_json(),
+    md = {
+        "settings": config.model_dump_json(),
         **{f"split_{k}": v for k, v in Counter(kept["split"].to_list()).items()},
         **llm_metadata(client),
-    )
+    }
     if kept.height:
         md["mask_mix"] = bar_plot(
             {m: c for m in all_masks() if (c := kept["mask"].to_list().count(m))},
@@ -99,53 +107,20 @@ def personaknob_scenario_assets(
         md["triggers"] = bar_plot(
             dict(Counter(kept["trigger"].to_list())), "scenarios per trigger", "scenarios"
         )
-    yield from dataset_outputs("personaknob_scenarios", kept, rejected, md)
+    return Made(kept, rejected, planned, md)
 
 
-@asset_check(
-    asset="personaknob_scenarios",
-    blocking=True,
-    additional_ins={"rejected": AssetIn("personaknob_scenarios_rejected")},
-    description="No planned scenario lost, and the planned masks are exactly the configured mix.",
-)
-def personaknob_scenarios_accounted(
-    context: AssetCheckExecutionContext, scenarios: pl.DataFrame, rejected: pl.DataFrame
-) -> AssetCheckResult:
-    acc, n_in = planned_account(
-        context, "personaknob_scenarios", scenarios["plan_index"].to_list(), rejected
-    )
-    settings = run_settings(context, "personaknob_scenarios", KnobSettings)
-    expected = Counter(allocate_masks(n_in or 0, settings.mask_mix, settings.seed))
-    planned = Counter(
-        scenarios["mask"].to_list() + [json.loads(p)["mask"] for p in rejected["payload"]]
-    )
-    off = {
-        m: planned[m] - expected[m]
-        for m in set(expected) | set(planned)
-        if planned[m] != expected[m]
-    }
-    result = accounting_result(acc, n_in)
-    return AssetCheckResult(
-        passed=result.passed and not off,
-        severity=AssetCheckSeverity.ERROR,
-        metadata={**result.metadata, "mask_mix_off_by": off},
-    )
-
-
-@multi_asset(
-    outs={
-        "personaknob": AssetOut(
-            description="Per training scenario: the golden response and one verified reject per active dimension, with judge scores (PersonaKnob card schema)."
-        ),
-        "personaknob_rejected": AssetOut(
-            description="Scenarios without a verified golden or any verified reject, with the reason."
-        ),
-        "personaknob_attempts": AssetOut(
-            description="Every generation attempt: role, text, judge scores per dimension, verified or why not."
-        ),
+@dataset(
+    "personaknob",
+    group=GROUP,
+    ins=("personaknob_scenarios",),
+    description="Per training scenario: the golden response and one verified reject per active dimension, with judge scores (PersonaKnob card schema).",
+    rejected="Scenarios without a verified golden or any verified reject, with the reason.",
+    also={
+        "personaknob_attempts": "Every generation attempt: role, text, judge scores per dimension, verified or why not."
     },
-    ins={"personaknob_scenarios": AssetIn()},
-    group_name=GROUP,
+    accounted=Parents("personaknob_scenarios", where=pl.col("split") == "train"),
+    accounted_description="No training scenario lost: scenarios = kept + rejected, each exactly once.",
 )
 def personaknob_response_assets(
     context: AssetExecutionContext,
@@ -153,21 +128,18 @@ def personaknob_response_assets(
     generator: LLMResource,
     judge: LLMResource,
     personaknob_scenarios: pl.DataFrame,
-):
+) -> Made:
     client, judge_client = generator.client(), judge.client()
     result = synthesize_responses(
         client, personaknob_scenarios, config, log=context.log.info, judge_client=judge_client
     )
     attempts = result.attempts
-    md = dataset_metadata(
-        result.records,
-        result.rejected,
-        result.n_in,
-        settings=config.model_dump_json(),
-        threshold=config.threshold,
-        attempts=attempts.height,
+    md = {
+        "settings": config.model_dump_json(),
+        "threshold": config.threshold,
+        "attempts": attempts.height,
         **llm_metadata(client, judge_client),
-    )
+    }
     if attempts.height:
         rates = pass_rates(attempts)
         md.update({f"pass_rate_{k.replace(' ', '_')}": v for k, v in rates.items()})
@@ -176,28 +148,8 @@ def personaknob_response_assets(
         )
         reasons = Counter(r for r in attempts["reason"].to_list() if r)
         md["attempt_failures"] = MetadataValue.json(dict(reasons.most_common(12)))
-    yield Output(attempts, output_name="personaknob_attempts", metadata={"rows": attempts.height})
-    yield from dataset_outputs("personaknob", result.records, result.rejected, md)
-
-
-@asset_check(
-    asset="personaknob",
-    blocking=True,
-    additional_ins={
-        "rejected": AssetIn("personaknob_rejected"),
-        "scenarios": AssetIn("personaknob_scenarios"),
-    },
-    description="No training scenario lost: scenarios = kept + rejected, each exactly once.",
-)
-def personaknob_accounted(
-    context: AssetCheckExecutionContext,
-    records: pl.DataFrame,
-    rejected: pl.DataFrame,
-    scenarios: pl.DataFrame,
-) -> AssetCheckResult:
-    inputs = scenarios.filter(pl.col("split") == "train")["record_id"].to_list()
-    acc = account(inputs, first_parents(records), first_parents(rejected))
-    return accounting_result(acc, rows_in(context, "personaknob"))
+    also = {"personaknob_attempts": (attempts, {"rows": attempts.height})}
+    return Made(result.records, result.rejected, result.n_in, md, also)
 
 
 @asset_check(
@@ -209,16 +161,7 @@ def personaknob_verified(
     context: AssetCheckExecutionContext, records: pl.DataFrame
 ) -> AssetCheckResult:
     threshold = run_settings(context, "personaknob", KnobSettings).threshold
-    problems = verify_records(records, threshold)
-    return AssetCheckResult(
-        passed=problems.height == 0,
-        severity=AssetCheckSeverity.ERROR,
-        metadata={
-            "threshold": threshold,
-            "observed_problems": problems.height,
-            "examples": problems.head(10).to_dicts(),
-        },
-    )
+    return problems_result(verify_records(records, threshold), judge_threshold=threshold)
 
 
 @asset_check(
@@ -243,7 +186,7 @@ def personaknob_verification_rates(
     )
 
 
-personaknob_curated_assets, personaknob_curated_checks = curated_assets(
+personaknob_curated = curated_assets(
     "personaknob_curated",
     "personaknob",
     CurationSpec(
@@ -299,27 +242,14 @@ def personaknob_pair_assets(
     description="The partial order holds: every pair is a real dominance labelled with what it improves, a covering edge, no cycle, and the pairs' closure is exactly the dominance relation.",
 )
 def personaknob_order_verified(pairs: pl.DataFrame, nodes: pl.DataFrame) -> AssetCheckResult:
-    problems = verify_order(nodes, pairs)
-    return AssetCheckResult(
-        passed=problems.height == 0,
-        severity=AssetCheckSeverity.ERROR,
-        metadata={
-            "scenarios": nodes["scenario_id"].n_unique() if nodes.height else 0,
-            "observed_problems": problems.height,
-            "threshold": 0,
-            "examples": problems.head(10).to_dicts(),
-        },
-    )
+    scenarios = nodes["scenario_id"].n_unique() if nodes.height else 0
+    return problems_result(verify_order(nodes, pairs), scenarios=scenarios)
 
 
-@asset_check(
-    asset="personaknob_pairs",
-    blocking=True,
-    additional_ins={
-        "scenarios": AssetIn("personaknob_scenarios"),
-        "curated": AssetIn("personaknob_curated"),
-    },
-    description=f"Gate before training: at least {MIN_TRAINING_PAIRS} pairs, all from curated records, none from a held-out scenario.",
+@gate(
+    "personaknob_pairs",
+    f"at least {MIN_TRAINING_PAIRS} pairs, all from curated records, none from a held-out scenario.",
+    ins={"scenarios": "personaknob_scenarios", "curated": "personaknob_curated"},
 )
 def personaknob_pairs_ready_for_training(
     pairs: pl.DataFrame, scenarios: pl.DataFrame, curated: pl.DataFrame
@@ -327,36 +257,20 @@ def personaknob_pairs_ready_for_training(
     heldout = set(scenarios.filter(pl.col("split") == "heldout")["record_id"].to_list())
     leaked = pairs.filter(pl.col("scenario_id").is_in(list(heldout))).height
     stray = len(set(first_parents(pairs)) - set(curated["record_id"].to_list()))
-    return AssetCheckResult(
-        passed=pairs.height >= MIN_TRAINING_PAIRS and not leaked and not stray,
-        severity=AssetCheckSeverity.ERROR,
-        metadata={
-            "observed_pairs": pairs.height,
-            "threshold": MIN_TRAINING_PAIRS,
-            "heldout_leaked": leaked,
-            "not_from_curated": stray,
-        },
+    return gate_result(
+        pairs.height, MIN_TRAINING_PAIRS, "pairs", heldout_leaked=leaked, not_from_curated=stray
     )
 
 
-class ConstrainedDPOConfig(Config):
+class ConstrainedDPOConfig(LoraTrainingConfig):
     max_steps: int = 4
-    batch_size: int = 2
-    learning_rate: float = 2e-4
     beta: float = 0.1
     epsilon: float = 0.5  # tolerance of each dimension's constraint (paper 0.5)
     dual_lr: float = 1.0
-    lora_r: int = 16
-    lora_alpha: int = 32
     max_length: int = 384
-    seed: int = 0
 
 
-@asset(
-    group_name=GROUP,
-    ins={"personaknob_pairs": AssetIn()},
-    automation_condition=TRAIN_WHEN_GATES_PASS,
-)
+@training("personaknob_model", group=GROUP, ins=("personaknob_pairs",))
 def personaknob_model(
     context: AssetExecutionContext,
     config: ConstrainedDPOConfig,
@@ -373,35 +287,24 @@ def personaknob_model(
         context, "train.personaknob", [*args, *trainer.flags(config)]
     )
     history = reported["history"]
-    summary = pl.DataFrame(
-        [
-            {
-                "adapter_dir": str(reported["output_dir"]),
-                "final_loss": float(reported["final_loss"]),
-                "steps": len(history),
-                "trainable_tensors_changed": int(reported["trainable_tensors_changed"]),
-                **{f"lambda_{d}": float(v) for d, v in reported["multipliers"].items()},
-            }
-        ]
-    )
     steps = [h["step"] for h in history]
     losses = {"primary": [h["primary"] for h in history]}
     multipliers = {d: [h["multipliers"][d] for h in history] for d in DIMENSIONS}
-    return Output(
-        summary,
-        metadata={
-            "final_loss": float(reported["final_loss"]),
-            "trainable_tensors_changed": int(reported["trainable_tensors_changed"]),
-            "multipliers": MetadataValue.json(reported["multipliers"]),
-            "pairs_per_dimension": MetadataValue.json(reported["pairs_per_dimension"]),
-            "device": str(reported["device"]),
-            "adapter_dir": MetadataValue.path(str(reported["output_dir"])),
-            "loss_curve": line_plot(steps, losses, "constrained DPO: primary loss", "step"),
-            "multiplier_curve": line_plot(
-                steps, multipliers, "Lagrange multipliers (dual ascent)", "step"
-            ),
-        },
-    )
+    row = {
+        "final_loss": float(reported["final_loss"]),
+        "steps": len(history),
+        **{f"lambda_{d}": float(v) for d, v in reported["multipliers"].items()},
+    }
+    md = {
+        "final_loss": row["final_loss"],
+        "multipliers": MetadataValue.json(reported["multipliers"]),
+        "pairs_per_dimension": MetadataValue.json(reported["pairs_per_dimension"]),
+        "loss_curve": line_plot(steps, losses, "constrained DPO: primary loss", "step"),
+        "multiplier_curve": line_plot(
+            steps, multipliers, "Lagrange multipliers (dual ascent)", "step"
+        ),
+    }
+    return trained_output(reported, row, md)
 
 
 class PersonaKnobEvalConfig(Config):
@@ -410,7 +313,7 @@ class PersonaKnobEvalConfig(Config):
     threshold: float = 0.5
 
 
-@asset(group_name=GROUP, ins={"personaknob_model": AssetIn(), "personaknob_scenarios": AssetIn()})
+@evaluation("personaknob_eval", group=GROUP, ins=("personaknob_model", "personaknob_scenarios"))
 def personaknob_eval(
     context: AssetExecutionContext,
     config: PersonaKnobEvalConfig,
@@ -465,26 +368,18 @@ def personaknob_eval(
     )
 
 
-personaknob_curated_export = export_asset(
-    "personaknob", group=GROUP, checks=[*personaknob_curated_checks]
-)
+personaknob_curated_export = export_asset("personaknob", group=GROUP, checks=[personaknob_curated])
 
-assets = [
+defs = family_definitions(
     personaknob_scenario_assets,
     personaknob_response_assets,
-    personaknob_curated_assets,
+    personaknob_verified,
+    personaknob_verification_rates,
+    personaknob_curated,
     personaknob_pair_assets,
+    personaknob_order_verified,
+    personaknob_pairs_ready_for_training,
     personaknob_model,
     personaknob_eval,
     personaknob_curated_export,
-]
-checks = [
-    personaknob_scenarios_accounted,
-    personaknob_accounted,
-    personaknob_verified,
-    personaknob_verification_rates,
-    *suite_checks("personaknob"),
-    *personaknob_curated_checks,
-    personaknob_order_verified,
-    personaknob_pairs_ready_for_training,
-]
+)

@@ -4,7 +4,7 @@ import polars as pl
 from dagster import AssetCheckResult, AssetCheckSeverity, MetadataValue, asset_check
 
 from assets.common import markdown_table
-from pipelines.resources import QualityResource
+from assets.resources import QualityResource
 from quality.expectations import Suite, validate
 from quality.suites import SUITES
 

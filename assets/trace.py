@@ -1,5 +1,8 @@
 """TRACE: policy triage of existing preference pairs, impact weights, hybrid re-alignment."""
 
+from dataclasses import dataclass
+from types import MappingProxyType
+
 import polars as pl
 from dagster import (
     AssetCheckExecutionContext,
@@ -18,24 +21,22 @@ from dagster import (
     multi_asset,
 )
 
-from assets.common import (
-    accounting_result,
-    dataset_metadata,
-    first_parents,
-    llm_metadata,
-    markdown_table,
-    rejected_metadata,
-    rows_in,
-)
+from assets.common import first_parents, llm_metadata, markdown_table
 from assets.curation import curated_assets
+from assets.declare import (
+    TRAIN_WHEN_GATES_PASS,
+    Made,
+    dataset,
+    evaluation,
+    family_definitions,
+    gate,
+    problems_result,
+)
 from assets.export import export_asset
+from assets.partitions import TRACE_POLICY_VERSIONS
 from assets.plots import bar_plot, grouped_bar_plot, histogram, line_plot
-from assets.quality import suite_checks
-from pipelines.automation import TRAIN_WHEN_GATES_PASS
-from pipelines.partitions import TRACE_POLICY_VERSIONS
-from pipelines.resources import LLMResource, TrainerResource
-from pipelines.status import latest_materialization_metadata
-from quality.accounting import account
+from assets.resources import LLMResource, TrainerResource
+from assets.status import latest_materialization_metadata
 from quality.curation import CurationSpec
 from quality.trace import (
     label_counts,
@@ -102,21 +103,37 @@ class TraceTriageConfig(Config, TriageSettings):
     pass
 
 
-@multi_asset(
-    outs={
-        "trace_triage": AssetOut(
-            description="Pairs labelled RETAIN/INVERT/PUNISH from per-response policy verdicts."
-        ),
-        "trace_triage_review": AssetOut(
-            description="Pairs whose deciding verdicts were too close to call."
-        ),
-        "trace_triage_rejected": AssetOut(
-            description="Pairs the judge gave no usable verdict for."
-        ),
-    },
-    ins={"seed_preference_pairs": AssetIn(), "trace_policy": AssetIn()},
+@dataclass(frozen=True)
+class TriageSample:
+    """The triage's inputs are the pairs it sampled under the stored policy and the run's
+    settings; a kept pair is triaged or sent to review, by its pair id."""
+
+    plan_problems = None
+    ins = MappingProxyType(
+        {
+            "review": AssetIn("trace_triage_review"),
+            "pairs": AssetIn("seed_preference_pairs"),
+            "trace_policy": AssetIn("trace_policy"),
+        }
+    )
+
+    def ids(self, context, asset, kept, rejected, frames):
+        policy = policy_from_asset(frames["trace_policy"])
+        sample = triage_sample(frames["pairs"], policy, triage_settings(context))
+        kept_ids = kept["pair_id"].to_list() + frames["review"]["pair_id"].to_list()
+        return sample["record_id"].to_list(), kept_ids, first_parents(rejected)
+
+
+@dataset(
+    "trace_triage",
+    group="trace",
+    ins=("seed_preference_pairs", "trace_policy"),
+    description="Pairs labelled RETAIN/INVERT/PUNISH from per-response policy verdicts.",
+    rejected="Pairs the judge gave no usable verdict for.",
+    also={"trace_triage_review": "Pairs whose deciding verdicts were too close to call."},
     partitions_def=TRACE_POLICY_VERSIONS,
-    group_name="trace",
+    accounted=TriageSample(),
+    accounted_description="No pair lost: the sampled pairs == triaged + review + rejected.",
 )
 def trace_triage_assets(
     context: AssetExecutionContext,
@@ -124,7 +141,7 @@ def trace_triage_assets(
     judge: LLMResource,
     seed_preference_pairs: pl.DataFrame,
     trace_policy: pl.DataFrame,
-):
+) -> Made:
     policy = policy_from_asset(trace_policy)
     if policy.version != context.partition_key:
         raise ValueError(
@@ -141,17 +158,14 @@ def trace_triage_assets(
         result.triaged["p_chosen_violates"].to_list()
         + result.triaged["p_rejected_violates"].to_list()
     )
-    md = dataset_metadata(
-        result.triaged,
-        result.rejected,
-        result.n_in,
-        review=result.review.height,
-        policy_version=policy.version,
-        settings=settings.model_dump_json(),
-        relabelled_share=round(share, 4),
+    md = {
+        "review": result.review.height,
+        "policy_version": policy.version,
+        "settings": settings.model_dump_json(),
+        "relabelled_share": round(share, 4),
         **{f"label_{k}": v for k, v in counts.items()},
         **llm_metadata(client),
-    )
+    }
     md["label_distribution"] = bar_plot(counts, f"labels under {policy.name}", "pairs")
     if per_category:
         md["relabelled_per_category"] = bar_plot(
@@ -161,15 +175,8 @@ def trace_triage_assets(
         md["verdict_histogram"] = histogram(
             probs, "p(response violates)", "probability", "responses"
         )
-    yield Output(result.triaged, output_name="trace_triage", metadata=md)
-    yield Output(
-        result.review, output_name="trace_triage_review", metadata={"rows": result.review.height}
-    )
-    yield Output(
-        result.rejected,
-        output_name="trace_triage_rejected",
-        metadata=rejected_metadata(result.rejected),
-    )
+    also = {"trace_triage_review": (result.review, {"rows": result.review.height})}
+    return Made(result.triaged, result.rejected, result.n_in, md, also)
 
 
 def triage_settings(context: AssetCheckExecutionContext) -> TriageSettings:
@@ -183,31 +190,6 @@ def triage_settings(context: AssetCheckExecutionContext) -> TriageSettings:
 @asset_check(
     asset="trace_triage",
     blocking=True,
-    additional_ins={
-        "review": AssetIn("trace_triage_review"),
-        "rejected": AssetIn("trace_triage_rejected"),
-        "pairs": AssetIn("seed_preference_pairs"),
-        "trace_policy": AssetIn("trace_policy"),
-    },
-    description="No pair lost: the sampled pairs == triaged + review + rejected.",
-)
-def trace_triage_accounted(
-    context: AssetCheckExecutionContext,
-    triaged: pl.DataFrame,
-    review: pl.DataFrame,
-    rejected: pl.DataFrame,
-    pairs: pl.DataFrame,
-    trace_policy: pl.DataFrame,
-) -> AssetCheckResult:
-    sample = triage_sample(pairs, policy_from_asset(trace_policy), triage_settings(context))
-    kept = triaged["pair_id"].to_list() + review["pair_id"].to_list()
-    acc = account(sample["record_id"].to_list(), kept, first_parents(rejected))
-    return accounting_result(acc, rows_in(context, "trace_triage"))
-
-
-@asset_check(
-    asset="trace_triage",
-    blocking=True,
     description="Every label re-derived from the judge's raw logprobs and the run's threshold, by a separate code path.",
 )
 def trace_triage_labels_follow_verdicts(
@@ -215,17 +197,7 @@ def trace_triage_labels_follow_verdicts(
 ) -> AssetCheckResult:
     threshold = triage_settings(context).threshold
     bad = verify_labels(triaged, threshold)
-    return AssetCheckResult(
-        passed=bad.height == 0,
-        severity=AssetCheckSeverity.ERROR,
-        metadata={
-            "observed_mismatches": bad.height,
-            "threshold": 0,
-            "verdict_threshold": threshold,
-            "checked": triaged.height,
-            "examples": bad.head(10).to_dicts(),
-        },
-    )
+    return problems_result(bad, verdict_threshold=threshold, checked=triaged.height)
 
 
 class LabelShiftBand:
@@ -253,7 +225,7 @@ def trace_triage_label_shift(triaged: pl.DataFrame) -> AssetCheckResult:
     )
 
 
-trace_curated_assets, trace_curated_checks = curated_assets(
+trace_curated = curated_assets(
     "trace_curated",
     "trace_triage",
     CurationSpec(
@@ -265,10 +237,9 @@ trace_curated_assets, trace_curated_checks = curated_assets(
 )
 
 
-@asset_check(
-    asset="trace_curated",
-    blocking=True,
-    description=f"Gate before training: at least {MIN_CONFLICT_PAIRS} INVERT+PUNISH pairs to re-align on.",
+@gate(
+    "trace_curated",
+    f"at least {MIN_CONFLICT_PAIRS} INVERT+PUNISH pairs to re-align on.",
 )
 def trace_curated_enough_conflicts(triaged: pl.DataFrame) -> AssetCheckResult:
     counts = label_counts(triaged)
@@ -416,25 +387,8 @@ def trace_weighted_is_a_distribution(weighted: pl.DataFrame) -> AssetCheckResult
 
 
 trace_curated_export = export_asset(
-    "trace", group="trace", checks=[*trace_curated_checks, trace_curated_enough_conflicts]
+    "trace", group="trace", checks=[trace_curated, trace_curated_enough_conflicts]
 )
-
-assets = [
-    trace_policy,
-    trace_triage_assets,
-    trace_curated_assets,
-    trace_curated_export,
-    trace_model_assets,
-]
-checks = [
-    trace_triage_accounted,
-    trace_triage_labels_follow_verdicts,
-    trace_triage_label_shift,
-    *suite_checks("trace_triage"),
-    *trace_curated_checks,
-    trace_curated_enough_conflicts,
-    trace_weighted_is_a_distribution,
-]
 
 
 class TraceEvalConfig(Config):
@@ -444,14 +398,10 @@ class TraceEvalConfig(Config):
     threshold: float = 0.5  # p(violates) below this counts as compliant
 
 
-@asset(
-    group_name="trace",
-    ins={
-        "trace_model": AssetIn(),
-        "trace_weighted": AssetIn(),
-        "trace_policy": AssetIn(),
-        "seed_instructions": AssetIn(),
-    },
+@evaluation(
+    "trace_eval",
+    group="trace",
+    ins=("trace_model", "trace_weighted", "trace_policy", "seed_instructions"),
 )
 def trace_eval(
     context: AssetExecutionContext,
@@ -520,4 +470,15 @@ def trace_eval(
     return Output(gens, metadata=metadata)
 
 
-assets.append(trace_eval)
+defs = family_definitions(
+    trace_policy,
+    trace_triage_assets,
+    trace_triage_labels_follow_verdicts,
+    trace_triage_label_shift,
+    trace_curated,
+    trace_curated_enough_conflicts,
+    trace_model_assets,
+    trace_weighted_is_a_distribution,
+    trace_eval,
+    trace_curated_export,
+)

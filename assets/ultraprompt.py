@@ -7,35 +7,32 @@ import polars as pl
 from dagster import (
     AssetCheckExecutionContext,
     AssetCheckResult,
-    AssetCheckSeverity,
     AssetExecutionContext,
     AssetIn,
-    AssetOut,
     Config,
-    MetadataValue,
     Output,
     asset,
     asset_check,
-    multi_asset,
 )
 
-from assets.common import (
-    accounting_result,
-    dataset_metadata,
-    dataset_outputs,
-    first_parents,
-    llm_metadata,
-    rate_result,
-    rows_in,
-    run_settings,
-)
+from assets.common import first_parents, llm_metadata, rate_result, run_settings
 from assets.curation import curated_assets
+from assets.declare import (
+    LoraTrainingConfig,
+    Made,
+    Parents,
+    dataset,
+    evaluation,
+    family_definitions,
+    gate,
+    gate_result,
+    problems_result,
+    trained_output,
+    training,
+)
 from assets.export import export_asset
 from assets.plots import bar_plot, histogram, line_plot, search_tree_plot
-from assets.quality import suite_checks
-from pipelines.automation import TRAIN_WHEN_GATES_PASS
-from pipelines.resources import LLMResource, TrainerResource
-from quality.accounting import account
+from assets.resources import LLMResource, TrainerResource
 from quality.curation import CurationSpec
 from quality.stats import wilson_interval
 from quality.ultraprompt import search_report, verify_trees
@@ -53,17 +50,14 @@ class UltraPromptSeedConfig(Config, SeedSelection):
     pass
 
 
-@multi_asset(
-    outs={
-        "ultraprompt_seeds": AssetOut(
-            description="Seed instructions tagged with a category, chosen for diversity, split into search and held-out."
-        ),
-        "ultraprompt_seeds_rejected": AssetOut(
-            description="Candidate seeds not taken, with the closest seed that was."
-        ),
-    },
-    ins={"seed_instructions": AssetIn(), "seed_preference_pairs": AssetIn()},
-    group_name=GROUP,
+@dataset(
+    "ultraprompt_seeds",
+    group=GROUP,
+    ins=("seed_instructions", "seed_preference_pairs"),
+    description="Seed instructions tagged with a category, chosen for diversity, split into search and held-out.",
+    rejected="Candidate seeds not taken, with the closest seed that was.",
+    accounted=Parents(("seed_instructions", "seed_preference_pairs")),
+    accounted_description="No candidate lost: every instruction and pair prompt is taken or rejected exactly once.",
 )
 def ultraprompt_seeds_assets(
     context: AssetExecutionContext,
@@ -71,51 +65,19 @@ def ultraprompt_seeds_assets(
     judge: LLMResource,
     seed_instructions: pl.DataFrame,
     seed_preference_pairs: pl.DataFrame,
-):
+) -> Made:
     client = judge.client()
     kept, rejected, n_in = select_seeds(
         seed_instructions, seed_preference_pairs, config, client=client
     )
     splits = dict(Counter(kept["split"].to_list()))
-    md = dataset_metadata(
-        kept,
-        rejected,
-        n_in,
-        **{f"split_{k}": v for k, v in splits.items()},
-        **llm_metadata(client),
-    )
+    md = {**{f"split_{k}": v for k, v in splits.items()}, **llm_metadata(client)}
     if kept.height:
         md["categories"] = bar_plot(
             dict(Counter(kept["category"].to_list())), "seeds per category", "seeds"
         )
     context.log.info(f"ultraprompt seeds: {n_in} candidates, {kept.height} taken {splits}")
-    yield from dataset_outputs("ultraprompt_seeds", kept, rejected, md)
-
-
-@asset_check(
-    asset="ultraprompt_seeds",
-    blocking=True,
-    additional_ins={
-        "rejected": AssetIn("ultraprompt_seeds_rejected"),
-        "instructions": AssetIn("seed_instructions"),
-        "pairs": AssetIn("seed_preference_pairs"),
-    },
-    description="No candidate lost: every instruction and pair prompt is taken or rejected exactly once.",
-)
-def ultraprompt_seeds_accounted(
-    context: AssetCheckExecutionContext,
-    seeds: pl.DataFrame,
-    rejected: pl.DataFrame,
-    instructions: pl.DataFrame,
-    pairs: pl.DataFrame,
-) -> AssetCheckResult:
-    inputs = instructions["record_id"].to_list() + pairs["record_id"].to_list()
-    acc = account(
-        inputs,
-        first_parents(seeds),
-        first_parents(rejected),
-    )
-    return accounting_result(acc, rows_in(context, "ultraprompt_seeds"))
+    return Made(kept, rejected, n_in, md)
 
 
 class UltraPromptSearchConfig(Config, SearchSettings):
@@ -129,20 +91,17 @@ class UltraPromptSearchConfig(Config, SearchSettings):
     intent_judge: bool = False
 
 
-@multi_asset(
-    outs={
-        "ultraprompt_trees": AssetOut(
-            description="Every node of every search tree: instruction, principle path, reward, visits, value, prune reason."
-        ),
-        "ultraprompt": AssetOut(
-            description="Per seed: the original, the best (chosen) and worst (rejected) instruction of its tree, with paths and rewards."
-        ),
-        "ultraprompt_rejected": AssetOut(
-            description="Search seeds that gave no usable tree, with the reason."
-        ),
+@dataset(
+    "ultraprompt",
+    group=GROUP,
+    ins=("ultraprompt_seeds",),
+    description="Per seed: the original, the best (chosen) and worst (rejected) instruction of its tree, with paths and rewards.",
+    rejected="Search seeds that gave no usable tree, with the reason.",
+    also={
+        "ultraprompt_trees": "Every node of every search tree: instruction, principle path, reward, visits, value, prune reason."
     },
-    ins={"ultraprompt_seeds": AssetIn()},
-    group_name=GROUP,
+    accounted=Parents("ultraprompt_seeds", where=pl.col("split") == "search", first_rows_in=True),
+    accounted_description="No search seed lost: searched = kept + rejected, each exactly once.",
 )
 def ultraprompt_search_assets(
     context: AssetExecutionContext,
@@ -151,7 +110,7 @@ def ultraprompt_search_assets(
     reward: LLMResource,
     judge: LLMResource,
     ultraprompt_seeds: pl.DataFrame,
-):
+) -> Made:
     settings = SearchSettings(
         **{k: v for k, v in config.model_dump().items() if k in SearchSettings.model_fields}
     )
@@ -169,20 +128,17 @@ def ultraprompt_search_assets(
         intent_client=intent_client,
     )
     trees, records = result.trees, result.records
-    md = dataset_metadata(
-        records,
-        result.rejected,
-        result.n_in,
-        iterations=settings.iterations,
-        retries=settings.retries,
-        attempts_per_action=settings.attempts_per_action,
-        settings=settings.model_dump_json(),
-        exploration_weight=settings.exploration_weight,
-        samples_per_node=settings.samples,
-        tree_nodes=trees.height,
-        pruned_nodes=trees.filter(pl.col("status") == "pruned").height,
+    md = {
+        "iterations": settings.iterations,
+        "retries": settings.retries,
+        "attempts_per_action": settings.attempts_per_action,
+        "settings": settings.model_dump_json(),
+        "exploration_weight": settings.exploration_weight,
+        "samples_per_node": settings.samples,
+        "tree_nodes": trees.height,
+        "pruned_nodes": trees.filter(pl.col("status") == "pruned").height,
         **llm_metadata(client, reward_client, intent_client),
-    )
+    }
     expanded = trees.filter(pl.col("action") != "root")
     if expanded.height:
         md["principles_expanded"] = bar_plot(
@@ -204,34 +160,8 @@ def ultraprompt_search_assets(
         )
     pruned = Counter(trees.filter(pl.col("status") == "pruned")["prune_reason"].to_list())
     md.update({f"pruned_{k}": v for k, v in sorted(pruned.items())})
-    yield Output(trees, output_name="ultraprompt_trees", metadata={"rows": trees.height})
-    yield from dataset_outputs("ultraprompt", records, result.rejected, md)
-
-
-@asset_check(
-    asset="ultraprompt",
-    blocking=True,
-    additional_ins={
-        "rejected": AssetIn("ultraprompt_rejected"),
-        "seeds": AssetIn("ultraprompt_seeds"),
-    },
-    description="No search seed lost: searched = kept + rejected, each exactly once.",
-)
-def ultraprompt_accounted(
-    context: AssetCheckExecutionContext,
-    records: pl.DataFrame,
-    rejected: pl.DataFrame,
-    seeds: pl.DataFrame,
-) -> AssetCheckResult:
-    n_in = rows_in(context, "ultraprompt")
-    searched = seeds.filter(pl.col("split") == "search")["record_id"].to_list()
-    inputs = searched[: n_in if n_in is not None else None]
-    acc = account(
-        inputs,
-        first_parents(records),
-        first_parents(rejected),
-    )
-    return accounting_result(acc, n_in)
+    also = {"ultraprompt_trees": (trees, {"rows": trees.height})}
+    return Made(records, result.rejected, result.n_in, md, also)
 
 
 def _search_settings(context: AssetCheckExecutionContext) -> SearchSettings:
@@ -255,17 +185,8 @@ def ultraprompt_trees_verified(
     problems = verify_trees(
         trees, records, categories, s.iterations, s.retries, s.attempts_per_action
     )
-    return AssetCheckResult(
-        passed=problems.height == 0,
-        severity=AssetCheckSeverity.ERROR,
-        metadata={
-            "trees": trees["seed_id"].n_unique() if trees.height else 0,
-            "budget": s.iterations,
-            "observed_problems": problems.height,
-            "threshold": 0,
-            "examples": problems.head(10).to_dicts(),
-        },
-    )
+    trees_seen = trees["seed_id"].n_unique() if trees.height else 0
+    return problems_result(problems, trees=trees_seen, budget=s.iterations)
 
 
 class SearchTargets:
@@ -313,7 +234,7 @@ def ultraprompt_pruned_share(records: pl.DataFrame, trees: pl.DataFrame) -> Asse
     )
 
 
-ultraprompt_curated_assets, ultraprompt_curated_checks = curated_assets(
+ultraprompt_curated = curated_assets(
     "ultraprompt_curated",
     "ultraprompt",
     CurationSpec(
@@ -326,11 +247,10 @@ ultraprompt_curated_assets, ultraprompt_curated_checks = curated_assets(
 )
 
 
-@asset_check(
-    asset="ultraprompt_curated",
-    blocking=True,
-    additional_ins={"seeds": AssetIn("ultraprompt_seeds")},
-    description=f"Gate before training: at least {MIN_TRAINING_RECORDS} records, at least one whose chosen instruction is a rewrite, and none from a held-out seed.",
+@gate(
+    "ultraprompt_curated",
+    f"at least {MIN_TRAINING_RECORDS} records, at least one whose chosen instruction is a rewrite, and none from a held-out seed.",
+    ins={"seeds": "ultraprompt_seeds"},
 )
 def ultraprompt_curated_ready_for_training(
     records: pl.DataFrame, seeds: pl.DataFrame
@@ -338,15 +258,13 @@ def ultraprompt_curated_ready_for_training(
     heldout = set(seeds.filter(pl.col("split") == "heldout")["record_id"].to_list())
     leaked = [p for p in first_parents(records) if p in heldout]
     rewrites = records.filter(pl.col("chosen_node_id") != 0).height
-    return AssetCheckResult(
-        passed=records.height >= MIN_TRAINING_RECORDS and rewrites >= 1 and not leaked,
-        severity=AssetCheckSeverity.ERROR,
-        metadata={
-            "observed_records": records.height,
-            "threshold": MIN_TRAINING_RECORDS,
-            "chosen_is_rewrite": rewrites,
-            "heldout_leaked": len(leaked),
-        },
+    return gate_result(
+        records.height,
+        MIN_TRAINING_RECORDS,
+        "records",
+        details={"chosen_is_rewrite": rewrites},
+        holds=rewrites >= 1,
+        heldout_leaked=len(leaked),
     )
 
 
@@ -370,24 +288,22 @@ def ultraprompt_dpo(ultraprompt_curated: pl.DataFrame) -> Output[pl.DataFrame]:
     return Output(view, metadata=md)
 
 
-class PAlignerConfig(Config):
+class PAlignerConfig(LoraTrainingConfig):
     max_steps: int = 4
     dpo_steps: int = 2  # 0 = SFT only
-    batch_size: int = 2
-    learning_rate: float = 2e-4
     beta: float = 0.1
-    lora_r: int = 16
-    lora_alpha: int = 32
     max_length: int = 384
-    seed: int = 0
 
 
-@asset(
-    group_name=GROUP,
-    ins={"ultraprompt_sft": AssetIn(), "ultraprompt_dpo": AssetIn()},
-    # The views carry no checks of their own: depend on the gated table they are cut from.
-    deps=["ultraprompt_curated"],
-    automation_condition=TRAIN_WHEN_GATES_PASS,
+# The views carry no checks of their own: depend on the gated table they are cut from.
+@training(
+    "paligner_model",
+    group=GROUP,
+    ins=(
+        "ultraprompt_sft",
+        "ultraprompt_dpo",
+    ),
+    deps=("ultraprompt_curated",),
 )
 def paligner_model(
     context: AssetExecutionContext,
@@ -404,32 +320,22 @@ def paligner_model(
     args = ["--sft", str(sft), "--dpo", str(dpo), "--output-dir", str(run_dir)]
     reported = trainer.launch_reported(context, "train.paligner", [*args, *trainer.flags(config)])
     history = reported["history"]
-    summary = pl.DataFrame(
-        [
-            {
-                "adapter_dir": str(reported["output_dir"]),
-                "final_loss": float(reported["final_loss"]),
-                "sft_steps": len(history["sft"]),
-                "dpo_steps": len(history["dpo"]),
-                "trainable_tensors_changed": int(reported["trainable_tensors_changed"]),
-            }
-        ]
-    )
     curves = {"sft": [h["loss"] for h in history["sft"]]}
     if history["dpo"]:
         curves["dpo"] = [h["loss"] for h in history["dpo"]]
     steps = list(range(1, max(len(c) for c in curves.values()) + 1))
-    return Output(
-        summary,
-        metadata={
-            "final_loss": float(reported["final_loss"]),
-            "trainable_tensors_changed": int(reported["trainable_tensors_changed"]),
-            "sft_tokens_per_s": float(reported["sft_tokens_per_s"]),
-            "device": str(reported["device"]),
-            "adapter_dir": MetadataValue.path(str(reported["output_dir"])),
-            "loss_curve": line_plot(steps, curves, "P-Aligner training loss", "step"),
-        },
-    )
+    final_loss = float(reported["final_loss"])
+    row = {
+        "final_loss": final_loss,
+        "sft_steps": len(history["sft"]),
+        "dpo_steps": len(history["dpo"]),
+    }
+    md = {
+        "final_loss": final_loss,
+        "sft_tokens_per_s": float(reported["sft_tokens_per_s"]),
+        "loss_curve": line_plot(steps, curves, "P-Aligner training loss", "step"),
+    }
+    return trained_output(reported, row, md)
 
 
 class PAlignerEvalConfig(Config):
@@ -437,7 +343,7 @@ class PAlignerEvalConfig(Config):
     response_max_tokens: int = 96
 
 
-@asset(group_name=GROUP, ins={"paligner_model": AssetIn(), "ultraprompt_seeds": AssetIn()})
+@evaluation("paligner_eval", group=GROUP, ins=("paligner_model", "ultraprompt_seeds"))
 def paligner_eval(
     context: AssetExecutionContext,
     config: PAlignerEvalConfig,
@@ -489,29 +395,21 @@ def paligner_eval(
 
 
 ultraprompt_curated_export = export_asset(
-    "ultraprompt",
-    group=GROUP,
-    checks=[*ultraprompt_curated_checks, ultraprompt_curated_ready_for_training],
+    "ultraprompt", group=GROUP, checks=[ultraprompt_curated, ultraprompt_curated_ready_for_training]
 )
 
-assets = [
+defs = family_definitions(
     ultraprompt_seeds_assets,
     ultraprompt_search_assets,
-    ultraprompt_curated_assets,
+    ultraprompt_trees_verified,
+    ultraprompt_search_gains,
+    ultraprompt_trees_deep,
+    ultraprompt_pruned_share,
+    ultraprompt_curated,
+    ultraprompt_curated_ready_for_training,
     ultraprompt_sft,
     ultraprompt_dpo,
     paligner_model,
     paligner_eval,
     ultraprompt_curated_export,
-]
-checks = [
-    ultraprompt_seeds_accounted,
-    ultraprompt_accounted,
-    ultraprompt_trees_verified,
-    ultraprompt_search_gains,
-    ultraprompt_trees_deep,
-    ultraprompt_pruned_share,
-    *suite_checks("ultraprompt"),
-    *ultraprompt_curated_checks,
-    ultraprompt_curated_ready_for_training,
-]
+)

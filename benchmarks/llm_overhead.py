@@ -25,7 +25,7 @@ import httpx  # noqa: E402
 import polars as pl  # noqa: E402
 from dagster import AssetExecutionContext, Config, DagsterInstance, Output, asset, materialize  # noqa: E402
 
-from pipelines.resources import LLMResource, ParquetIOManager  # noqa: E402
+from assets.resources import LLMResource, ParquetIOManager  # noqa: E402
 from synth.llm import GenerationParams, LLMRequest, make_backend  # noqa: E402
 
 
@@ -90,7 +90,7 @@ def run_asset(llm: LLMResource, home: Path, n: int, max_tokens: int) -> tuple[fl
 
 
 def start_server(port: int, parallel: int) -> subprocess.Popen:
-    from pipelines.resources import _die_with_parent
+    from assets.resources import _die_with_parent
 
     proc = subprocess.Popen(
         [

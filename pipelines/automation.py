@@ -8,7 +8,6 @@ from pathlib import Path
 
 from dagster import (
     AssetSelection,
-    AutomationCondition,
     AutomationConditionSensorDefinition,
     DefaultScheduleStatus,
     DefaultSensorStatus,
@@ -23,7 +22,7 @@ from dagster import (
     sensor,
 )
 
-from pipelines.partitions import TRACE_POLICY_VERSIONS, adding_policy_versions
+from assets.partitions import TRACE_POLICY_VERSIONS, adding_policy_versions
 
 # inbox subfolder -> (seed asset whose source it sets, the job that runs it and downstream)
 INBOX_KINDS = {
@@ -37,7 +36,7 @@ SEED_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".csv")
 def current_policy(instance) -> tuple[str, str]:
     """(version, path) of the policy TRACE triages under now: the last `trace_policy`
     materialization's, else the shipped default policy's."""
-    from pipelines.status import latest_materialization_metadata
+    from assets.status import latest_materialization_metadata
     from synth.trace.policy import SHIPPED_POLICIES, load_policy
 
     md = latest_materialization_metadata(instance, "trace_policy")
@@ -166,11 +165,6 @@ def build_schedules() -> list[ScheduleDefinition]:
     return [*plain, nightly_trace]
 
 
-# A training asset runs when it is missing or its data was updated, and only once every
-# blocking check on the data it depends on passed (a failed gate keeps it waiting).
-TRAIN_WHEN_GATES_PASS = (
-    AutomationCondition.eager() & AutomationCondition.all_deps_blocking_checks_passed()
-).with_label("train when gates pass")
 TRAINING_ASSETS = (
     "trace_model",
     "trace_weighted",

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import polars as pl
 
-from pipelines.settings import SettingsError
+from assets.settings import SettingsError
 
 
 class CLIError(Exception):
@@ -37,7 +37,7 @@ def _defs():
 def _instance():
     from dagster import DagsterInstance
 
-    from pipelines.settings import ensure_instance_yaml
+    from assets.settings import ensure_instance_yaml
 
     if not os.environ.get("DAGSTER_HOME"):
         raise CLIError(
@@ -48,7 +48,7 @@ def _instance():
 
 
 def effective_config() -> dict:
-    from pipelines.settings import home_dir, load_settings, policy_files, role_summary
+    from assets.settings import home_dir, load_settings, policy_files, role_summary
     from quality.decontam import benchmark_files_from_env
 
     home = home_dir()
@@ -81,7 +81,7 @@ def cmd_config(args) -> None:
 
 
 def status_rows(defs, instance) -> list[dict]:
-    from pipelines.status import latest_check_results
+    from assets.status import latest_check_results
 
     graph = defs.get_repository_def().asset_graph
     rows = []
@@ -133,7 +133,7 @@ def cmd_status(args) -> None:
 
 def cmd_export(args) -> None:
     from assets.export import EXPORTABLE, card_info
-    from pipelines.settings import home_dir
+    from assets.settings import home_dir
     from quality.export import export_dataset
 
     spec = EXPORTABLE.get(args.family)
@@ -167,8 +167,8 @@ def cmd_export(args) -> None:
 def cmd_policy(args: argparse.Namespace) -> None:
     """What the policy sensor does for a watched file, by hand: the file's version becomes
     a partition of the triage, and the command that triages under it is printed."""
-    from pipelines.partitions import TRACE_POLICY_VERSIONS
-    from pipelines.settings import home_dir
+    from assets.partitions import TRACE_POLICY_VERSIONS
+    from assets.settings import home_dir
     from synth.trace.policy import PolicyError, load_policy
 
     try:
@@ -194,9 +194,9 @@ def cmd_policy(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     """A family's jobs, as `pipelines.runner` plans them, recorded in the instance."""
+    from assets.settings import home_dir
     from pipelines.definitions import build_definitions
     from pipelines.runner import FAMILIES, check_family, run_family, summary
-    from pipelines.settings import home_dir
 
     families = FAMILIES if args.family == "all" else (args.family,)
     if args.family != "all" and args.family not in FAMILIES:
@@ -221,7 +221,7 @@ def _err(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.settings import quiet_environment
+    from assets.settings import quiet_environment
 
     quiet_environment()
     ap = argparse.ArgumentParser(prog="alignfoundry", description=__doc__.splitlines()[0])

@@ -18,6 +18,8 @@ from assets import (
     trace,
     ultraprompt,
 )
+from assets.resources import LLMResource, ParquetIOManager, QualityResource, TrainerResource
+from assets.settings import ROLES, Settings, home_dir, load_settings, policy_files
 from pipelines.automation import (
     build_failure_sensor,
     build_inbox_sensor,
@@ -25,9 +27,19 @@ from pipelines.automation import (
     build_training_automation_sensor,
 )
 from pipelines.jobs import jobs, jobs_with_settings
-from pipelines.resources import LLMResource, ParquetIOManager, QualityResource, TrainerResource
 from pipelines.sensors import build_policy_sensor
-from pipelines.settings import ROLES, Settings, home_dir, load_settings, policy_files
+
+# Each family module declares its steps and exports them as one Definitions.
+FAMILY_MODULES = (
+    seeds,
+    responses,
+    trace,
+    ultraprompt,
+    personaknob,
+    personaatlas,
+    medad,
+    calibration,
+)
 
 
 def role_resources(home: Path, settings: Settings | None = None) -> dict[str, LLMResource]:
@@ -81,28 +93,10 @@ def build_definitions(
     unknown = sorted(set(models) - set(ROLES))
     if unknown:
         raise ValueError(f"unknown model role {unknown[0]!r} (roles: {', '.join(ROLES)})")
-    all_assets = [
-        *seeds.assets,
-        *responses.assets,
-        *trace.assets,
-        *ultraprompt.assets,
-        *personaknob.assets,
-        *personaatlas.assets,
-        *medad.assets,
-        *calibration.assets,
-    ]
+    families = Definitions.merge(*(family.defs for family in FAMILY_MODULES))
     parts = dict(
-        assets=all_assets,
-        asset_checks=[
-            *seeds.checks,
-            *responses.checks,
-            *trace.checks,
-            *ultraprompt.checks,
-            *personaknob.checks,
-            *personaatlas.checks,
-            *medad.checks,
-            *calibration.checks,
-        ],
+        assets=list(families.assets or ()),
+        asset_checks=list(families.asset_checks or ()),
         schedules=build_schedules(),
         resources={
             "io_manager": ParquetIOManager(base_dir=str(home / "storage")),
@@ -163,7 +157,7 @@ def _step_workers_die_with_their_run() -> None:
     import multiprocessing
 
     if multiprocessing.parent_process() is not None and sys.platform.startswith("linux"):
-        from pipelines.resources import _die_with_parent
+        from assets.resources import _die_with_parent
 
         _die_with_parent()
 

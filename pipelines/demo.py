@@ -19,7 +19,7 @@ import time
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.settings import quiet_environment
+    from assets.settings import quiet_environment
 
     quiet_environment()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale", default="demo", choices=("demo", "default"))
     args = ap.parse_args(argv)
 
+    from assets.settings import ensure_instance_yaml, home_dir
     from pipelines.runner import FAMILIES, run_family, summary
-    from pipelines.settings import ensure_instance_yaml, home_dir
 
     home = home_dir(args.home)
     os.environ.setdefault("DAGSTER_HOME", str(home / "dagster"))

@@ -31,7 +31,14 @@ ATLAS_DEMO = {
 # The embedded 135M judge's p(Yes) sits between 0.2 and 0.4 whatever it reads (median
 # 0.27): at the demo scale PersonaKnob verifies at that median and takes 10 scenarios, so
 # that a few pairs pass the gate and training runs. With a real judge keep 0.5.
-KNOB_DEMO = {"scenarios": 10, "max_attempts": 3, "heldout_every": 5, "threshold": 0.27}
+KNOB_DEMO = {
+    "scenarios": 10,
+    "max_attempts": 3,
+    "heldout_every": 5,
+    "threshold": 0.27,
+    "prompt_max_tokens": 64,
+    "response_max_tokens": 80,
+}
 # Small settings per op: every family through its checks, gate, a few training steps and
 # an evaluation, on the embedded model. The ops' defaults are the `default` scale.
 DEMO_SCALE: dict[str, dict[str, Any]] = {
@@ -50,7 +57,12 @@ DEMO_SCALE: dict[str, dict[str, Any]] = {
     "personaknob_eval": {"max_new_tokens": 16},
     "personaatlas_persona_assets": ATLAS_DEMO,
     "personaatlas_trajectory_shard_assets": ATLAS_DEMO,
-    "personaatlas_model": {"sft_steps": 2, "grpo_steps": 1},
+    "personaatlas_model": {
+        "sft_steps": 2,
+        "grpo_steps": 1,
+        "max_completion_length": 48,
+        "max_length": 512,
+    },
     "personaatlas_eval": {"max_new_tokens": 24, "answer_max_tokens": 24},
     "medad_base_assets": {"image_size": 96, "cases_per_base": 1},
     "medad_center_case_assets": {"image_size": 96, "cases_per_base": 1},
@@ -117,7 +129,7 @@ def plan(defs: Any, family: str, instance: Any, policy_file: str = "") -> list[S
 
 def register_policy(instance: Any, policy_file: str = "") -> str:
     """The policy file's version, added as a triage partition when it is new."""
-    from pipelines.partitions import TRACE_POLICY_VERSIONS
+    from assets.partitions import TRACE_POLICY_VERSIONS
     from synth.trace.policy import SHIPPED_POLICIES, load_policy
 
     policy = load_policy(policy_file or SHIPPED_POLICIES / "new_policy.yaml")

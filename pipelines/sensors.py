@@ -9,7 +9,7 @@ from pathlib import Path
 
 from dagster import RunRequest, SensorEvaluationContext, SkipReason, sensor
 
-from pipelines.partitions import adding_policy_versions
+from assets.partitions import adding_policy_versions
 from synth.trace.policy import PolicyError, load_policy
 
 

@@ -9,11 +9,14 @@ schema expectations still see every column).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import re
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from html import escape as html_escape
 from pathlib import Path
@@ -246,9 +249,15 @@ def keep_page(scratch: Path, docs: Path, result: SuiteResult) -> str:
     dst = docs / src.relative_to(scratch)
     dst.parent.mkdir(parents=True, exist_ok=True)
     html = _REMOTE.sub("", src.read_text(encoding="utf-8"))
-    dst.write_text(html.replace("</head>", OFFLINE_STYLE + "</head>", 1), encoding="utf-8")
+    _write_atomically(dst, html.replace("</head>", OFFLINE_STYLE + "</head>", 1))
     if not (docs / "static").exists():
-        shutil.copytree(scratch / "static", docs / "static")
+        # Copied aside, then renamed: a check in another process either finds the whole
+        # folder or copies its own (the first rename wins, the others are dropped).
+        staged = Path(tempfile.mkdtemp(prefix=".static-", dir=docs))
+        shutil.copytree(scratch / "static", staged / "static")
+        with contextlib.suppress(OSError):
+            staged.joinpath("static").rename(docs / "static")
+        shutil.rmtree(staged, ignore_errors=True)
     summary = {
         "suite": result.suite.name,
         "severity": result.suite.severity,
@@ -258,9 +267,17 @@ def keep_page(scratch: Path, docs: Path, result: SuiteResult) -> str:
         "rows": result.rows,
         "page": str(dst.relative_to(docs)),
     }
-    dst.with_suffix(".json").write_text(json.dumps(summary))
+    _write_atomically(dst.with_suffix(".json"), json.dumps(summary))
     write_index(docs)
     return str(dst)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write beside `path`, then rename over it: checks of several runs at once share
+    these pages and the index, and a reader must never see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def write_index(docs: Path) -> Path:
@@ -279,7 +296,8 @@ def write_index(docs: Path) -> Path:
             f"<td>{r['rows']}</td><td>{html_escape(when)}</td></tr>"
         )
     index = docs / "index.html"
-    index.write_text(
+    _write_atomically(
+        index,
         '<!doctype html><html><head><meta charset="utf-8"><title>alignfoundry Data Docs</title>'
         + OFFLINE_STYLE
         + "</head><body><h1>alignfoundry Data Docs</h1>"
@@ -287,6 +305,5 @@ def write_index(docs: Path) -> Path:
         "<table><tr><th>suite</th><th>severity</th><th>result</th><th>rows</th><th>run</th></tr>"
         + "".join(body)
         + "</table></body></html>",
-        encoding="utf-8",
     )
     return index

@@ -150,7 +150,7 @@ def decode_png(md_value: str):
 def trace_partition(instance) -> str:
     """The shipped policy's version, added as a triage partition (what the policy sensor
     does for a watched file): the partition key a `trace` run needs."""
-    from pipelines.partitions import TRACE_POLICY_VERSIONS
+    from assets.partitions import TRACE_POLICY_VERSIONS
     from synth.trace.policy import SHIPPED_POLICIES, load_policy
 
     version = load_policy(SHIPPED_POLICIES / "new_policy.yaml").version

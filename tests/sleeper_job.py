@@ -9,7 +9,7 @@ import sys
 
 from dagster import AssetExecutionContext, Config, DagsterInstance, asset, materialize
 
-from pipelines.resources import TrainerResource
+from assets.resources import TrainerResource
 
 
 class SleeperConfig(Config):

@@ -6,8 +6,8 @@ import time
 import pytest
 from dagster import DagsterInstance
 
+from assets.resources import LLMResource
 from pipelines.definitions import build_definitions
-from pipelines.resources import LLMResource
 from synth.llm import InvalidSchemaError, LLMClient, LLMRequest, OpenAICompatBackend
 
 from conftest import free_port

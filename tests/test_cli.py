@@ -81,7 +81,7 @@ def test_config_status_and_export(tmp_path, cli_env, monkeypatch, capsys):
 
 
 def test_policy_adds_its_version_as_a_triage_partition(tmp_path, cli_env):
-    from pipelines.partitions import TRACE_POLICY_VERSIONS
+    from assets.partitions import TRACE_POLICY_VERSIONS
     from synth.trace.policy import SHIPPED_POLICIES, load_policy
 
     policy = SHIPPED_POLICIES / "strict.yaml"

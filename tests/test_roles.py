@@ -10,11 +10,11 @@ import pytest
 from dagster import DagsterInstance, materialize
 from reference_server import Entry, ReferenceJudgeServer
 
+from assets.resources import LLMResource, ParquetIOManager
 from assets.responses import judged_responses_assets
 from assets.seeds import seed_instructions
+from assets.settings import ROLES, SettingsError, load_settings, role_summary
 from pipelines.definitions import build_definitions, role_resources
-from pipelines.resources import LLMResource, ParquetIOManager
-from pipelines.settings import ROLES, SettingsError, load_settings, role_summary
 from synth.llm import (
     GenerationParams,
     LLMClient,
@@ -172,7 +172,7 @@ def responses_run(tmp_path, generator: LLMResource, judge_role: LLMResource, lim
         "judge": judge_role,
     }
     result = materialize(
-        [seed_instructions, judged_responses_assets],
+        [seed_instructions.asset, judged_responses_assets.asset],
         resources=resources,
         run_config={"ops": {"judged_responses_assets": {"config": {"limit": limit}}}},
         instance=DagsterInstance.ephemeral(),
@@ -353,7 +353,7 @@ def test_a_partial_override_in_run_config_keeps_the_other_settings(
 
 
 def test_every_default_path_lives_under_the_home(tmp_path, monkeypatch):
-    from pipelines.resources import QualityResource, TrainerResource
+    from assets.resources import QualityResource, TrainerResource
 
     monkeypatch.setenv("ALIGNFOUNDRY_HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)  # a checkout's .alignfoundry must never be picked up

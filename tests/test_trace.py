@@ -10,10 +10,10 @@ import torch
 from dagster import DagsterInstance
 from reference_server import ReferenceJudgeServer
 
+from assets.partitions import TRACE_POLICY_VERSIONS
+from assets.resources import LLMResource
 from assets.trace import trace_triage_label_shift, trace_weighted_is_a_distribution
 from pipelines.definitions import build_definitions
-from pipelines.partitions import TRACE_POLICY_VERSIONS
-from pipelines.resources import LLMResource
 from quality.trace import verify_labels
 from synth.trace.policy import SHIPPED_POLICIES, PolicyError, load_policy
 from synth.trace.triage import TriageSettings, triage_label, triage_sample, violation_requests

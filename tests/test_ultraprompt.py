@@ -11,9 +11,9 @@ import pytest
 from dagster import DagsterInstance
 from reference_server import Entry, ReferenceJudgeServer
 
+from assets.resources import LLMResource
 from benchmarks.ultraprompt_search import compare_on_landscape
 from pipelines.definitions import build_definitions
-from pipelines.resources import LLMResource
 from quality.ultraprompt import verify_tree, verify_trees
 from synth.llm import LLMClient, ResponseCache, make_backend
 from synth.loaders import load_instructions, load_preference_pairs

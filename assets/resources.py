@@ -13,6 +13,7 @@ from dagster import (
     ConfigurableResource,
     InitResourceContext,
     InputContext,
+    OutputContext,
     PipesClientCompletedInvocation,
     PipesSubprocessClient,
     open_pipes_session,
@@ -62,7 +63,7 @@ class LLMResource(ConfigurableResource):
         that field alone, and must not drop the backend, URL and model configured for it."""
         import os
 
-        from pipelines.settings import ROLE_SETTINGS, load_settings
+        from assets.settings import ROLE_SETTINGS, load_settings
 
         configured = load_settings().roles.get(self.role)
         out = {}
@@ -102,7 +103,7 @@ class LLMResource(ConfigurableResource):
     def cache_file(self) -> str:
         """The response cache: the configured path, or the one under ALIGNFOUNDRY_HOME (never
         a path relative to wherever the process happens to run)."""
-        from pipelines.settings import home_dir
+        from assets.settings import home_dir
 
         return self.cache_path or str(home_dir() / "llm_cache.sqlite")
 
@@ -152,6 +153,20 @@ class ParquetIOManager(PolarsParquetIOManager):
             self.storage_options or getattr(path, "storage_options", None)
         )
         return pl.scan_parquet(str(path), storage_options=options)
+
+    def write_df_to_path(self, context: OutputContext, df: pl.DataFrame, path: Any) -> None:
+        """On a local disk, write beside the path and rename over it: jobs running at once
+        (the demo's lanes, `dagster dev`) materialize the shared seed assets, and a step
+        reading one must never see half a file (dagster-polars writes in place)."""
+        if getattr(path, "protocol", "") not in ("", "file", "local"):
+            return super().write_df_to_path(context, df, path)
+        import os
+        import threading
+
+        target = Path(str(path))
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        super().write_df_to_path(context, df, type(path)(str(tmp)))
+        os.replace(tmp, target)
 
 
 def _die_with_parent() -> None:
@@ -246,7 +261,7 @@ class TrainerResource(ConfigurableResource):
     stop_grace_s: float = 10.0  # after SIGINT, how long a child may take before SIGKILL
 
     def run_dir(self, name: str) -> Path:
-        from pipelines.settings import home_dir
+        from assets.settings import home_dir
 
         path = Path(self.runs_dir or home_dir() / "runs") / name
         path.mkdir(parents=True, exist_ok=True)
@@ -305,7 +320,7 @@ class QualityResource(ConfigurableResource):
 
     @property
     def root(self) -> Path:
-        from pipelines.settings import home_dir
+        from assets.settings import home_dir
 
         return home_dir(self.home or None)
 
