@@ -126,30 +126,3 @@ def test_the_declared_accounting_check_fails_when_a_step_loses_a_row(tmp_path):
     assert accounted.metadata["missing"].value == 1
     # Blocking: a failed accounting check fails the run.
     assert not result.success
-
-
-def test_the_declared_result_builders_fail_on_hand_made_cases():
-    from assets.declare import Planned, accounting_result, problems_result
-    from quality.accounting import account
-
-    # A property check fails on any problem, with the count and the rows as examples.
-    bad = problems_result(pl.DataFrame({"record_id": ["a", "b"]}), scenarios=3)
-    assert not bad.passed and bad.metadata["observed_problems"].value == 2
-    assert bad.metadata["examples"].value == [{"record_id": "a"}, {"record_id": "b"}]
-    assert problems_result([]).passed and not problems_result(["x"], blocking=False).passed
-    # A gate fails below its threshold, on any problem count, and when `holds` is false.
-    assert gate_result(2, 2, "pairs").passed
-    assert not gate_result(1, 2, "pairs").passed
-    assert not gate_result(5, 2, "pairs", heldout_leaked=1).passed
-    assert not gate_result(5, 2, "records", holds=False, details={"chosen_is_rewrite": 0}).passed
-    # Planned accounting: plan 0..3, row 2 neither kept nor rejected; a plan that is off
-    # the configured mix fails even when every row is accounted for.
-    kept = pl.DataFrame({"plan_index": [0, 3]})
-    rejected = pl.DataFrame({"source_index": [1]})
-    inputs, kept_ids, rejected_ids = Planned().ids(None, 4, kept, rejected, {})
-    acc = account(inputs, kept_ids, rejected_ids)
-    assert acc.metadata()["missing"] == 1 and not accounting_result(acc, 4).passed
-    whole = account(range(3), [0, 2], [1])
-    assert accounting_result(whole, 3).passed
-    assert not accounting_result(whole, 4).passed  # rows_in reported differs
-    assert not accounting_result(whole, 3, {"AT": 1}).passed
