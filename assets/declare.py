@@ -78,18 +78,15 @@ class Made:
 
 # How the accounting check finds the inputs a step was given, and which of them each kept
 # and rejected row came from. Each reads back what storage holds, not what the step said.
-# A rule has `ins` (the further assets it reads, by parameter name), `ids` (given the
-# rows_in the step reported, read once per check) and `plan_problems`; a family with
-# another way of planning writes its own (see trace.py).
+# A rule has `ins` (the further assets it reads, by parameter name), `ids` and
+# `plan_problems`; a family with another way of planning writes its own (see trace.py).
 
 
 class AccountingRule(Protocol):
     ins: Mapping[str, AssetIn]
     plan_problems: Callable[..., dict[str, Any]] | None
 
-    def ids(
-        self, context, n_in: int | None, kept, rejected, frames
-    ) -> tuple[Iterable, list, list]: ...
+    def ids(self, context, asset: str, kept, rejected, frames) -> tuple[Iterable, list, list]: ...
 
 
 @dataclass(frozen=True)
@@ -102,7 +99,8 @@ class Planned:
     plan_problems: Callable[..., dict[str, Any]] | None = None
     ins: Mapping[str, AssetIn] = field(default_factory=dict)
 
-    def ids(self, context, n_in, kept, rejected, frames) -> tuple[Iterable, list, list]:
+    def ids(self, context, asset: str, kept, rejected, frames) -> tuple[Iterable, list, list]:
+        n_in = rows_in(context, asset)
         return range(n_in or 0), kept[self.index].to_list(), rejected["source_index"].to_list()
 
 
@@ -132,7 +130,7 @@ class Parents:
     def ins(self) -> Mapping[str, AssetIn]:
         return {s: AssetIn(s, partition_mapping=self.partition_mapping) for s in self.sources}
 
-    def ids(self, context, n_in, kept, rejected, frames) -> tuple[Iterable, list, list]:
+    def ids(self, context, asset: str, kept, rejected, frames) -> tuple[Iterable, list, list]:
         inputs = []
         for name in self.sources:
             source = frames[name]
@@ -140,6 +138,7 @@ class Parents:
                 source = source.filter(self.where)
             inputs += source[self.source_key].to_list()
         if self.first_rows_in:
+            n_in = rows_in(context, asset)
             inputs = inputs[: n_in if n_in is not None else None]
         kept_ids = kept[self.kept_key].to_list() if self.kept_key else first_parents(kept)
         if self.kept_many:
@@ -160,7 +159,8 @@ class SourceRows:
     plan_problems: Callable[..., dict[str, Any]] | None = None
     ins: Mapping[str, AssetIn] = field(default_factory=dict)
 
-    def ids(self, context, n_in, kept, rejected, frames) -> tuple[Iterable, list, list]:
+    def ids(self, context, asset: str, kept, rejected, frames) -> tuple[Iterable, list, list]:
+        n_in = rows_in(context, asset)
         total = n_in if n_in is not None else kept.height + rejected.height
         return range(total), kept["source_index"].to_list(), rejected["source_index"].to_list()
 
@@ -205,9 +205,10 @@ def dataset(
 ) -> Callable[[Callable[..., Made]], Dataset]:
     """Declare a dataset step (see the module's docstring). `accounted`: how its accounting
     check finds its inputs (None: no such check, e.g. for shards that a merge accounts
-    for). `ins`: asset names (the function's parameters of the same names), or parameter
-    name -> AssetIn; `also`: more outputs, name -> description, that the step returns in
-    `Made.also`; `op`: the op's name in run config (default: the function's)."""
+    for). `ins`: asset names (the
+    function's parameters of the same names), or parameter name -> AssetIn; `also`: more
+    outputs, name -> description, that the step returns in `Made.also`; `op`: the op's
+    name in run config (default: the function's)."""
     inputs = dict(ins) if isinstance(ins, Mapping) else {n: AssetIn(n) for n in ins}
     outs = {
         name: AssetOut(description=description),
@@ -264,13 +265,12 @@ def accounting_check(name: str, rule: AccountingRule, description: str) -> Asset
     `_rejected` companion accounts for every input exactly once, and rows_in as reported."""
 
     def check(context: AssetCheckExecutionContext, kept, rejected, **frames) -> AssetCheckResult:
-        n_in = rows_in(context, name)  # one instance query, for the rule and the result
-        inputs, kept_ids, rejected_ids = rule.ids(context, n_in, kept, rejected, frames)
+        inputs, kept_ids, rejected_ids = rule.ids(context, name, kept, rejected, frames)
         acc = account(inputs, kept_ids, rejected_ids)
         problems = None
         if rule.plan_problems is not None:
-            problems = rule.plan_problems(context, kept, rejected, n_in)
-        return accounting_result(acc, n_in, problems)
+            problems = rule.plan_problems(context, kept, rejected, rows_in(context, name))
+        return accounting_result(acc, rows_in(context, name), problems)
 
     frame = inspect.Parameter.POSITIONAL_OR_KEYWORD
     params = [

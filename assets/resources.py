@@ -156,8 +156,8 @@ class ParquetIOManager(PolarsParquetIOManager):
 
     def write_df_to_path(self, context: OutputContext, df: pl.DataFrame, path: Any) -> None:
         """On a local disk, write beside the path and rename over it: jobs running at once
-        under `dagster dev` (e.g. trace and ultraprompt) materialize the shared seed assets,
-        and a step reading one must never see half a file (dagster-polars writes in place)."""
+        (the demo's lanes, `dagster dev`) materialize the shared seed assets, and a step
+        reading one must never see half a file (dagster-polars writes in place)."""
         if getattr(path, "protocol", "") not in ("", "file", "local"):
             return super().write_df_to_path(context, df, path)
         import os

@@ -117,7 +117,7 @@ class TriageSample:
         }
     )
 
-    def ids(self, context, n_in, kept, rejected, frames):
+    def ids(self, context, asset, kept, rejected, frames):
         policy = policy_from_asset(frames["trace_policy"])
         sample = triage_sample(frames["pairs"], policy, triage_settings(context))
         kept_ids = kept["pair_id"].to_list() + frames["review"]["pair_id"].to_list()
