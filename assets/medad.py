@@ -33,9 +33,15 @@ from assets.declare import (
     training,
 )
 from assets.export import export_asset
-from assets.plots import bar_plot, contact_sheet, histogram, sft_grpo_curves
+from assets.plots import bar_plot, contact_sheet, grouped_bar_plot, histogram, sft_grpo_curves
 from assets.resources import LLMResource, TrainerResource
-from quality.medad import answer_problems, balance_report, coverage_report, phi_hits
+from quality.medad import (
+    answer_problems,
+    balance_report,
+    coverage_report,
+    phi_hits,
+    subject_leaks,
+)
 from synth.medad.bases import (
     ALLOWLIST,
     bases_frame,
@@ -371,23 +377,28 @@ def medad_no_phi(
 
 @gate(
     "medad_vqa",
-    f"at least {MIN_TRAINING_ITEMS} training items; no case of the test, held-out-center or real-anomaly splits among them; every training completion well-formed.",
-    ins={"cases": "medad_cases"},
+    f"at least {MIN_TRAINING_ITEMS} training items; no subject (base image, or volume of slices) both in the training items and in the test, held-out-center or real-anomaly items; every training completion well-formed.",
+    ins={"bases": "medad_bases"},
 )
-def medad_vqa_ready_for_training(items: pl.DataFrame, cases: pl.DataFrame) -> AssetCheckResult:
+def medad_vqa_ready_for_training(items: pl.DataFrame, bases: pl.DataFrame) -> AssetCheckResult:
+    return training_gate(items, bases)
+
+
+def training_gate(items: pl.DataFrame, bases: pl.DataFrame) -> AssetCheckResult:
     from synth.medad.vqa import parse_completion
 
-    split_of = dict(zip(cases["record_id"].to_list(), cases["split"].to_list(), strict=True))
     train = items.filter(pl.col("split") == "train")
-    leaked = sum(split_of.get(c) != "train" for c in train["case_id"].to_list())
+    leaks = subject_leaks(items, bases)
     malformed = sum(parse_completion(c) is None for c in train["completion"].to_list())
-    types = sorted(set(train["question_type"].to_list()))
     return gate_result(
         train.height,
         MIN_TRAINING_ITEMS,
         "train_items",
-        details={"question_types": types},
-        train_items_from_eval_cases=leaked,
+        details={
+            "question_types": sorted(set(train["question_type"].to_list())),
+            "shared_subjects": leaks,
+        },
+        subjects_in_train_and_eval=len(leaks),
         malformed_completions=malformed,
     )
 
@@ -398,8 +409,11 @@ class MedADTrainConfig(LoraTrainingConfig):
     sft_steps: int = 12
     grpo_steps: int = 2
     num_generations: int = 4
-    max_completion_length: int = 96
+    max_completion_length: int = 0  # 0 = the longest SFT target plus 8 tokens
     temperature: float = 1.0
+    beta: float = 0.0  # KL to the SFT policy
+    epsilon: float = 0.2  # ratio clip
+    grpo_updates: int = 1  # updates per batch of generations
     w_format: float = 0.2
     w_accuracy: float = 0.6
     w_consistency: float = 0.2
@@ -460,9 +474,10 @@ def medad_model(
 
 
 class MedADEvalConfig(Config):
-    max_new_tokens: int = 96
-    limit_per_split: int = 0  # 0 = every evaluation item
+    max_new_tokens: int = 0  # 0 = the longest target completion plus 8 tokens
+    limit_per_type: int = 0  # items per (split, question type), seeded; 0 = every item
     batch_size: int = 8
+    seed: int = 0
 
 
 @evaluation("medad_eval", group=GROUP, ins=("medad_model", "medad_vqa", "medad_cases"))
@@ -474,9 +489,9 @@ def medad_eval(
     medad_vqa: pl.DataFrame,
     medad_cases: pl.DataFrame,
 ) -> Output[pl.DataFrame]:
-    """Accuracy per question type and per center (in-distribution test vs held-out
-    center vs the real-anomaly slice), format rate and reasoning-answer consistency of
-    the trained model, against the chance rate of each question type."""
+    """Accuracy per question type, per split (in-distribution test vs held-out center vs
+    the real-anomaly slice) and per center, format rate and reasoning-answer consistency
+    of the trained model, beside the chance, majority and always-yes baselines."""
     run_dir = trainer.run_dir(f"medad-eval-{context.run_id}")
     out = run_dir / "predictions.parquet"
     args = [
@@ -488,7 +503,6 @@ def medad_eval(
     ]
     trainer.launch(context, "train.medad_eval", [*args, *trainer.flags(config)])
     table = pl.read_parquet(out)
-    table = table.with_columns(chance=1.0 / pl.col("options"))
 
     def rates(by: str) -> pl.DataFrame:
         return (
@@ -497,6 +511,8 @@ def medad_eval(
                 pl.len().alias("items"),
                 pl.col("correct").mean().alias("accuracy"),
                 pl.col("chance").mean().alias("chance"),
+                pl.col("majority_correct").mean().alias("majority"),
+                pl.col("always_yes_correct").mean().alias("always_yes"),
                 pl.col("format_ok").mean().alias("format_ok"),
                 pl.col("consistency").mean().alias("consistency"),
             )
@@ -508,21 +524,28 @@ def medad_eval(
     md = {
         "items": table.height,
         "accuracy": round(float(table["correct"].mean()), 4),
+        "majority_baseline": round(float(table["majority_correct"].mean()), 4),
+        "chance_baseline": round(float(table["chance"].mean()), 4),
         "format_ok": round(float(table["format_ok"].mean()), 4),
         "consistency": round(float(table["consistency"].mean()), 4),
         **{f"accuracy_{r['split']}": r["accuracy"] for r in per_split.to_dicts()},
         "per_question_type": MetadataValue.md(markdown_table(per_type)),
-        "per_split": MetadataValue.md(markdown_table(per_split)),
-        "per_center": MetadataValue.md(markdown_table(per_center)),
-        "accuracy_by_type": bar_plot(
-            dict(
-                zip(
-                    per_type["question_type"].to_list(), per_type["accuracy"].to_list(), strict=True
+        "accuracy_vs_baselines": grouped_bar_plot(
+            {
+                name: dict(
+                    zip(per_type["question_type"].to_list(), per_type[col].to_list(), strict=True)
                 )
-            ),
-            "MedAD accuracy per question type",
+                for name, col in (
+                    ("model", "accuracy"),
+                    ("majority", "majority"),
+                    ("chance", "chance"),
+                )
+            },
+            "MedAD accuracy per question type against baselines",
             "accuracy",
         ),
+        "per_split": MetadataValue.md(markdown_table(per_split)),
+        "per_center": MetadataValue.md(markdown_table(per_center)),
         "accuracy_by_split": bar_plot(
             dict(zip(per_split["split"].to_list(), per_split["accuracy"].to_list(), strict=True)),
             "MedAD accuracy: test vs held-out center vs real",

@@ -67,7 +67,7 @@ DEMO_SCALE: dict[str, dict[str, Any]] = {
     "medad_base_assets": {"image_size": 96, "cases_per_base": 1},
     "medad_center_case_assets": {"image_size": 96, "cases_per_base": 1},
     "medad_model": {"sft_steps": 4, "grpo_steps": 1, "num_generations": 2},
-    "medad_eval": {"limit_per_split": 3},
+    "medad_eval": {"limit_per_type": 1},
 }
 SCALES = {"demo": DEMO_SCALE, "default": {}}
 

@@ -1,29 +1,92 @@
-"""MedAD rules recomputed from stored data: every answer from its mask, no patient
-identifier in any output, and the balance of the cases."""
+"""MedAD rules recomputed from stored data: every answer re-derived from its mask, no
+patient identifier in any output, the balance of the cases, and splits by subject."""
 
 from __future__ import annotations
 
+import io
 import json
+import math
 from collections import Counter
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from synth.medad.vqa import (
+    COUNT_WORDS,
     LETTERS,
-    answer_text,
-    case_facts,
     claim_problems,
     parse_claims,
     parse_completion,
     supports,
 )
 
+# The rules as the questions state them to a reader, restated here rather than taken from
+# the generator, so a generator mistake shows as a disagreement: size classes by the
+# lesion's equivalent diameter over the image width (the size question's note), and the
+# 3x3 grid the location question names.
+SIZE_BY_WIDTH = ((0.07, "small"), (0.12, "medium"), (math.inf, "large"))
+GRID_ROWS, GRID_COLS = ("upper", "middle", "lower"), ("left", "centre", "right")
+
+
+def _cell(row: int, col: int) -> str:
+    return "centre" if (row, col) == (1, 1) else f"{GRID_ROWS[row]} {GRID_COLS[col]}"
+
+
+def read_facts(case: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """What a reader of the saved mask PNG and the base's allow-list metadata finds: the
+    lesions are the mask's connected components (whatever their label values), the
+    largest is the one of most pixels (all of them on a tie)."""
+    from PIL import Image
+    from scipy import ndimage as ndi
+
+    mask = np.asarray(Image.open(io.BytesIO(case["mask_png"])))
+    side = mask.shape[1]
+    parts, n = ndi.label(mask > 0)
+    lesions = []
+    for k in range(1, n + 1):
+        ys, xs = np.nonzero(parts == k)
+        width = 2 * math.sqrt(len(ys) / math.pi) / side
+        size = next(name for edge, name in SIZE_BY_WIDTH if width < edge)
+        row, col = (min(int(3 * v.mean() / side), 2) for v in (ys, xs))
+        lesions.append({"area": len(ys), "cell": _cell(row, col), "size": size})
+    top = max((f["area"] for f in lesions), default=0)
+    largest = [f for f in lesions if f["area"] == top]
+    real = case["split"] == "real_anomaly"  # as acquired: presence is what the source states
+    return {
+        "modality": base["modality"],
+        "anatomy": base["anatomy"],
+        "abnormal": bool(base["finding"]) if real else bool(lesions),
+        "count": None if real else len(lesions),
+        "finding": case["finding"] if lesions else None,
+        "location": largest[0]["cell"] if len(largest) == 1 else None,
+        "largest_cells": sorted({f["cell"] for f in largest}),
+        "size": largest[0]["size"] if largest else None,
+        "cells": sorted({f["cell"] for f in lesions}),
+        "sizes": sorted({f["size"] for f in lesions}),
+    }
+
+
+def right_answers(qtype: str, facts: dict[str, Any]) -> set[str]:
+    """The option texts a reader accepts for a question (two on a tie for the largest)."""
+    if qtype == "presence":
+        return {"yes" if facts["abnormal"] else "no"}
+    if qtype == "count":
+        return {COUNT_WORDS[facts["count"]]}
+    if qtype == "characterisation":
+        return {facts["finding"]}
+    if qtype == "location":
+        return set(facts["largest_cells"])
+    return {facts[qtype]}
+
+
+STORED_FACTS = ("modality", "anatomy", "abnormal", "count", "finding", "size", "cells", "sizes")
+
 
 def answer_problems(items: pl.DataFrame, cases: pl.DataFrame, bases: pl.DataFrame) -> list[str]:
-    """Each item checked against facts recomputed from its case's mask and its base's
-    allow-list metadata: the lettered option is the right answer, the stored facts are
-    the recomputed ones, and the reasoning's claims are consistent and back the answer."""
+    """Each item checked against `read_facts` of its case and base: the lettered option is
+    the right answer, the stored facts are what the reader finds, and the reasoning's
+    claims are consistent with them and back the answer."""
     by_case = {c["record_id"]: c for c in cases.to_dicts()}
     by_base = {b["base_id"]: b for b in bases.to_dicts()}
     problems = []
@@ -34,14 +97,25 @@ def answer_problems(items: pl.DataFrame, cases: pl.DataFrame, bases: pl.DataFram
         if case is None or base is None:
             problems.append(f"{name}: case_id: no such case or base")
             continue
-        facts = case_facts({**case, "modality": base["modality"], "anatomy": base["anatomy"]})
-        if facts != json.loads(it["facts_json"]):
-            problems.append(f"{name}: facts_json: differs from the facts recomputed from the mask")
-        right = answer_text(it["question_type"], facts)
+        facts = read_facts(case, base)
+        stored = json.loads(it["facts_json"])
+        differ = [k for k in STORED_FACTS if stored.get(k) != facts[k]]
+        if facts["location"] is not None and stored.get("location") != facts["location"]:
+            differ.append("location")
+        if differ:
+            k = differ[0]
+            problems.append(
+                f"{name}: facts_json: {k} is {stored.get(k)!r}, the mask and base read {facts[k]!r}"
+            )
+        right = right_answers(it["question_type"], facts)
         idx = LETTERS.find(it["answer"])
-        if not 0 <= idx < len(it["options"]) or it["options"][idx] != right:
-            problems.append(f"{name}: answer: {it['answer']} is not {right!r}")
+        if not 0 <= idx < len(it["options"]) or it["options"][idx] not in right:
+            problems.append(f"{name}: answer: {it['answer']} is not {sorted(right)}")
             continue
+        chosen = it["options"][idx]
+        others = [o for o in it["options"] if o != chosen and o in right]
+        if others:
+            problems.append(f"{name}: options: {others[0]!r} is right as well")
         parsed = parse_completion(it["completion"])
         if not parsed or parsed[1] != it["answer"]:
             problems.append(f"{name}: completion: malformed or answers another letter")
@@ -50,9 +124,22 @@ def answer_problems(items: pl.DataFrame, cases: pl.DataFrame, bases: pl.DataFram
         bad = claim_problems(claims, facts)
         if bad:
             problems.append(f"{name}: completion: {bad[0]}")
-        elif supports(claims, it["question_type"], right) is False:
-            problems.append(f"{name}: completion: the reasoning does not back {right!r}")
+        elif supports(claims, it["question_type"], chosen) is False:
+            problems.append(f"{name}: completion: the reasoning does not back {chosen!r}")
     return problems
+
+
+def subject_leaks(items: pl.DataFrame, bases: pl.DataFrame) -> dict[str, list[str]]:
+    """Subjects (a volume's slices are one) whose images are in the training items and in
+    an evaluation split, each with the evaluation splits it is in. The subject comes from
+    the base table, not from the cases, so a case filed under the wrong split shows."""
+    subject_of = dict(zip(bases["base_id"].to_list(), bases["subject_id"].to_list(), strict=True))
+    splits: dict[str, set[str]] = {}
+    for base_id, split in zip(items["base_id"].to_list(), items["split"].to_list(), strict=True):
+        splits.setdefault(subject_of.get(base_id, base_id), set()).add(split)
+    return {
+        s: sorted(v - {"train"}) for s, v in sorted(splits.items()) if "train" in v and len(v) > 1
+    }
 
 
 def phi_hits(tables: dict[str, pl.DataFrame], phi: set[str]) -> list[str]:

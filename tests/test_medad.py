@@ -13,7 +13,7 @@ import pytest
 from dagster import AssetKey, DagsterInstance
 
 from pipelines.definitions import build_definitions
-from quality.medad import answer_problems, balance_report, phi_hits
+from quality.medad import answer_problems, balance_report, phi_hits, subject_leaks
 from synth.llm import EmbeddedBackend, LLMClient, OpenAICompatBackend
 from synth.medad.bases import (
     PHI_TAGS,
@@ -28,11 +28,21 @@ from synth.medad.bases import (
     phi_values,
     read_dicom_phi,
 )
-from synth.medad.cases import DIRECTION, CaseSettings, build_cases, center_names, center_profiles
+from synth.medad.cases import (
+    CELLS,
+    DIRECTION,
+    CaseSettings,
+    build_cases,
+    center_names,
+    center_profiles,
+)
 from synth.medad.vqa import (
+    COUNT_WORDS,
     LETTERS,
     build_items,
+    claim_problems,
     completion,
+    make_options,
     parse_claims,
     parse_completion,
 )
@@ -53,8 +63,10 @@ def entries():
 
 @pytest.fixture(scope="module")
 def small(entries):
-    """Bases, cases and items for four bases (MRI, CT, ultrasound, fundus) at 96 px."""
-    keep = {"dipy_t1_coronal", "pydicom_ct_small", "pydicom_us_aloka", "skimage_retina"}
+    """Bases, cases and items for five normal bases (two MRI subjects, so that one is held
+    out for evaluation; CT, ultrasound, fundus) and a real anomaly, at 96 px."""
+    keep = {"dipy_t1_coronal", "nibabel_epi", "pydicom_ct_small", "pydicom_us_aloka"}
+    keep |= {"skimage_retina"}
     keep |= {"pydicom_tibia_fibroma"}
     bases, failures = load_bases([e for e in entries if e["id"] in keep], 96)
     assert not failures
@@ -268,11 +280,173 @@ def test_rewards_separate_right_wrong_malformed_and_inconsistent(small):
         "consistency": 0.0,
         "total": 0.0,
     }
-    silent = rewards(completion("Looking carefully at the image.", letter), item)
-    assert silent["consistency"] == 0.5 and silent["accuracy"] == 1.0
+    # Saying nothing checkable earns no consistency; being right about the image but
+    # silent on the question earns a quarter; a grounded argument earns it all.
+    empty = rewards(completion("Looking carefully at the image.", letter), item)
+    assert empty["consistency"] == 0.0 and empty["total"] == pytest.approx(0.8)
+    facts = item["facts"]
+    aside = f"This is an {facts['modality']} image of the {facts['anatomy']}."
+    silent = rewards(completion(aside, letter), item)
+    assert silent["consistency"] == 0.25 and silent["total"] == pytest.approx(0.85)
+    wrong_region = rewards(completion(aside.replace(facts["anatomy"], "knee"), letter), item)
+    assert wrong_region["consistency"] == 0.0
     both = rewards(completion(think + " I see no focal lesion.", letter), item)
     assert both["consistency"] == 0.0
     assert parse_claims(think + " I see no focal lesion.")["abnormal"] == [False, True]
+
+
+def test_consistency_credits_each_lesion_and_reads_whole_terms(small):
+    items = small[5]
+    rows = items.filter(pl.col("question_type") == "count").to_dicts()
+    row = next(r for r in rows if json.loads(r["facts_json"])["count"] >= 2)
+    facts = json.loads(row["facts_json"])
+    item = {**row, "facts": facts}
+    letter = row["answer"]
+    # Describing each lesion's place is consistent; a place no lesion has is not.
+    each = " ".join(f"A lesion lies in the {c} region." for c in facts["cells"])
+    said = f"I count {COUNT_WORDS[facts['count']]} focal lesions. {each}"
+    assert rewards(completion(said, letter), item)["consistency"] == 1.0
+    elsewhere = next(c for c in CELLS if c not in facts["cells"])
+    assert (
+        rewards(completion(f"{said} One lies in the {elsewhere} region.", letter), item)[
+            "consistency"
+        ]
+        == 0.0
+    )
+    # Whole terms: "CE-MRI" is not "MRI", "PET/CT" is one claim, "liver" is a claim.
+    assert parse_claims("A CE-MRI of the liver.")["modality"] == ["CE-MRI"]
+    assert parse_claims("A CE-MRI of the liver.")["anatomy"] == ["liver"]
+    assert parse_claims("PET/CT of the chest")["modality"] == ["PET/CT"]
+    assert parse_claims("An MRI image")["modality"] == ["MRI"]
+    # A region inside the one the image shows is not a contradiction; another region is.
+    abdomen = {"modality": "MRI", "anatomy": "abdomen", "abnormal": True, "count": None}
+    assert claim_problems(parse_claims("MRI of the abdomen: a liver lesion"), abdomen) == []
+    assert claim_problems(parse_claims("MRI of the brain"), abdomen)
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # no option a reader could also call right
+        opts = make_options("modality", {"modality": "MRI"}, rng)
+        assert "CE-MRI" not in opts and opts.count("MRI") == 1
+        assert "liver" not in make_options("anatomy", {"anatomy": "abdomen"}, rng)
+
+
+def test_splits_are_by_subject_and_the_gate_fails_on_a_shared_one(small):
+    from assets.medad import training_gate
+
+    bases, _, cases, _, _, items, _ = small
+    table = bases_frame(bases)
+    assert set(table.filter(pl.col("entry_id") == "nibabel_epi")["subject_id"]) == {"nibabel_epi"}
+    held = set(cases.filter(pl.col("split").is_in(["test", "heldout_center"]))["subject_id"])
+    assert len(held) == 1 and not held & set(cases.filter(pl.col("split") == "train")["subject_id"])
+    assert subject_leaks(items, table) == {}
+    ok = training_gate(items, table)
+    assert ok.passed and ok.metadata["subjects_in_train_and_eval"].value == 0
+    # One evaluation image filed under train: its subject is on both sides.
+    i = items["split"].to_list().index("test")
+    shared = items.with_columns(
+        split=pl.when(pl.int_range(pl.len()) == i).then(pl.lit("train")).otherwise("split")
+    )
+    (subject,) = held
+    assert list(subject_leaks(shared, table)) == [subject]
+    failed = training_gate(shared, table)
+    assert not failed.passed and failed.metadata["subjects_in_train_and_eval"].value == 1
+    # A volume's slices are one subject: a slice in train and another in test leak.
+    slices = pl.DataFrame({"base_id": ["vol-z3", "vol-z5"], "subject_id": ["vol", "vol"]})
+    two = pl.DataFrame({"base_id": ["vol-z3", "vol-z5"], "split": ["train", "test"]})
+    assert subject_leaks(two, slices) == {"vol": ["test"]}
+
+
+def test_the_verifier_reads_the_mask_itself_and_catches_a_generator_mistake(small):
+    bases, _, cases, _, _, items, _ = small
+    table = bases_frame(bases)
+    assert answer_problems(items, cases, table) == []
+    # A generator that mislabels sizes: answer, facts and reasoning all agree with each
+    # other, only the mask disagrees. Re-running the generator's own facts would pass it.
+    i = items["question_type"].to_list().index("size")
+    row = items.row(i, named=True)
+    facts = json.loads(row["facts_json"])
+    other = next(o for o in row["options"] if o != facts["size"])
+    think, _ = parse_completion(row["completion"])
+    bad = {
+        "answer": LETTERS[row["options"].index(other)],
+        "facts_json": json.dumps({**facts, "size": other, "sizes": [other]}, sort_keys=True),
+        "completion": completion(
+            think.replace(f"is {facts['size']}", f"is {other}"),
+            LETTERS[row["options"].index(other)],
+        ),
+    }
+    mislabelled = items.with_columns(
+        **{
+            k: pl.when(pl.int_range(pl.len()) == i).then(pl.lit(v)).otherwise(k)
+            for k, v in bad.items()
+        }
+    )
+    problems = answer_problems(mislabelled, cases, table)
+    assert [p.split(": ")[1] for p in problems] == ["facts_json", "answer"]
+    assert f"the mask and base read {facts['size']!r}" in problems[0]
+    # The allow-list's region is the truth: the CT slice is chest, so "abdomen" is wrong.
+    ct = items.filter(
+        (pl.col("base_id") == "pydicom_ct_small") & (pl.col("question_type") == "anatomy")
+    )
+    assert json.loads(ct["facts_json"][0])["anatomy"] == "chest"
+
+
+def test_grpo_loss_clips_the_ratio_and_adds_the_kl_on_hand_computed_values():
+    import torch
+
+    from train.medad import group_advantages, grpo_loss
+
+    adv = group_advantages(torch.tensor([[1.0, 0.0], [0.5, 0.5]]))
+    # Row 1: mean 0.5, sample std 0.7071 -> +-0.7070; row 2: all equal -> 0.
+    assert torch.allclose(adv, torch.tensor([[0.7070, -0.7070], [0.0, 0.0]]), atol=1e-3)
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    old = torch.zeros(2, 2)
+    # On-policy (ratio 1): the loss is -mean(A); no KL without a reference.
+    loss, kl = grpo_loss(old.clone(), old, None, mask, torch.tensor([1.0, -1.0]), 0.2, 0.1)
+    assert loss.item() == pytest.approx(0.0) and kl == 0.0
+    # Ratio 1.5: clipped at 1.2 for a positive advantage (-1.2), not for a negative one
+    # (min(-1.5, -1.2) = -1.5, so +1.5); mean over the two completions 0.15.
+    lp = torch.full((2, 2), math.log(1.5))
+    loss, _ = grpo_loss(lp, old, None, mask, torch.tensor([1.0, -1.0]), 0.2, 0.0)
+    assert loss.item() == pytest.approx((-1.2 + 1.5) / 2)
+    # KL (k3) with the reference log 2 above the policy: 2 - log 2 - 1 = 0.3069 a token.
+    ref = old + math.log(2.0)
+    loss, kl = grpo_loss(old.clone(), old, ref, mask, torch.tensor([0.0, 0.0]), 0.2, 0.5)
+    assert kl == pytest.approx(1 - math.log(2.0)) and loss.item() == pytest.approx(
+        0.5 * (1 - math.log(2.0))
+    )
+
+
+def test_evaluation_samples_every_type_and_scores_the_baselines_by_hand():
+    from collections import Counter
+
+    from train.medad_eval import baseline_scores, sample_per_type
+
+    rows = [
+        {"split": s, "question_type": q, "i": i}
+        for s in ("test", "real_anomaly")
+        for q in ("presence", "modality")
+        for i in range(3)
+    ]
+    picked = sample_per_type(rows, 2, seed=0)
+    assert Counter((r["split"], r["question_type"]) for r in picked) == {
+        k: 2 for k in {(r["split"], r["question_type"]) for r in rows}
+    }
+    assert sample_per_type(rows, 2, seed=0) == picked and sample_per_type(rows, 0, 0) == rows
+    majority = {"modality": Counter({"MRI": 5, "CT": 2}), "presence": Counter({"no": 3})}
+    mri = {"question_type": "modality", "options": ["CT", "MRI", "PET"], "answer_text": "CT"}
+    assert baseline_scores(mri, majority) == {
+        "chance": pytest.approx(1 / 3),
+        "majority_correct": False,  # majority says MRI
+        "always_yes_correct": None,
+    }
+    yes = {"question_type": "presence", "options": ["yes", "no"], "answer_text": "yes"}
+    assert baseline_scores(yes, majority) == {
+        "chance": 0.5,
+        "majority_correct": False,
+        "always_yes_correct": True,
+    }
+    unseen = {"question_type": "size", "options": ["large", "small"], "answer_text": "large"}
+    assert baseline_scores(unseen, majority)["majority_correct"] is True  # ties: first listed
 
 
 def test_paraphrase_is_kept_only_when_its_claims_survive(small):
@@ -331,10 +505,9 @@ def _run_job(tmp_path, medad):
                         "grpo_steps": 1,
                         "num_generations": 2,
                         "batch_size": 2,
-                        "max_completion_length": 32,
                     }
                 },
-                "medad_eval": {"config": {"max_new_tokens": 24, "limit_per_split": 2}},
+                "medad_eval": {"config": {"max_new_tokens": 24, "limit_per_type": 1}},
             }
         },
     )
@@ -388,7 +561,8 @@ def test_center_shards_merge_into_the_whole_and_a_missing_or_mismatched_one_is_n
 
 def test_failed_gate_stops_medad_training(tmp_path):
     # Every in-distribution case is a test case: nothing to train on.
-    result = _run_job(tmp_path, {**MEDAD, "test_every": 1, "paraphrase_rate": 0.0})
+    # Every subject held out for evaluation: nothing to train on.
+    result = _run_job(tmp_path, {**MEDAD, "eval_subject_share": 1.0, "paraphrase_rate": 0.0})
     checks = {e.asset_check_key.name: e for e in result.get_asset_check_evaluations()}
     gate = checks["medad_vqa_ready_for_training"]
     assert not gate.passed and gate.metadata["observed_train_items"].value == 0
@@ -409,9 +583,14 @@ def test_medad_job_end_to_end(tmp_path):
     assert bases.filter(pl.col("role") == "real_anomaly").height == 3
     cases = pl.read_parquet(storage / "medad_cases.parquet")
     dropped = pl.read_parquet(storage / "medad_cases_rejected.parquet")
-    normal_bases = bases.filter(pl.col("role") == "normal").height
-    assert cases.height + dropped.height == 4 * normal_bases + 3
     assert set(cases["split"]) == {"train", "test", "heldout_center", "real_anomaly"}
+    # Splits by subject: a training subject at the three in-distribution centers, an
+    # evaluation subject at all four and once as acquired (a real-slice negative).
+    normal = bases.filter(pl.col("role") == "normal")
+    held = set(cases.filter(pl.col("split").is_in(["test", "heldout_center"]))["subject_id"])
+    assert held and not held & set(cases.filter(pl.col("split") == "train")["subject_id"])
+    n_held = normal.filter(pl.col("subject_id").is_in(list(held))).height
+    assert cases.height + dropped.height == 3 * normal.height + 2 * n_held + 3
     items = pl.read_parquet(storage / "medad_vqa.parquet")
     assert set(items["case_id"]) == set(cases["record_id"])
     assert set(items["paraphrase"]) - {"none"}  # some reasonings went to the LLM
@@ -430,10 +609,26 @@ def test_medad_job_end_to_end(tmp_path):
     decode_plot(model["sft_loss_curve"].value)
     evaluation = pl.read_parquet(storage / "medad_eval.parquet")
     assert set(evaluation["split"]) == {"test", "heldout_center", "real_anomaly"}
-    assert evaluation.height == 6 and evaluation["generation"].str.len_chars().min() > 0
+    # One item per (split, question type): every type asked where it exists.
+    cells = evaluation.group_by("split", "question_type").len()
+    assert cells["len"].max() == 1 and cells.height == evaluation.height
+    assert evaluation.filter(pl.col("split") == "test")["question_type"].n_unique() >= 5
+    assert evaluation["generation"].str.len_chars().min() > 0
+    presence = evaluation.filter(pl.col("question_type") == "presence")
+    assert presence["always_yes_correct"].null_count() == 0
+    assert (
+        evaluation.filter(pl.col("question_type") != "presence")["always_yes_correct"].null_count()
+        == evaluation.height - presence.height
+    )
+    real = items.filter(
+        (pl.col("split") == "real_anomaly") & (pl.col("question_type") == "presence")
+    )
+    assert set(real["answer_text"]) == {"yes", "no"}  # the real slice has negatives
     md = mats["medad_eval"]
     assert 0.0 <= md["accuracy_heldout_center"].value <= 1.0
+    assert 0.0 < md["chance_baseline"].value < 1.0 and "majority" in md["per_question_type"].value
     decode_plot(md["accuracy_by_split"].value)
+    decode_plot(md["accuracy_vs_baselines"].value)
 
 
 # A chat template that places the image token where an image part is (SmolLM2's own
@@ -475,14 +670,16 @@ def test_a_huggingface_vlm_from_a_local_path_trains_and_answers(small, tmp_path)
             *data,
             "--out",
             str(tmp_path / "pred.parquet"),
-            "--limit-per-split",
+            "--limit-per-type",
             "1",
             "--max-new-tokens",
             "6",
         ]
     )
     preds = pl.read_parquet(tmp_path / "pred.parquet")
-    assert evaluation["items"] == preds.height == 3 and set(preds["split"]) == {
+    assert evaluation["items"] == preds.height
+    assert preds.group_by("split", "question_type").len()["len"].max() == 1
+    assert set(preds["split"]) == {
         "test",
         "heldout_center",
         "real_anomaly",

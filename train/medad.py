@@ -9,10 +9,12 @@ Two kinds of vision-language model behind one interface:
   (`--model PATH`, e.g. SmolVLM or Qwen2-VL), through its own processor, with LoRA.
 
 GRPO is written here rather than taken from TRL: TRL's GRPOTrainer drives Hugging Face
-models through their processors, and the prefix model has none. The loop is the plain
-on-policy form (one update per batch of generations, so the importance ratio is 1):
-loss = -mean_i A_i * mean_t log p(token_t), with A_i the reward standardised within the
-group of generations for one prompt. No KL term (TRL's default beta is 0 too).
+models through their processors, and the prefix model has none. `grpo_loss` is the
+clipped objective per token with an optional KL to the SFT policy (`--beta`, default 0
+as in TRL), `--grpo-updates` updates per batch of generations (with one, the ratio is 1
+and the clip never binds), advantages standardised within each prompt's group.
+Completions may be as long as the longest SFT target plus a margin (measured, unless
+`--max-completion-length` says otherwise), so the format reward is reachable.
 """
 
 from __future__ import annotations
@@ -121,10 +123,8 @@ class PrefixVLM:
             masks.append(torch.cat([zeros, ones] if left_pad else [ones, zeros], 0))
         return torch.stack(rows), torch.stack(masks)
 
-    def completion_logprobs(
-        self, pngs: list[bytes], prompts: list[str], completions: list[list[int]]
-    ):
-        """Per-sequence (sum of completion-token log-probs, completion-token count)."""
+    def token_logprobs(self, pngs: list[bytes], prompts: list[str], completions: list[list[int]]):
+        """Each completion token's log-prob, B x T right-padded, and the B x T mask."""
         import torch
 
         p_ids = [
@@ -135,15 +135,18 @@ class PrefixVLM:
         embeds, mask = self._embed(pngs, seqs, left_pad=False)
         logits = self.lm(inputs_embeds=embeds, attention_mask=mask).logits.float()
         P = self.grid * self.grid
-        sums, counts = [], []
+        per = []
         for i, (p, c) in enumerate(zip(p_ids, completions, strict=True)):
             start = P + len(p)  # first completion position in the sequence
             pred = logits[i, start - 1 : start - 1 + len(c)]
             target = torch.tensor(c, device=self.device)
-            lp = torch.log_softmax(pred, -1).gather(1, target[:, None]).squeeze(1)
-            sums.append(lp.sum())
-            counts.append(len(c))
-        return torch.stack(sums), torch.tensor(counts, device=self.device)
+            per.append(torch.log_softmax(pred, -1).gather(1, target[:, None]).squeeze(1))
+        return _padded(per, self.device)
+
+    def completion_logprobs(self, pngs, prompts, completions):
+        """Per-sequence (sum of completion-token log-probs, completion-token count)."""
+        lp, mask = self.token_logprobs(pngs, prompts, completions)
+        return (lp * mask).sum(1), mask.sum(1)
 
     def generate(
         self,
@@ -252,7 +255,7 @@ class HFVLM:
         ]
         return [self.processor.apply_chat_template(m, add_generation_prompt=True) for m in msgs]
 
-    def completion_logprobs(self, pngs, prompts, completions):
+    def token_logprobs(self, pngs, prompts, completions):
         import torch
 
         texts = [
@@ -260,14 +263,17 @@ class HFVLM:
         ]
         inputs = self._inputs(pngs, texts)
         logits = self.lm(**inputs).logits.float()
-        sums, counts = [], []
+        per = []
         for i, c in enumerate(completions):  # left padding: the completion ends the row
             n = len(c)
             target = inputs["input_ids"][i, -n:]
             pred = logits[i, -n - 1 : -1]
-            sums.append(torch.log_softmax(pred, -1).gather(1, target[:, None]).sum())
-            counts.append(n)
-        return torch.stack(sums), torch.tensor(counts, device=self.device)
+            per.append(torch.log_softmax(pred, -1).gather(1, target[:, None]).squeeze(1))
+        return _padded(per, self.device)
+
+    def completion_logprobs(self, pngs, prompts, completions):
+        lp, mask = self.token_logprobs(pngs, prompts, completions)
+        return (lp * mask).sum(1), mask.sum(1)
 
     def generate(self, pngs, prompts, max_new_tokens, temperature, sample):
         import torch
@@ -288,6 +294,16 @@ class HFVLM:
         self.lm.save_pretrained(out / "adapter")
         self.processor.save_pretrained(out / "adapter")
         (out / CONFIG_FILE).write_text(json.dumps({"kind": "hf", "base_model": base_model}))
+
+
+def _padded(rows: list, device: str):
+    """Variable-length 1-D tensors -> (B x T right-padded with 0, B x T float mask)."""
+    import torch
+    from torch.nn.utils.rnn import pad_sequence
+
+    lengths = torch.tensor([len(r) for r in rows])  # on the host: shapes are known anywhere
+    mask = torch.arange(int(lengths.max()))[None, :] < lengths[:, None]
+    return pad_sequence(rows, batch_first=True), mask.float().to(device)
 
 
 def _until_eos(tokens: list[int], eos: int) -> list[int]:
@@ -348,6 +364,56 @@ def load_items(items_path: str, cases_path: str, splits: tuple[str, ...]) -> lis
     return rows
 
 
+def completion_budget(tok: Any, targets: list[str], margin: int = 8) -> int:
+    """Tokens a completion may use: the longest SFT target (with its end token) and a
+    margin, so that neither SFT nor GRPO cuts a target before its answer."""
+    return max(len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for t in targets) + margin
+
+
+def group_advantages(rewards_by_group):
+    """GRPO's advantage: each reward standardised within its prompt's group of
+    generations (rows = prompts); a group whose rewards are all equal gets 0."""
+    mean = rewards_by_group.mean(1, keepdim=True)
+    return (rewards_by_group - mean) / (rewards_by_group.std(1, keepdim=True) + 1e-4)
+
+
+def grpo_loss(lp, old_lp, ref_lp, mask, adv, epsilon: float, beta: float):
+    """The clipped GRPO objective per token, averaged over each completion's tokens, then
+    over completions: -min(r A, clip(r, 1-eps, 1+eps) A) + beta KL(pi || ref), r the
+    ratio to the policy that generated, KL the k3 estimator exp(q) - q - 1 with
+    q = ref - logp. Returns (loss, mean KL per token)."""
+    import torch
+
+    ratio = torch.exp(lp - old_lp)
+    a = adv[:, None]
+    per_token = -torch.minimum(ratio * a, torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * a)
+    kl = torch.zeros_like(lp)
+    if ref_lp is not None:
+        q = ref_lp - lp
+        kl = torch.exp(q) - q - 1
+        per_token = per_token + beta * kl
+    per_seq = (per_token * mask).sum(1) / mask.sum(1)
+    kl_mean = float(((kl * mask).sum() / mask.sum()).detach())
+    return per_seq.mean(), kl_mean
+
+
+class _weights:
+    """Within the block, the model's trainable tensors hold `state` (the SFT policy, the
+    KL reference); the current ones come back after."""
+
+    def __init__(self, vlm: Any, state: dict[str, Any]) -> None:
+        self.named, self.state = vlm.named_trainable(), state
+
+    def __enter__(self) -> None:
+        self.saved = {n: p.detach().clone() for n, p in self.named.items()}
+        for n, p in self.named.items():
+            p.data.copy_(self.state[n])
+
+    def __exit__(self, *exc: Any) -> None:
+        for n, p in self.named.items():
+            p.data.copy_(self.saved[n])
+
+
 def train(a: argparse.Namespace, log) -> dict[str, Any]:
     import torch
 
@@ -362,6 +428,8 @@ def train(a: argparse.Namespace, log) -> dict[str, Any]:
     w = RewardWeights(a.w_format, a.w_accuracy, a.w_consistency)
     tok = vlm.tok
     eos = tok.eos_token_id
+    max_len = a.max_completion_length or completion_budget(tok, [r["completion"] for r in rows])
+    log(f"medad: completions up to {max_len} tokens")
 
     sft_history, tokens, t0 = [], 0, time.perf_counter()
     for step in range(1, a.sft_steps + 1):
@@ -369,7 +437,7 @@ def train(a: argparse.Namespace, log) -> dict[str, Any]:
             rows[i] for i in rng.choice(len(rows), min(a.batch_size, len(rows)), replace=False)
         ]
         comp = [tok(r["completion"], add_special_tokens=False)["input_ids"] + [eos] for r in batch]
-        comp = [c[: a.max_completion_length] for c in comp]
+        comp = [c[:max_len] for c in comp]
         sums, counts = vlm.completion_logprobs(
             [r["image_png"] for r in batch], [r["prompt"] for r in batch], comp
         )
@@ -382,9 +450,12 @@ def train(a: argparse.Namespace, log) -> dict[str, Any]:
         log(f"medad sft step {step}/{a.sft_steps}: loss {loss.item():.4f}")
     sft_s = time.perf_counter() - t0
 
-    # A fresh optimiser at a far smaller rate: policy-gradient steps at the SFT rate undo
-    # the think/answer form in one or two updates (measured: format 0.88 -> 0.25).
+    # A fresh optimiser at its own rate: policy-gradient steps at the SFT rate undo the
+    # think/answer form in one or two updates (measured: format 0.88 -> 0.25).
     opt = torch.optim.AdamW(params, lr=a.grpo_learning_rate)
+    reference = (
+        {n: p.detach().clone() for n, p in vlm.named_trainable().items()} if a.beta else None
+    )
     grpo_history, completions_done, t0 = [], 0, time.perf_counter()
     for step in range(1, a.grpo_steps + 1):
         batch = [
@@ -393,22 +464,28 @@ def train(a: argparse.Namespace, log) -> dict[str, Any]:
         group = [r for r in batch for _ in range(a.num_generations)]
         pngs, prompts = [r["image_png"] for r in group], [r["prompt"] for r in group]
         vlm.lm.eval()
-        gen = vlm.generate(pngs, prompts, a.max_completion_length, a.temperature, sample=True)
+        gen = vlm.generate(pngs, prompts, max_len, a.temperature, sample=True)
         vlm.lm.train()
         texts = [tok.decode(g, skip_special_tokens=True) for g in gen]
         parts = [rewards(t, r, w) for t, r in zip(texts, group, strict=True)]
         total = torch.tensor([p["total"] for p in parts]).view(len(batch), a.num_generations)
-        adv = (
-            (total - total.mean(1, keepdim=True)) / (total.std(1, keepdim=True) + 1e-4)
-        ).flatten()
+        adv = group_advantages(total).flatten()
         gen = [g if g else [eos] for g in gen]
-        sums, counts = vlm.completion_logprobs(pngs, prompts, gen)
-        loss = -(adv.to(sums.device) * sums / counts).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        ref_lp = None
+        if reference is not None:
+            with torch.no_grad(), _weights(vlm, reference):
+                ref_lp, _ = vlm.token_logprobs(pngs, prompts, gen)
+        old_lp = None
+        for _ in range(a.grpo_updates):
+            lp, mask = vlm.token_logprobs(pngs, prompts, gen)
+            if old_lp is None:
+                old_lp = lp.detach()
+            loss, kl = grpo_loss(lp, old_lp, ref_lp, mask, adv.to(lp.device), a.epsilon, a.beta)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
         completions_done += len(group)
-        entry = {"step": step, "loss": round(loss.item(), 5)}
+        entry = {"step": step, "loss": round(loss.item(), 5), "kl": round(kl, 5)}
         entry |= {
             k: round(float(np.mean([p[k] for p in parts])), 4)
             for k in ("total", "format", "accuracy", "consistency")
@@ -456,8 +533,18 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--sft-steps", type=int, default=12)
     ap.add_argument("--grpo-steps", type=int, default=2)
     ap.add_argument("--num-generations", type=int, default=4)
-    ap.add_argument("--max-completion-length", type=int, default=96)
+    ap.add_argument(
+        "--max-completion-length",
+        type=int,
+        default=0,
+        help="0 = the longest SFT target plus 8 tokens",
+    )
     ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--beta", type=float, default=0.0, help="KL to the SFT policy; 0 = none")
+    ap.add_argument("--epsilon", type=float, default=0.2, help="ratio clip")
+    ap.add_argument(
+        "--grpo-updates", type=int, default=1, help="updates per batch of generations (mu)"
+    )
     ap.add_argument("--w-format", type=float, default=0.2)
     ap.add_argument("--w-accuracy", type=float, default=0.6)
     ap.add_argument("--w-consistency", type=float, default=0.2)

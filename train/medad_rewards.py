@@ -3,8 +3,10 @@
 - format: 1 when the completion is exactly `<think>...</think><answer>X</answer>`.
 - accuracy: 1 when the letter is the right one.
 - consistency: 1 when the reasoning's claims neither contradict each other nor the
-  image facts and back the chosen option; 0.5 when they are consistent but say nothing
-  on what was asked; 0 otherwise (and for a malformed completion).
+  image facts and back the chosen option; 0.25 when they are right about the image but
+  say nothing on what was asked; 0 when they say nothing checkable at all, contradict
+  the facts or argue for another option (and for a malformed completion). Silence thus
+  earns less than a grounded argument, and an empty think nothing.
 
 The weights (format 0.2, accuracy 0.6, consistency 0.2) are our assumption, not the
 paper's: accuracy is what is verified, format and consistency keep the reasoning
@@ -17,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from synth.medad.vqa import LETTERS, claim_problems, parse_claims, parse_completion, supports
+
+SILENT_BUT_GROUNDED = 0.25
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,9 @@ def consistency_reward(text: str, item: dict[str, Any]) -> float:
     if claim_problems(claims, item["facts"]):
         return 0.0
     backed = supports(claims, item["question_type"], options[LETTERS.index(letter)])
-    return {True: 1.0, None: 0.5, False: 0.0}[backed]
+    if backed is None:
+        return SILENT_BUT_GROUNDED if any(claims.values()) else 0.0
+    return 1.0 if backed else 0.0
 
 
 def rewards(

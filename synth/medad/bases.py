@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import io
 import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +123,17 @@ class BaseImage:
     tissue: np.ndarray | None  # bool HxW; None for a real-anomaly image
     finding: str = ""
     header: dict[str, Any] = field(default_factory=dict)  # de-identified DICOM header
+
+    @property
+    def subject_id(self) -> str:
+        return subject_of(self.base_id)
+
+
+def subject_of(base_id: str) -> str:
+    """The subject a base image comes from: its id without a volume's slice suffix
+    (`mni152_t1-z80` -> `mni152_t1`), so the slices of one volume share a subject and
+    splits by subject never put one person's anatomy on both sides."""
+    return re.sub(r"-z\d+$", "", base_id)
 
 
 def load_allowlist(path: str | Path = ALLOWLIST) -> list[dict[str, Any]]:
@@ -466,6 +478,7 @@ BASE_SCHEMA = {
     "parent_ids": pl.List(pl.Utf8),
     "base_id": pl.Utf8(),
     "entry_id": pl.Utf8(),
+    "subject_id": pl.Utf8(),
     "role": pl.Utf8(),
     "modality": pl.Utf8(),
     "sequence": pl.Utf8(),
@@ -486,6 +499,7 @@ def bases_frame(bases: list[BaseImage]) -> pl.DataFrame:
             "parent_ids": [b.entry_id],
             "base_id": b.base_id,
             "entry_id": b.entry_id,
+            "subject_id": b.subject_id,
             "role": b.role,
             "modality": b.modality,
             "sequence": b.sequence,

@@ -31,7 +31,20 @@ FINDINGS: dict[str, list[tuple[str, str]]] = {
     "fundus photography": [("haemorrhage", "dark"), ("hard exudate", "bright")],
     "histopathology": [("dark cell cluster", "dark"), ("pale cell cluster", "bright")],
 }
-ALL_FINDINGS = sorted({name for fs in FINDINGS.values() for name, _ in fs})
+# The characterisation options per modality: each modality's findings in both contrast
+# directions, so that every option could be seen in that kind of image and the right one
+# is told by what the image shows (a bright or a dark lesion), not by the modality.
+FINDING_OPTIONS: dict[str, tuple[str, ...]] = {
+    "MRI": ("hypointense mass", "hyperintense lesion"),
+    "CT": ("hyperdense area", "hypodense area"),
+    "ultrasound": ("hypoechoic nodule with posterior enhancement", "hyperechoic nodule"),
+    "fundus photography": ("haemorrhage", "hard exudate"),
+    "histopathology": ("dark cell cluster", "pale cell cluster"),
+}
+ALL_FINDINGS = sorted(
+    {name for fs in FINDINGS.values() for name, _ in fs}
+    | {name for names in FINDING_OPTIONS.values() for name in names}
+)
 DIRECTION = {name: d for fs in FINDINGS.values() for name, d in fs}
 SIZE_CLASSES = ("small", "medium", "large")
 # Equivalent diameter as a fraction of the image side: below 0.07 small, below 0.12 medium.
@@ -74,7 +87,11 @@ class CaseSettings(BaseModel):
     shift_severity: float = Field(1.0, description="scales every center's departure from the base")
     heldout_severity: float = Field(1.5, description="severity of the held-out centers")
     min_cnr: float = Field(1.0, description="a lesion must keep this contrast-to-noise ratio")
-    test_every: int = Field(5, description="every n-th in-distribution case is a test case")
+    eval_subject_share: float = Field(
+        0.34,
+        description="share of each modality's subjects held out for evaluation (test, "
+        "held-out center, real-slice negatives); a modality with one subject stays in train",
+    )
     seed: int = 0
 
 
@@ -284,6 +301,7 @@ CASE_SCHEMA: dict[str, pl.DataType] = {
     "sequence": pl.Utf8(),
     "anatomy": pl.Utf8(),
     "center": pl.Utf8(),
+    "subject_id": pl.Utf8(),
     "split": pl.Utf8(),
     "abnormal": pl.Boolean(),
     "finding": pl.Utf8(),
@@ -295,25 +313,59 @@ CASE_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
+def eval_subjects(bases: list[BaseImage], s: CaseSettings) -> set[str]:
+    """The subjects held out for evaluation: a seeded `eval_subject_share` of each
+    modality's normal subjects, leaving at least one of them to train on (all of them at
+    share 1.0) and holding out at least one where there are two or more."""
+    by_modality: dict[str, set[str]] = {}
+    for b in bases:
+        if b.role == "normal":
+            by_modality.setdefault(b.modality, set()).add(b.subject_id)
+    rng = np.random.default_rng([s.seed, 7919])
+    held: set[str] = set()
+    for modality in sorted(by_modality):
+        subjects = sorted(by_modality[modality])
+        n = len(subjects)
+        k = n if s.eval_subject_share >= 1 else min(round(s.eval_subject_share * n), n - 1)
+        if s.eval_subject_share > 0 and n >= 2:
+            k = max(k, 1)
+        held |= {subjects[i] for i in rng.permutation(n)[:k]}
+    return held
+
+
 def plan_cases(bases: list[BaseImage], s: CaseSettings) -> list[dict]:
-    """Every (base, center, k) of the normal bases, a seeded exact share abnormal; then one
-    case per real-anomaly image (as acquired, no center)."""
+    """The cases to make, each with its split, decided by subject so that no subject is on
+    both sides: a training subject's bases at the in-distribution centers (`train`); an
+    evaluation subject's at the in-distribution centers (`test`) and the held-out ones
+    (`heldout_center`); a seeded exact share of these abnormal. Then the real slice, as
+    acquired (no center): every real-anomaly image, and as its negatives the evaluation
+    subjects' normal images."""
     centers = center_profiles(s)
+    held = eval_subjects(bases, s)
     normal = [b for b in bases if b.role == "normal"]
-    plan = [
-        {"base": b, "center": c, "k": k}
-        for c in centers
-        for b in normal
-        for k in range(s.cases_per_base)
-    ]
+    plan = []
+    for c in centers:
+        for b in normal:
+            if c.heldout and b.subject_id not in held:
+                continue  # a training subject seen through a new center is not held out
+            split = ("heldout_center" if c.heldout else "test") if b.subject_id in held else "train"
+            plan += [
+                {"base": b, "center": c, "k": k, "split": split} for k in range(s.cases_per_base)
+            ]
     rng = np.random.default_rng([s.seed, 104729])
     abnormal = set(rng.permutation(len(plan))[: int(round(s.abnormal_rate * len(plan)))].tolist())
     for i, p in enumerate(plan):
         p["abnormal"] = i in abnormal
     plan += [
-        {"base": b, "center": None, "k": 0, "abnormal": True}
+        {
+            "base": b,
+            "center": None,
+            "k": 0,
+            "abnormal": b.role == "real_anomaly",
+            "split": "real_anomaly",
+        }
         for b in bases
-        if b.role == "real_anomaly"
+        if b.role == "real_anomaly" or b.subject_id in held
     ]
     return plan
 
@@ -393,12 +445,6 @@ def make_case(p: dict, s: CaseSettings, index: int) -> tuple[dict | None, Reject
             f"case {case_id} ({base.base_id}, {center.center}): lesion {faint[0]['label']} has "
             f"CNR {faint[0]['cnr']} < min_cnr {s.min_cnr} after the center transform",
         )
-    if center is None:
-        split = "real_anomaly"
-    elif center.heldout:
-        split = "heldout_center"
-    else:
-        split = "test" if s.test_every and index % s.test_every == 0 else "train"
     params = {"center": asdict(center) if center else None, "k": p["k"]}
     row = {
         "record_id": case_id,
@@ -412,7 +458,8 @@ def make_case(p: dict, s: CaseSettings, index: int) -> tuple[dict | None, Reject
         "sequence": base.sequence,
         "anatomy": base.anatomy,
         "center": center.center if center else "source",
-        "split": split,
+        "subject_id": base.subject_id,
+        "split": p["split"],
         "abnormal": base.role == "real_anomaly" or bool(lesions),
         "finding": finding,
         "lesion_count": len(lesions),

@@ -16,33 +16,43 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from synth.medad.bases import decode_png
-from synth.medad.cases import ALL_FINDINGS, CELLS, SIZE_CLASSES, lesion_facts
+from synth.medad.bases import decode_png, load_allowlist
+from synth.medad.cases import ALL_FINDINGS, CELLS, FINDING_OPTIONS, SIZE_CLASSES, lesion_facts
 from synth.records import LINEAGE_SCHEMA, Provenance, Rejected, content_id, frame, rejected_frame
 
-MODALITIES = (
-    "MRI",
-    "CT",
-    "ultrasound",
-    "fundus photography",
-    "histopathology",
-    "X-ray radiograph",
-    "PET",
-    "dermoscopy",
-    "endoscopy",
-    "mammography",
+
+def _allowlist_terms(field: str) -> list[str]:
+    return sorted({e[field] for e in load_allowlist()})
+
+
+# The vocabularies: every term of the shipped allow-list, then distractors. A term is
+# read whole ("CE-MRI" is not "MRI", "PET/CT" is one claim), see `_term_re`.
+MODALITIES = tuple(
+    dict.fromkeys(
+        [
+            *_allowlist_terms("modality"),
+            "PET",
+            "PET/CT",
+            "CE-MRI",
+            "dermoscopy",
+            "endoscopy",
+            "mammography",
+        ]
+    )
 )
-ANATOMIES = (
-    "brain",
-    "abdomen",
-    "shoulder",
-    "retina",
-    "colon",
-    "lower leg",
-    "chest",
-    "knee",
-    "breast",
-    "skin",
+ANATOMIES = tuple(
+    dict.fromkeys(
+        [
+            *_allowlist_terms("anatomy"),
+            "abdomen",
+            "chest",
+            "knee",
+            "breast",
+            "skin",
+            "liver",
+            "pelvis",
+        ]
+    )
 )
 COUNT_WORDS = ("no", "one", "two", "three", "four", "five")
 LETTERS = "ABCD"
@@ -83,17 +93,25 @@ def case_facts(case: dict[str, Any]) -> dict[str, Any]:
     mask = decode_png(case["mask_png"])
     lesions = lesion_facts(mask, mask.shape[0])
     largest = max(lesions, key=lambda f: f["area"]) if lesions else None
+    # The real slice, as acquired: no drawn mask, so presence is what the source states
+    # (a real anomaly's finding, or none for an evaluation subject's normal image).
     real = case["split"] == "real_anomaly"
     return {
         "modality": case["modality"],
         "anatomy": case["anatomy"],
-        "abnormal": bool(lesions) or real,
+        "abnormal": bool(case["finding"]) if real else bool(lesions),
         "count": None if real else len(lesions),
         "finding": case["finding"] if lesions else None,
-        "real_finding": case["finding"] if real else None,
+        "real_finding": (case["finding"] or None) if real else None,
         "location": largest["cell"] if largest else None,
         "size": largest["size_class"] if largest else None,
         "diameter": largest["equiv_diameter"] if largest else None,
+        # Every lesion's cell and size class: a reasoning may describe each lesion.
+        "largest_tied": sum(f["area"] == largest["area"] for f in lesions) > 1
+        if largest
+        else False,
+        "cells": sorted({f["cell"] for f in lesions}),
+        "sizes": sorted({f["size_class"] for f in lesions}),
         "side": int(mask.shape[0]),
     }
 
@@ -103,6 +121,8 @@ def question_types_for(facts: dict[str, Any]) -> list[str]:
         return ["modality", "anatomy", "presence"]
     if not facts["abnormal"]:
         return ["modality", "anatomy", "presence"]
+    if facts["largest_tied"]:  # "the largest lesion" names none: ask neither where nor how large
+        return [q for q in QUESTION_TYPES if q not in ("location", "size")]
     return list(QUESTION_TYPES)
 
 
@@ -117,6 +137,8 @@ def answer_text(qtype: str, facts: dict[str, Any]) -> str:
 
 
 def option_pool(qtype: str, facts: dict[str, Any]) -> tuple[str, ...]:
+    if qtype == "characterisation":
+        return FINDING_OPTIONS.get(facts["modality"], tuple(ALL_FINDINGS))
     return {
         "modality": MODALITIES,
         "anatomy": ANATOMIES,
@@ -124,14 +146,29 @@ def option_pool(qtype: str, facts: dict[str, Any]) -> tuple[str, ...]:
         "location": CELLS,
         "count": COUNT_WORDS[1:5],
         "size": SIZE_CLASSES,
-        "characterisation": tuple(ALL_FINDINGS),
     }[qtype]
 
 
+# Regions of which one contains the other: never the right answer and a distractor together.
+CONTAINS = {frozenset(p) for p in (("abdomen", "liver"), ("abdomen", "colon"))}
+
+
+def overlapping(a: str, b: str) -> bool:
+    """Terms a reader could both call right: one names the other ("CE-MRI" and "MRI",
+    "PET/CT" and "CT") or contains it (abdomen and liver)."""
+    words = lambda s: set(re.split(r"[-/ ]", s.lower()))  # noqa: E731
+    return a != b and (bool(words(a) & words(b)) or frozenset((a, b)) in CONTAINS)
+
+
 def make_options(qtype: str, facts: dict[str, Any], rng: np.random.Generator) -> list[str]:
-    """The right answer and up to three distractors, in a seeded shuffled order."""
+    """The right answer and up to three distractors that are plainly wrong for it, in a
+    seeded shuffled order."""
     right = answer_text(qtype, facts)
-    others = [o for o in option_pool(qtype, facts) if o != right]
+    others = [
+        o
+        for o in option_pool(qtype, facts)
+        if o != right and not (qtype in TERM_FIELDS and overlapping(o, right))
+    ]
     k = min(len(LETTERS) - 1, len(others))
     chosen = [right, *[others[i] for i in rng.permutation(len(others))[:k]]]
     return [chosen[i] for i in rng.permutation(len(chosen))]
@@ -162,7 +199,7 @@ def reasoning(facts: dict[str, Any], rng: np.random.Generator) -> str:
             )
         )
     ]
-    if facts["count"] is None:
+    if facts["count"] is None and facts["abnormal"]:
         parts.append(f"An abnormality is present: {facts['real_finding'].split(' (')[0]}.")
     elif not facts["abnormal"]:
         parts.append(
@@ -226,8 +263,13 @@ def _alternation(words) -> str:
     return "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
 
 
-_MODALITY_RE = re.compile(rf"\b({_alternation(MODALITIES)})\b", re.I)
-_ANATOMY_RE = re.compile(rf"\b({_alternation(ANATOMIES)})\b", re.I)
+def _term_re(words) -> re.Pattern:
+    """Whole terms: a hyphen or slash joins words into one term, so neither may touch."""
+    return re.compile(rf"(?<![\w/-])({_alternation(words)})(?![\w/-])", re.I)
+
+
+_MODALITY_RE = _term_re(MODALITIES)
+_ANATOMY_RE = _term_re(ANATOMIES)
 _COUNT_RE = re.compile(rf"\b({_alternation(COUNT_WORDS[1:])})\s+(?:focal\s+)?lesions?\b", re.I)
 _NO_LESION_RE = re.compile(
     r"\bno (?:focal )?lesions?\b|\bno abnormalit(?:y|ies)\b|\blooks normal\b", re.I
@@ -266,14 +308,40 @@ def parse_claims(text: str) -> dict[str, list]:
     }
 
 
+PER_LESION = {"location": "cells", "size": "sizes"}
+
+
 def claim_problems(claims: dict[str, list], facts: dict[str, Any]) -> list[str]:
-    """Contradictions inside the claims and with the image facts ([] = consistent)."""
-    problems = [f"{k}: claims {v}" for k, v in claims.items() if len(v) > 1]
+    """Contradictions inside the claims and with the image facts ([] = consistent).
+
+    A case-level field (modality, anatomy, presence, count, finding) claimed with two
+    values contradicts itself. Location and size belong to each lesion: a reasoning may
+    name one per lesion, each of which must be a lesion's, and no more than there are."""
+    problems = [
+        f"{k}: claims {v}"
+        for k, v in claims.items()
+        if len(v) > 1 and k not in PER_LESION and not _one_term(v)
+    ]
     if False in claims["abnormal"] and any(
         claims[k] for k in ("count", "finding", "location", "size")
     ):
         problems.append("says normal but describes a lesion")
+    if facts.get("count") == 0 and any(claims[k] for k in ("count", "finding", "location", "size")):
+        problems.append("describes a lesion the image does not have")
     for k, v in claims.items():
+        if k in PER_LESION and facts.get(PER_LESION[k]):
+            known = facts[PER_LESION[k]]
+            wrong = [x for x in v if x not in known]
+            if wrong:
+                problems.append(f"{k}: claims {wrong[0]!r}, the lesions have {known}")
+            elif len(v) > max(facts.get("count") or 1, 1):
+                problems.append(f"{k}: claims {len(v)} values for {facts['count']} lesions")
+            continue
+        if k in TERM_FIELDS and facts.get(k) is not None:
+            wrong = [x for x in v if x != facts[k] and not overlapping(x, facts[k])]
+            if wrong:
+                problems.append(f"{k}: claims {wrong[0]!r}, the image has {facts[k]!r}")
+            continue
         if len(v) != 1:
             continue
         fact = facts["abnormal"] if k == "abnormal" else facts.get(k)
@@ -282,10 +350,24 @@ def claim_problems(claims: dict[str, list], facts: dict[str, Any]) -> list[str]:
     return problems
 
 
+TERM_FIELDS = ("modality", "anatomy")
+
+
+def _one_term(values: list) -> bool:
+    """Several words for one thing ("abdomen" and "liver", "MRI" and "CE-MRI")."""
+    return all(isinstance(v, str) for v in values) and all(
+        overlapping(a, b) for i, a in enumerate(values) for b in values[i + 1 :]
+    )
+
+
 def supports(claims: dict[str, list], qtype: str, chosen: str) -> bool | None:
     """Does the reasoning back the chosen option? None when it says nothing on it."""
     field = {"presence": "abnormal", "characterisation": "finding"}.get(qtype, qtype)
     values = claims[field]
+    if qtype in PER_LESION and len(values) > 1:
+        return chosen in values  # several lesions described, the chosen one among them
+    if qtype in TERM_FIELDS and len(values) > 1 and _one_term(values):
+        return chosen in values
     if len(values) != 1:
         return None
     v = values[0]
