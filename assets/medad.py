@@ -2,7 +2,10 @@
 acquisition centers, mask-verified multiple-choice VQA with think-then-answer reasoning,
 SFT + GRPO of a small vision-language model, and per-type / per-center evaluation."""
 
+import contextlib
+import json
 import os
+import re
 from collections import Counter
 
 import polars as pl
@@ -35,6 +38,7 @@ from assets.declare import (
 from assets.export import export_asset
 from assets.plots import bar_plot, contact_sheet, grouped_bar_plot, histogram, sft_grpo_curves
 from assets.resources import LLMResource, TrainerResource
+from assets.status import latest_materialization_metadata
 from quality.medad import (
     answer_problems,
     balance_report,
@@ -101,8 +105,8 @@ def medad_base_assets(context: AssetExecutionContext, config: MedADConfig) -> Ma
     bases, failures = load_bases(entries, config.image_size)
     kept = bases_frame(bases)
     rejected = rejected_frame(
-        Rejected(e["id"], "bases", reason, detail, [e["id"]], "allowlist", entries.index(e), e)
-        for e, reason, detail in failures
+        Rejected(what, "bases", reason, detail, [e["id"]], "allowlist", entries.index(e), e)
+        for e, reason, detail, what in failures
     )
     md = {
         "settings": config.model_dump_json(),
@@ -344,7 +348,7 @@ def medad_answers_verified(
         "cases_rejected": AssetIn("medad_cases_rejected"),
         "items_rejected": AssetIn("medad_vqa_rejected"),
     },
-    description="No PHI: the identifying values of every allow-listed DICOM file (names, ids, dates, UIDs, institutions) appear in no cell of any MedAD output, images included.",
+    description="No PHI: the identifying values of every allow-listed DICOM file, folder sources included (names, ids, dates, UIDs, institutions, addresses), appear in no cell of any MedAD output, images included, nor in the Dagster metadata of the MedAD steps.",
 )
 def medad_no_phi(
     context: AssetCheckExecutionContext,
@@ -365,6 +369,7 @@ def medad_no_phi(
             "medad_cases_rejected": cases_rejected,
             "medad_vqa": items,
             "medad_vqa_rejected": items_rejected,
+            "dagster_metadata": _step_metadata(context),
         },
         phi,
     )
@@ -373,6 +378,36 @@ def medad_no_phi(
         severity=AssetCheckSeverity.ERROR,
         metadata={"identifying_values_scanned": len(phi), "hits": len(hits), "examples": hits[:10]},
     )
+
+
+def _step_metadata(context: AssetCheckExecutionContext) -> pl.DataFrame:
+    """Every metadata entry of the latest materialization of each MedAD step (each
+    center partition too) as text: `asset[partition].key` -> value."""
+    rows = []
+    steps = [(a, None) for a in ("medad_bases", "medad_cases", "medad_vqa")]
+    steps += [("medad_center_cases", c) for c in MEDAD_CENTERS.get_partition_keys()]
+    for asset, partition in steps:
+        for k, v in latest_materialization_metadata(context.instance, asset, partition).items():
+            where = f"{asset}[{partition}]" if partition else asset
+            rows.append({"entry": f"{where}.{k}", "value": _as_text(v)})
+    return pl.DataFrame(rows, schema={"entry": pl.Utf8, "value": pl.Utf8})
+
+
+# A plot or contact sheet inlined in markdown: its pixels are the tables' images, scanned
+# as bytes already; as base64 text a short id would match by chance.
+_INLINE_IMAGE = re.compile(r"data:image/[a-z+]+;base64,[A-Za-z0-9+/=]+")
+
+
+def _as_text(value) -> str:
+    """A metadata value as the text a reader would see (JSON for plain data; Dagster's
+    own records, such as a table schema, by their repr), inlined images left out."""
+    text = None
+    if isinstance(value, dict | list):
+        with contextlib.suppress(Exception):  # a record inside (iterating it raises): repr
+            text = json.dumps(value, default=str)
+    if text is None:
+        text = value if isinstance(value, str) else repr(value)
+    return _INLINE_IMAGE.sub("data:image;base64,(image)", text)
 
 
 @gate(

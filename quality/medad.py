@@ -144,8 +144,10 @@ def subject_leaks(items: pl.DataFrame, bases: pl.DataFrame) -> dict[str, list[st
 
 def phi_hits(tables: dict[str, pl.DataFrame], phi: set[str]) -> list[str]:
     """`table.column[row]: value` for every identifying value found in any cell: text
-    columns as text, binary columns (images) as bytes, nested columns as their JSON."""
-    needles = [(v.lower(), v.lower().encode()) for v in phi if v]
+    columns as text, binary columns (images) as bytes, nested columns as their JSON.
+    Values under 8 characters ("1CT1") are looked for in text only: in compressed image
+    bytes a 4-byte run turns up by chance once in a few hundred megabytes."""
+    needles = [(v.lower(), v.lower().encode() if len(v) >= 8 else None) for v in phi if v]
     hits = []
     for name, df in tables.items():
         for col in df.columns:
@@ -154,7 +156,7 @@ def phi_hits(tables: dict[str, pl.DataFrame], phi: set[str]) -> list[str]:
                 values = df[col].to_list()
                 for i, blob in enumerate(values):
                     low = (blob or b"").lower()
-                    hits += [f"{name}.{col}[{i}]: {n!r}" for n, nb in needles if nb in low]
+                    hits += [f"{name}.{col}[{i}]: {n!r}" for n, nb in needles if nb and nb in low]
             elif dtype == pl.Utf8 or dtype.is_nested():
                 texts = df[col].to_list()
                 for i, v in enumerate(texts):

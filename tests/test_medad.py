@@ -20,6 +20,7 @@ from synth.medad.bases import (
     AllowListError,
     bases_frame,
     decode_png,
+    deidentify,
     encode_png,
     load_allowlist,
     load_bases,
@@ -103,7 +104,7 @@ def test_allowlist_is_reviewed_and_a_bad_entry_is_named(entries, tmp_path):
         load_allowlist(bad)
 
 
-def test_dicom_headers_are_deidentified(entries):
+def test_dicom_headers_are_deidentified(entries, tmp_path):
     import pydicom
 
     dicom = [e for e in entries if e["loader"] == "dicom"]
@@ -118,7 +119,26 @@ def test_dicom_headers_are_deidentified(entries):
         if "SOPInstanceUID" in b.header:  # replaced, not copied
             assert b.header["SOPInstanceUID"] != str(ds.SOPInstanceUID)
     # The shipped files do carry identifiers, so the scan has something to find.
-    assert "CompressedSamples^CT1" in read_dicom_phi(dicom)
+    phi = read_dicom_phi(dicom)
+    assert {"CompressedSamples^CT1", "1CT1", "5MR2"} <= phi  # short ids with letters too
+    assert "7" not in phi  # a bare accession "7" would match every "7%" in the questions
+    liver = next(e for e in dicom if e["id"] == "pydicom_liver_lesion")
+    ds = pydicom.dcmread(package_file(liver), stop_before_pixels=True)
+    header = deidentify(ds, salt="one")
+    assert not {"PatientWeight", "PatientSize", "PregnancyStatus"} & set(header)
+    assert header["StorageMediaFileSetUID"] != str(ds.StorageMediaFileSetUID)  # scanner serial
+    # UIDs are salted: stable under one salt, unlinkable across salts.
+    assert deidentify(ds, salt="one")["SOPInstanceUID"] == header["SOPInstanceUID"]
+    assert deidentify(ds, salt="two")["SOPInstanceUID"] != header["SOPInstanceUID"]
+    # A folder source is scanned as well: its DICOM files' identifiers join the list.
+    import shutil
+
+    ct = next(e for e in dicom if e["id"] == "pydicom_ct_small")
+    folder = tmp_path / "site"
+    folder.mkdir()
+    shutil.copy(package_file(ct), folder / "scan.dcm")
+    local = [{**ct, "id": "site", "loader": "folder", "path": str(folder), "package": None}]
+    assert "CompressedSamples^CT1" in read_dicom_phi(local)
 
 
 def test_folder_and_huggingface_loaders_read_local_copies(tmp_path):
@@ -149,10 +169,126 @@ def test_folder_and_huggingface_loaders_read_local_copies(tmp_path):
         [{**spec, "id": "hf", "loader": "hf", "dataset": str(folder), "limit": 2}], 32
     )
     assert not failures and len(bases) == 2
+    # With a label column: a label outside `normal_labels` is a real finding.
+    (folder / "metadata.csv").write_text(
+        "file_name,dx\nimg0.png,nevus\nimg1.png,melanoma\nimg2.png,nevus\n"
+    )
+    labelled = {**spec, "id": "hf", "loader": "hf", "dataset": str(folder)}
+    labelled |= {"label_column": "dx", "normal_labels": ["nevus"]}
+    bases, failures = load_bases([labelled], 32)
+    assert not failures
+    assert [(b.role, b.finding) for b in bases] == [
+        ("normal", ""),
+        ("real_anomaly", "melanoma"),
+        ("normal", ""),
+    ]
     bases, failures = load_bases(
         [{**spec, "id": "gone", "loader": "folder", "path": str(tmp_path / "nope")}], 32
     )
     assert not bases and failures[0][1] == "load_failed" and "gone.path" in failures[0][2]
+
+
+def _blob(shape, centre, radius):
+    grids = np.ogrid[tuple(slice(0, n) for n in shape)]
+    return sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre, radius, strict=True)) <= 1
+
+
+def test_brats_and_isic_layouts_load_masks_findings_and_fail_per_file(tmp_path):
+    import nibabel as nib
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    # BraTS-style: a T1c volume and its segmentation per subject.
+    brats = tmp_path / "brats"
+    brats.mkdir()
+    head = _blob((40, 40, 10), (20, 20, 5), (16, 14, 8)).astype(np.float32)
+    for n, tumour in (("00001", True), ("00002", False)):
+        vol = head * 100 + rng.normal(0, 3, head.shape).astype(np.float32)
+        seg = np.zeros(head.shape, np.uint8)
+        if tumour:  # slices 3-6 only
+            seg[_blob(head.shape, (14, 24, 4.5), (4, 4, 1.6))] = 1
+        nib.save(nib.Nifti1Image(vol, np.eye(4)), brats / f"BraTS-GLI-{n}-000-t1c.nii.gz")
+        nib.save(nib.Nifti1Image(seg, np.eye(4)), brats / f"BraTS-GLI-{n}-000-seg.nii.gz")
+    (brats / "BraTS-GLI-00003-000-t1c.nii.gz").write_bytes(b"not a volume")
+    entry = {
+        "id": "brats",
+        "role": "normal",
+        "loader": "folder",
+        "path": str(brats),
+        "glob": "*-t1c.nii.gz",
+        "mask": {"from": "-t1c", "to": "-seg"},
+        "mask_finding": "glioma (segmented)",
+        "slices": {"axis": 2, "at": [0.0, 0.5, 1.0]},
+        "modality": "MRI",
+        "sequence": "T1-weighted, contrast-enhanced",
+        "anatomy": "brain",
+        "licence": "test",
+        "tissue": {"method": "otsu"},
+    }
+    bases, failures = load_bases([entry], 48)
+    by_id = {b.base_id: b for b in bases}
+    tumour = by_id["brats-BraTS-GLI-00001-000-t1c-z4"]
+    assert tumour.role == "real_anomaly" and tumour.finding == "glioma (segmented)"
+    assert tumour.lesion is not None and tumour.lesion.shape == (48, 48) and tumour.lesion.any()
+    healthy = [b for b in bases if "00002" in b.base_id]
+    assert [b.role for b in healthy] == ["normal"] * 3 and all(b.lesion is None for b in healthy)
+    assert {b.subject_id for b in healthy} == {"brats-BraTS-GLI-00002-000-t1c"}
+    # The tumour volume's other slices are never normal bases; the broken file fails alone.
+    reasons = {what: reason for _, reason, _, what in failures}
+    assert reasons == {
+        "brats-BraTS-GLI-00001-000-t1c-z0": "anomalous_subject",
+        "brats-BraTS-GLI-00001-000-t1c-z9": "anomalous_subject",
+        "brats-BraTS-GLI-00003-000-t1c": "unreadable_file",
+    }
+    # Cases: the real lesion keeps its source mask, and the verifier reads it.
+    s = CaseSettings(image_size=48, centers=2, cases_per_base=1, heldout_centers=1)
+    cases, _, _ = build_cases(bases, s)
+    real = cases.filter(pl.col("base_id") == tumour.base_id).row(0, named=True)
+    assert real["split"] == "real_anomaly" and real["lesion_count"] == 1
+    assert (decode_png(real["mask_png"]) > 0).sum() == tumour.lesion.sum()
+    items, _, _ = build_items(cases, 0)
+    assert answer_problems(items, cases, bases_frame(bases)) == []
+
+    # ISIC-style: images, lesion masks beside them, a CSV of diagnoses.
+    isic = tmp_path / "isic"
+    isic.mkdir()
+    skin = (rng.uniform(0.55, 0.75, (40, 40, 3)) * 255).astype(np.uint8)
+    for n in ("0000001", "0000002", "0000003"):
+        Image.fromarray(skin).save(isic / f"ISIC_{n}.jpg")
+    mole = (_blob((40, 40), (20, 18), (8, 6)) * 255).astype(np.uint8)
+    Image.fromarray(mole).save(isic / "ISIC_0000001_segmentation.png")
+    (isic / "ISIC_0000004.jpg").write_bytes(b"\xff\xd8 truncated")
+    (isic / "labels.csv").write_text(
+        "image,finding\nISIC_0000001.jpg,nevus\nISIC_0000002.jpg,melanoma\nISIC_0000003.jpg,\n"
+    )
+    entry = {
+        "id": "isic",
+        "role": "normal",
+        "loader": "folder",
+        "path": str(isic),
+        "glob": "*.jpg",
+        "mask": {"from": ".jpg", "to": "_segmentation.png"},
+        "findings": str(isic / "labels.csv"),
+        "modality": "dermoscopy",
+        "anatomy": "skin",
+        "licence": "test",
+        "tissue": {"method": "fov"},
+    }
+    bases, failures = load_bases([entry], 32)
+    roles = {b.base_id: (b.role, b.finding, b.lesion is not None) for b in bases}
+    assert roles == {
+        "isic-ISIC_0000001": ("real_anomaly", "nevus", True),
+        "isic-ISIC_0000002": ("real_anomaly", "melanoma", False),
+        "isic-ISIC_0000003": ("normal", "", False),
+    }
+    assert [(w, r) for _, r, _, w in failures] == [("isic-ISIC_0000004", "unreadable_file")]
+    assert "ISIC_0000004.jpg" in failures[0][2]
+    # A findings table without its columns is named.
+    (isic / "bad.csv").write_text("file,dx\nISIC_0000001.jpg,nevus\n")
+    _, failures = load_bases([{**entry, "findings": str(isic / "bad.csv")}], 32)
+    assert (
+        failures[0][1] == "load_failed" and "isic.findings: no column 'finding'" in failures[0][2]
+    )
 
 
 def test_lesions_sit_where_the_mask_says_and_hidden_ones_are_rejected(small):

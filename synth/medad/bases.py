@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import polars as pl
@@ -27,6 +27,18 @@ ALLOWLIST = Path(__file__).with_name("bases.yaml")
 ROLES = ("normal", "real_anomaly")
 REQUIRED = ("id", "role", "loader", "modality", "anatomy", "licence")
 
+# Patient characteristics the basic profile removes as well: they narrow down who a
+# patient is without naming them.
+PATIENT_TRAITS = (
+    "PatientSex",
+    "PatientAge",
+    "PatientWeight",
+    "PatientSize",
+    "PregnancyStatus",
+    "PatientState",
+    "SmokingStatus",
+    "Occupation",
+)
 # Patient-identifying DICOM attributes (a subset of the PS3.15 Annex E basic profile that
 # covers what these files carry): removed, and their values never reach an output.
 PHI_TAGS = (
@@ -34,8 +46,6 @@ PHI_TAGS = (
     "PatientID",
     "PatientBirthDate",
     "PatientBirthTime",
-    "PatientSex",
-    "PatientAge",
     "PatientAddress",
     "PatientTelephoneNumbers",
     "OtherPatientIDs",
@@ -80,11 +90,14 @@ PHI_TAGS = (
     "RequestedProcedureID",
     "PerformedProcedureStepID",
     "ScheduledProcedureStepID",
+    *PATIENT_TRAITS,
 )
-# Removed, but not scanned for: their values ("SHOULDER", "abdomen^liver") describe the
-# study rather than identify anyone, and would match ordinary metadata.
+# Removed, but not scanned for: their values ("SHOULDER", "abdomen^liver", a weight of
+# "70", sex "M") describe the study or a trait rather than identify anyone, and would
+# match ordinary metadata.
 FREE_TEXT_TAGS = frozenset(
     {
+        *PATIENT_TRAITS,
         "StudyDescription",
         "SeriesDescription",
         "ProtocolName",
@@ -102,6 +115,9 @@ UID_TAGS = (
     "SOPInstanceUID",
     "FrameOfReferenceUID",
     "MediaStorageSOPInstanceUID",
+    "StorageMediaFileSetUID",  # Siemens writes the scanner's serial number into it
+    "ReferencedSOPInstanceUID",
+    "IrradiationEventUID",
 )
 
 
@@ -123,6 +139,7 @@ class BaseImage:
     tissue: np.ndarray | None  # bool HxW; None for a real-anomaly image
     finding: str = ""
     header: dict[str, Any] = field(default_factory=dict)  # de-identified DICOM header
+    lesion: np.ndarray | None = None  # bool HxW: a real anomaly's mask from its source
 
     @property
     def subject_id(self) -> str:
@@ -167,8 +184,29 @@ def load_allowlist(path: str | Path = ALLOWLIST) -> list[dict[str, Any]]:
 
 # --- loaders: entry -> raw images (float arrays, any range) with their source -------------
 
-Loaded = tuple[str, np.ndarray, dict[str, Any], np.ndarray | None]  # (suffix, image, header, atlas)
-LOADERS: dict[str, Callable[[dict[str, Any]], Iterator[Loaded]]] = {}
+
+class Loaded(NamedTuple):
+    """One image a loader read: its id suffix, the raw pixels, the de-identified header,
+    the tissue atlas slice, and what the source says is abnormal in it (a lesion mask,
+    nonzero = lesion, and a finding from its labels)."""
+
+    suffix: str
+    image: np.ndarray
+    header: dict[str, Any]
+    atlas: np.ndarray | None = None
+    lesion: np.ndarray | None = None
+    finding: str = ""
+
+
+class LoadFailed(NamedTuple):
+    """One file (or slice) of a source that could not be used: the rest still loads."""
+
+    suffix: str
+    reason: str
+    detail: str
+
+
+LOADERS: dict[str, Callable[[dict[str, Any]], Iterator[Loaded | LoadFailed]]] = {}
 
 
 def register_loader(kind: str):
@@ -213,34 +251,57 @@ def load_nifti(entry: dict[str, Any]) -> Iterator[Loaded]:
         )
     atlas_slices = dict(_slices(atlas, entry)) if atlas is not None else {}
     for suffix, img in _slices(volume, entry):
-        yield suffix, img, {}, atlas_slices.get(suffix)
+        yield Loaded(suffix, img, {}, atlas_slices.get(suffix))
 
 
 @register_loader("npy")
 def load_npy(entry: dict[str, Any]) -> Iterator[Loaded]:
-    yield "", np.load(package_file(entry)).astype(np.float32), {}, None
+    yield Loaded("", np.load(package_file(entry)).astype(np.float32), {})
 
 
 @register_loader("image")
 def load_image(entry: dict[str, Any]) -> Iterator[Loaded]:
     from PIL import Image
 
-    yield "", np.asarray(Image.open(package_file(entry)), dtype=np.float32), {}, None
+    yield Loaded("", np.asarray(Image.open(package_file(entry)), dtype=np.float32), {})
 
 
-def deidentify(ds: Any) -> dict[str, Any]:
-    """The header without patient identifiers: PHI attributes and private tags removed,
-    UIDs replaced by deterministic new ones, pixel data left out. A JSON-able dict."""
+def deid_salt() -> str:
+    """The secret mixed into every replacement UID ($ALIGNFOUNDRY_DEID_SALT, else one drawn
+    once per installation and kept in $ALIGNFOUNDRY_HOME), so that nobody holding an
+    original UID can compute its replacement and link the two."""
+    import os
+    import secrets
+
+    if os.environ.get("ALIGNFOUNDRY_DEID_SALT"):
+        return os.environ["ALIGNFOUNDRY_DEID_SALT"]
+    home = Path(os.environ.get("ALIGNFOUNDRY_HOME") or ".alignfoundry").expanduser()
+    path = home / "medad_deid_salt"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_hex(16))
+    return path.read_text().strip()
+
+
+def deidentify(ds: Any, salt: str | None = None) -> dict[str, Any]:
+    """The header without patient identifiers, after the PS3.15 basic profile for the
+    attributes present: PHI attributes and private tags removed, UIDs replaced by new ones
+    derived from the original and a secret salt (`deid_salt`; stable across runs of one
+    installation), sequences, overlays and pixel data left out. A JSON-able dict."""
+    import copy
+
     from pydicom.uid import generate_uid
 
-    ds = ds.copy()
+    salt = deid_salt() if salt is None else salt
+    ds = copy.deepcopy(ds)  # a shallow copy shares its elements: the input would change too
     ds.remove_private_tags()
     for name in PHI_TAGS:
         if name in ds:
             delattr(ds, name)
     for name in UID_TAGS:
         if name in ds:
-            setattr(ds, name, generate_uid(entropy_srcs=[str(ds.data_element(name).value)]))
+            original = str(ds.data_element(name).value)
+            setattr(ds, name, generate_uid(entropy_srcs=[salt, original]))
     if "PixelData" in ds:
         del ds.PixelData
     for elem in list(ds):
@@ -260,10 +321,11 @@ def phi_values(ds: Any) -> set[str]:
         if name not in ds or name in FREE_TEXT_TAGS:
             continue
         v = str(ds.data_element(name).value or "").strip()
-        # A name also as it reads in prose; short values (sex, an age, a time of day)
-        # are too common to scan for.
+        # A name also as it reads in prose. A bare number under 8 digits (an accession
+        # "7", a study id "1") would match every count and percentage in the tables, so it
+        # is scanned only as part of a longer value; a short id with letters ("1CT1") is.
         for form in {v, " ".join(v.replace("^", " ").split())}:
-            if len(form) >= (8 if form.isdigit() else 5):
+            if len(form) >= 8 or (len(form) >= 3 and not form.replace(".", "").isdigit()):
                 values.add(form)
     return values
 
@@ -291,7 +353,7 @@ def load_dicom(entry: dict[str, Any]) -> Iterator[Loaded]:
         img = _ultrasound_region(ds, img)
     if ds.get("PhotometricInterpretation") == "MONOCHROME1":
         img = img.max() - img
-    yield "", img, deidentify(ds), None
+    yield Loaded("", img, deidentify(ds))
 
 
 def read_dicom_phi(entries: list[dict[str, Any]]) -> set[str]:
@@ -301,32 +363,122 @@ def read_dicom_phi(entries: list[dict[str, Any]]) -> set[str]:
     values: set[str] = set()
     for e in entries:
         if e["loader"] == "dicom":
-            values |= phi_values(pydicom.dcmread(package_file(e), stop_before_pixels=True))
+            files = [package_file(e)]
+        elif e["loader"] == "folder" and Path(e["path"]).expanduser().is_dir():
+            files = sorted(Path(e["path"]).expanduser().rglob("*.dcm"))
+        else:
+            continue
+        for f in files:
+            try:
+                values |= phi_values(pydicom.dcmread(f, stop_before_pixels=True))
+            except Exception:  # unreadable: its loader rejects it, nothing of it travels
+                continue
     return values
 
 
+def _read_mask(path: Path, entry: dict[str, Any]) -> dict[str, np.ndarray]:
+    """A lesion mask file, sliced like its image: {suffix: 2-D mask}."""
+    name = path.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        import nibabel as nib
+
+        volume = np.asarray(nib.load(path).dataobj, dtype=np.float32)
+        return dict(_slices(volume, entry))
+    from PIL import Image
+
+    return {"": np.asarray(Image.open(path), dtype=np.float32)}
+
+
+def _findings_table(entry: dict[str, Any]) -> dict[str, str] | None:
+    """The source's findings CSV (`findings`: columns `image`, `finding`; an empty finding
+    is a normal image), keyed by file name; None without one."""
+    if not entry.get("findings"):
+        return None
+    table = pl.read_csv(Path(entry["findings"]).expanduser(), infer_schema=False)
+    missing = {"image", "finding"} - set(table.columns)
+    if missing:
+        raise AllowListError(f"{entry['id']}.findings: no column {sorted(missing)[0]!r}")
+    return dict(
+        zip(table["image"].to_list(), table["finding"].fill_null("").to_list(), strict=True)
+    )
+
+
+def _mask_path(f: Path, entry: dict[str, Any]) -> Path | None:
+    """The mask beside an image, named by the entry's `mask: {from, to}` rule on the file
+    name (BraTS `-t1c` -> `-seg`, ISIC `.jpg` -> `_segmentation.png`)."""
+    rule = entry.get("mask")
+    if not rule or rule["from"] not in f.name:
+        return None
+    path = f.with_name(f.name.replace(rule["from"], rule["to"]))
+    return path if path.exists() else None
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
 @register_loader("folder")
-def load_folder(entry: dict[str, Any]) -> Iterator[Loaded]:
+def load_folder(entry: dict[str, Any]) -> Iterator[Loaded | LoadFailed]:
     """Every image under a local folder (`path`, optional `glob`): PNG/JPEG, .npy, NIfTI
-    (middle slice) or DICOM. For a local copy of a public set (BraTS slices, ISIC)."""
+    (the entry's `slices`, several per volume) or DICOM. For a local copy of a public set:
+    - BraTS-style volumes with a segmentation beside each (`mask: {from: -t1c, to: -seg}`);
+    - ISIC-style images with lesion masks (`mask: {from: .jpg, to: _segmentation.png}`)
+      and a CSV of diagnoses (`findings: labels.csv`, columns `image`, `finding`).
+    An image whose mask shows a lesion, or whose finding is not empty, is a real anomaly
+    (finding: the CSV's, else the entry's `mask_finding`), never a normal base. A slice of
+    a volume with a lesion elsewhere is not used at all. Files stream one at a time, and a
+    file that cannot be read fails alone, with its reason."""
     root = Path(entry["path"]).expanduser()
     if not root.is_dir():
         raise AllowListError(f"{entry['id']}.path: {root} is not a folder")
+    findings = _findings_table(entry)
+    masks = {m.name for m in root.glob("*") if entry.get("mask") and entry["mask"]["to"] in m.name}
     for f in sorted(root.glob(entry.get("glob", "*"))):
-        sub = {**entry, "path": str(f), "package": None}
         name = f.name.lower()
+        if f.name in masks:
+            continue
         if name.endswith((".nii", ".nii.gz")):
             inner = load_nifti
         elif name.endswith(".dcm"):
             inner = load_dicom
         elif name.endswith(".npy"):
             inner = load_npy
-        elif name.endswith((".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")):
+        elif name.endswith(IMAGE_SUFFIXES):
             inner = load_image
         else:
             continue
-        for suffix, img, header, atlas in inner(sub):
-            yield f"{f.stem}{('-' + suffix) if suffix else ''}", img, header, atlas
+        stem = f.name.split(".")[0]
+        try:
+            mask_file = _mask_path(f, entry)
+            lesions = _read_mask(mask_file, entry) if mask_file else {}
+            items = list(inner({**entry, "path": str(f), "package": None}))
+        except Exception as exc:
+            yield LoadFailed(stem, "unreadable_file", f"{f.name}: {type(exc).__name__}: {exc}")
+            continue
+        anomalous_subject = any(m.any() for m in lesions.values())
+        finding = (findings or {}).get(f.name, "")
+        for item in items:
+            suffix = f"{stem}{('-' + item.suffix) if item.suffix else ''}"
+            lesion = lesions.get(item.suffix)
+            if lesion is not None and lesion.shape != item.image.shape[:2]:
+                yield LoadFailed(
+                    suffix,
+                    "mask_mismatch",
+                    f"{f.name}: mask {lesion.shape} vs image {item.image.shape[:2]}",
+                )
+                continue
+            has_lesion = lesion is not None and bool(lesion.any())
+            if anomalous_subject and not has_lesion:
+                yield LoadFailed(
+                    suffix,
+                    "anomalous_subject",
+                    f"{f.name} {item.suffix}: no lesion in this slice, but the volume has one: "
+                    "never a normal base",
+                )
+                continue
+            real = finding or (
+                entry.get("mask_finding", "lesion (segmented)") if has_lesion else ""
+            )
+            yield item._replace(suffix=suffix, lesion=lesion if has_lesion else None, finding=real)
 
 
 @register_loader("hf")
@@ -341,8 +493,21 @@ def load_hf(entry: dict[str, Any]) -> Iterator[Loaded]:
         raise AllowListError(
             f"{entry['id']}.image_column: {column!r} not in the dataset's columns {ds.column_names}"
         )
+    mask_column, label_column = entry.get("mask_column"), entry.get("label_column")
+    normal = set(entry.get("normal_labels", []))
     for i, row in enumerate(ds.select(range(min(len(ds), entry.get("limit", len(ds)))))):
-        yield f"{i}", np.asarray(row[column], dtype=np.float32), {}, None
+        try:
+            img = np.asarray(row[column], dtype=np.float32)
+            lesion = np.asarray(row[mask_column], dtype=np.float32) if mask_column else None
+        except Exception as exc:  # one broken row fails alone
+            yield LoadFailed(f"{i}", "unreadable_row", f"row {i}: {type(exc).__name__}: {exc}")
+            continue
+        label = str(row[label_column] or "") if label_column else ""
+        finding = "" if label in normal else label
+        if lesion is not None and lesion.any() and not finding:
+            finding = entry.get("mask_finding", "lesion (segmented)")
+        has_lesion = lesion is not None and bool(lesion.any())
+        yield Loaded(f"{i}", img, {}, None, lesion if has_lesion else None, finding)
 
 
 # --- normalisation and tissue masks -----------------------------------------------------
@@ -357,8 +522,9 @@ def to_unit(img: np.ndarray) -> np.ndarray:
     return np.clip((img - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
-def square(img: np.ndarray, size: int) -> np.ndarray:
-    """Pad to a square with the image's minimum, then resize to size x size."""
+def square(img: np.ndarray, size: int, order: int = 1) -> np.ndarray:
+    """Pad to a square with the image's minimum, then resize to size x size (`order` 0:
+    nearest, for masks)."""
     from skimage.transform import resize
 
     h, w = img.shape[:2]
@@ -366,7 +532,9 @@ def square(img: np.ndarray, size: int) -> np.ndarray:
     pad = [((s - h) // 2, s - h - (s - h) // 2), ((s - w) // 2, s - w - (s - w) // 2)]
     pad += [(0, 0)] * (img.ndim - 2)
     img = np.pad(img, pad, constant_values=float(img.min()))
-    return resize(img, (size, size) + img.shape[2:], order=1, anti_aliasing=True).astype(np.float32)
+    return resize(img, (size, size) + img.shape[2:], order=order, anti_aliasing=order > 0).astype(
+        np.float32
+    )
 
 
 def luminance(img: np.ndarray) -> np.ndarray:
@@ -403,51 +571,72 @@ def tissue_mask(
     return ndi.binary_erosion(mask, iterations=2)
 
 
+def _crop(arr: np.ndarray, e: dict[str, Any]) -> np.ndarray:
+    """The entry's reviewed crop (`crop: [y0, y1, x0, x1]` fractions), if any."""
+    if not e.get("crop"):
+        return arr
+    y0, y1, x0, x1 = e["crop"]
+    h, w = arr.shape[:2]
+    return arr[int(y0 * h) : int(y1 * h), int(x0 * w) : int(x1 * w)]
+
+
 def load_bases(
     entries: list[dict[str, Any]], size: int
-) -> tuple[list[BaseImage], list[tuple[dict, str, str]]]:
-    """(bases, failures): each failure is (entry, reason, detail)."""
+) -> tuple[list[BaseImage], list[tuple[dict, str, str, str]]]:
+    """(bases, failures): each failure is (entry, reason, detail, id of what failed). A
+    loader streams its images; a whole entry fails only when its loader does."""
 
     bases, failures = [], []
     for e in entries:
         try:
-            loaded = list(LOADERS[e["loader"]](e))
+            for item in LOADERS[e["loader"]](e):
+                base_id = f"{e['id']}-{item.suffix}" if item.suffix else e["id"]
+                if isinstance(item, LoadFailed):
+                    failures.append((e, item.reason, f"{e['id']}: {item.detail}", base_id))
+                    continue
+                base = _base(e, item, base_id, size)
+                if isinstance(base, str):
+                    failures.append((e, "unusable_image", f"{base_id}: {base}", base_id))
+                else:
+                    bases.append(base)
         except Exception as exc:  # a missing file, an unreadable DICOM: the entry is rejected
-            failures.append((e, "load_failed", f"{e['id']}: {type(exc).__name__}: {exc}"))
-            continue
-        for suffix, raw, header, atlas in loaded:
-            base_id = f"{e['id']}-{suffix}" if suffix else e["id"]
-            if e.get("crop"):  # reviewed margins: burned-in text, scale bars
-                y0, y1, x0, x1 = e["crop"]
-                h, w = raw.shape[:2]
-                raw = raw[int(y0 * h) : int(y1 * h), int(x0 * w) : int(x1 * w)]
-            try:
-                img = square(to_unit(raw), size)
-            except ValueError as exc:
-                failures.append((e, "unusable_image", f"{base_id}: {exc}"))
-                continue
-            tissue = None
-            if e["role"] == "normal":
-                atlas_sq = square(atlas, size) if atlas is not None else None
-                spec = e["tissue"]
-                tissue = tissue_mask(img, spec["method"], atlas_sq, spec.get("level", 0.15))
-            bases.append(
-                BaseImage(
-                    base_id=base_id,
-                    entry_id=e["id"],
-                    role=e["role"],
-                    modality=e["modality"],
-                    sequence=e.get("sequence", "") or "",
-                    anatomy=e["anatomy"],
-                    licence=e["licence"],
-                    source=f"{e.get('package') or 'local'}:{e.get('path') or e.get('dataset')}",
-                    image=img,
-                    tissue=tissue,
-                    finding=e.get("finding", "") or "",
-                    header=header,
-                )
-            )
+            detail = f"{e['id']}: {type(exc).__name__}: {exc}"
+            failures.append((e, "load_failed", detail, e["id"]))
     return bases, failures
+
+
+def _base(e: dict[str, Any], item: Loaded, base_id: str, size: int) -> BaseImage | str:
+    """The base image of one loaded item, or why it is unusable."""
+    try:
+        img = square(to_unit(_crop(item.image, e)), size)  # crop: burned-in text, scale bars
+    except ValueError as exc:
+        return str(exc)
+    # What the source marks as abnormal is a real anomaly, whatever the entry's role.
+    role = "real_anomaly" if item.finding else e["role"]
+    tissue = None
+    if role == "normal":
+        atlas_sq = square(item.atlas, size) if item.atlas is not None else None
+        spec = e["tissue"]
+        tissue = tissue_mask(img, spec["method"], atlas_sq, spec.get("level", 0.15))
+    return BaseImage(
+        base_id=base_id,
+        entry_id=e["id"],
+        role=role,
+        modality=e["modality"],
+        sequence=e.get("sequence", "") or "",
+        anatomy=e["anatomy"],
+        licence=e["licence"],
+        source=f"{e.get('package') or 'local'}:{e.get('path') or e.get('dataset')}",
+        image=img,
+        tissue=tissue,
+        finding=item.finding or (e.get("finding", "") or ""),
+        header=item.header,
+        lesion=(
+            square((_crop(item.lesion, e) > 0).astype(np.float32), size, order=0) > 0.5
+            if item.lesion is not None
+            else None
+        ),
+    )
 
 
 # --- image codec: PNG bytes are what the tables store ----------------------------------
@@ -489,6 +678,7 @@ BASE_SCHEMA = {
     "dicom_header": pl.Utf8(),  # de-identified, JSON
     "image_png": pl.Binary(),
     "tissue_png": pl.Binary(),
+    "lesion_png": pl.Binary(),  # null unless the source gave a lesion mask
 }
 
 
@@ -514,6 +704,7 @@ def bases_frame(bases: list[BaseImage]) -> pl.DataFrame:
                     np.uint8
                 )
             ),
+            "lesion_png": encode_png(b.lesion.astype(np.uint8)) if b.lesion is not None else None,
         }
         for b in bases
     ]
@@ -537,6 +728,7 @@ def bases_from_frame(df: pl.DataFrame) -> list[BaseImage]:
                 tissue=decode_png(r["tissue_png"]).astype(bool) if r["role"] == "normal" else None,
                 finding=r["finding"],
                 header=json.loads(r["dicom_header"]),
+                lesion=decode_png(r["lesion_png"]).astype(bool) if r["lesion_png"] else None,
             )
         )
     return out

@@ -417,6 +417,8 @@ def make_case(p: dict, s: CaseSettings, index: int) -> tuple[dict | None, Reject
     finding = ""
     if base.role == "real_anomaly":
         finding = base.finding
+        if base.lesion is not None:  # the source's own mask: each lesion a label
+            mask = ndi.label(base.lesion)[0].astype(np.int32)
     elif p["abnormal"]:
         n = 1 + int(rng.choice(s.max_lesions, p=_count_probs(s.max_lesions)))
         placed = _place_lesions(base, n, rng, side)
@@ -436,9 +438,11 @@ def make_case(p: dict, s: CaseSettings, index: int) -> tuple[dict | None, Reject
     saved = decode_png(png).astype(np.float32) / 255.0
     lesions = lesion_facts(mask, side)
     lum = luminance(saved)
+    tissue = base.tissue if base.tissue is not None else np.ones((side, side), bool)
     for f in lesions:
-        f["cnr"] = round(lesion_cnr(lum, mask == f["label"], base.tissue, mask > 0), 3)
-    faint = [f for f in lesions if f["cnr"] < s.min_cnr]
+        f["cnr"] = round(lesion_cnr(lum, mask == f["label"], tissue, mask > 0), 3)
+    # A real lesion is what the source marked, however faint: only drawn ones must show.
+    faint = [f for f in lesions if f["cnr"] < s.min_cnr and base.role != "real_anomaly"]
     if faint:
         return reject(
             "lesion_not_visible",
@@ -466,11 +470,7 @@ def make_case(p: dict, s: CaseSettings, index: int) -> tuple[dict | None, Reject
         "lesions": lesions,
         "image_png": png,
         "mask_png": encode_png(mask.astype(np.uint8)),
-        "tissue_png": encode_png(
-            (base.tissue if base.tissue is not None else np.ones((side, side), bool)).astype(
-                np.uint8
-            )
-        ),
+        "tissue_png": encode_png(tissue.astype(np.uint8)),
     }
     return row, None
 
