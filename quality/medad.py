@@ -3,7 +3,6 @@ patient identifier in any output, the balance of the cases, and splits by subjec
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from collections import Counter
@@ -12,6 +11,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from synth.medad.bases import decode_png
 from synth.medad.vqa import (
     COUNT_WORDS,
     LETTERS,
@@ -37,10 +37,9 @@ def read_facts(case: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     """What a reader of the saved mask PNG and the base's allow-list metadata finds: the
     lesions are the mask's connected components (whatever their label values), the
     largest is the one of most pixels (all of them on a tie)."""
-    from PIL import Image
     from scipy import ndimage as ndi
 
-    mask = np.asarray(Image.open(io.BytesIO(case["mask_png"])))
+    mask = decode_png(case["mask_png"])
     side = mask.shape[1]
     parts, n = ndi.label(mask > 0)
     lesions = []

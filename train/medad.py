@@ -57,7 +57,16 @@ def chat_prompt(tok: Any, text: str) -> str:
     )
 
 
-class PrefixVLM:
+class _SequenceScores:
+    """What both model kinds derive from their `token_logprobs`."""
+
+    def completion_logprobs(self, pngs, prompts, completions):
+        """Per-sequence (sum of completion-token log-probs, completion-token count)."""
+        lp, mask = self.token_logprobs(pngs, prompts, completions)
+        return (lp * mask).sum(1), mask.sum(1)
+
+
+class PrefixVLM(_SequenceScores):
     """Vision encoder -> `grid`x`grid` prefix tokens -> a causal LM with LoRA adapters."""
 
     def __init__(self, lm: Any, tok: Any, image_size: int, grid: int, device: str) -> None:
@@ -143,11 +152,6 @@ class PrefixVLM:
             per.append(torch.log_softmax(pred, -1).gather(1, target[:, None]).squeeze(1))
         return _padded(per, self.device)
 
-    def completion_logprobs(self, pngs, prompts, completions):
-        """Per-sequence (sum of completion-token log-probs, completion-token count)."""
-        lp, mask = self.token_logprobs(pngs, prompts, completions)
-        return (lp * mask).sum(1), mask.sum(1)
-
     def generate(
         self,
         pngs: list[bytes],
@@ -198,7 +202,7 @@ class PrefixVLM:
         )
 
 
-class HFVLM:
+class HFVLM(_SequenceScores):
     """A Hugging Face image-text-to-text model from a local path, with LoRA on its
     language model, driven through its own processor and chat template."""
 
@@ -270,10 +274,6 @@ class HFVLM:
             pred = logits[i, -n - 1 : -1]
             per.append(torch.log_softmax(pred, -1).gather(1, target[:, None]).squeeze(1))
         return _padded(per, self.device)
-
-    def completion_logprobs(self, pngs, prompts, completions):
-        lp, mask = self.token_logprobs(pngs, prompts, completions)
-        return (lp * mask).sum(1), mask.sum(1)
 
     def generate(self, pngs, prompts, max_new_tokens, temperature, sample):
         import torch

@@ -413,6 +413,16 @@ def _mask_path(f: Path, entry: dict[str, Any]) -> Path | None:
     return path if path.exists() else None
 
 
+def _source_marks(
+    entry: dict[str, Any], lesion: np.ndarray | None, finding: str
+) -> tuple[np.ndarray | None, str]:
+    """What a source marks abnormal in one image: its mask (None unless it shows a lesion)
+    and its finding (the label's, else the entry's `mask_finding` when the mask shows one)."""
+    if lesion is None or not lesion.any():
+        return None, finding
+    return lesion, finding or entry.get("mask_finding", "lesion (segmented)")
+
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
@@ -466,8 +476,8 @@ def load_folder(entry: dict[str, Any]) -> Iterator[Loaded | LoadFailed]:
                     f"{f.name}: mask {lesion.shape} vs image {item.image.shape[:2]}",
                 )
                 continue
-            has_lesion = lesion is not None and bool(lesion.any())
-            if anomalous_subject and not has_lesion:
+            lesion, real = _source_marks(entry, lesion, finding)
+            if anomalous_subject and lesion is None:
                 yield LoadFailed(
                     suffix,
                     "anomalous_subject",
@@ -475,10 +485,7 @@ def load_folder(entry: dict[str, Any]) -> Iterator[Loaded | LoadFailed]:
                     "never a normal base",
                 )
                 continue
-            real = finding or (
-                entry.get("mask_finding", "lesion (segmented)") if has_lesion else ""
-            )
-            yield item._replace(suffix=suffix, lesion=lesion if has_lesion else None, finding=real)
+            yield item._replace(suffix=suffix, lesion=lesion, finding=real)
 
 
 @register_loader("hf")
@@ -503,11 +510,8 @@ def load_hf(entry: dict[str, Any]) -> Iterator[Loaded]:
             yield LoadFailed(f"{i}", "unreadable_row", f"row {i}: {type(exc).__name__}: {exc}")
             continue
         label = str(row[label_column] or "") if label_column else ""
-        finding = "" if label in normal else label
-        if lesion is not None and lesion.any() and not finding:
-            finding = entry.get("mask_finding", "lesion (segmented)")
-        has_lesion = lesion is not None and bool(lesion.any())
-        yield Loaded(f"{i}", img, {}, None, lesion if has_lesion else None, finding)
+        lesion, finding = _source_marks(entry, lesion, "" if label in normal else label)
+        yield Loaded(f"{i}", img, {}, None, lesion, finding)
 
 
 # --- normalisation and tissue masks -----------------------------------------------------

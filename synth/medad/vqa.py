@@ -106,10 +106,10 @@ def case_facts(case: dict[str, Any]) -> dict[str, Any]:
         "location": largest["cell"] if largest else None,
         "size": largest["size_class"] if largest else None,
         "diameter": largest["equiv_diameter"] if largest else None,
-        # Every lesion's cell and size class: a reasoning may describe each lesion.
         "largest_tied": sum(f["area"] == largest["area"] for f in lesions) > 1
         if largest
         else False,
+        # Every lesion's cell and size class: a reasoning may describe each lesion.
         "cells": sorted({f["cell"] for f in lesions}),
         "sizes": sorted({f["size_class"] for f in lesions}),
         "side": int(mask.shape[0]),
