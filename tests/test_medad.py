@@ -395,6 +395,25 @@ def test_phi_scan_finds_an_identifier_in_text_and_in_image_bytes(small):
     assert hits == ["medad_cases.image_png[0]: '19450312'"]
 
 
+def test_phi_scan_of_dagster_metadata_finds_text_and_skips_inlined_images():
+    from assets.medad import _as_text
+
+    phi = {"1CT1", "CompressedSamples^CT1"}
+    # base64 of a plot can hold "1ct1" by chance; the text beside it is what is read.
+    plot = "![sheet](data:image/png;base64,AAAA1ct1BBBB==)"
+    rows = pl.DataFrame(
+        {
+            "entry": ["medad_bases.preview", "medad_bases.sheet", "medad_vqa.settings"],
+            "value": [
+                _as_text("| base | note |\n| x | patient 1CT1 |"),
+                _as_text(plot),
+                _as_text({"allowlist": "", "seed": 0}),
+            ],
+        }
+    )
+    assert phi_hits({"dagster_metadata": rows}, phi) == ["dagster_metadata.value[0]: '1ct1'"]
+
+
 def test_rewards_separate_right_wrong_malformed_and_inconsistent(small):
     items = small[5]
     row = items.filter(pl.col("question_type") == "count").row(0, named=True)
