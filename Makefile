@@ -81,6 +81,7 @@ bench: venv
 	$(PY) -m benchmarks.expectations_rate
 	$(PY) -m benchmarks.ultraprompt_search
 	$(PY) -m benchmarks.medad
+	$(PY) -m benchmarks.medad_visibility
 	$(PY) -m benchmarks.personaknob
 	$(PY) -m benchmarks.personaatlas
 

@@ -291,6 +291,11 @@ def ability_plot(abilities: list[dict], title: str) -> MetadataValue:
 def contact_sheet(panels: list[dict], title: str, columns: int = 6) -> MetadataValue:
     """Image panels (`image`: HxW or HxWx3 uint8, optional `mask`: label array whose
     outlines are drawn, `label`: caption) in a grid."""
+    return png_markdown(contact_sheet_figure(panels, title, columns), title)
+
+
+def contact_sheet_figure(panels: list[dict], title: str, columns: int = 6):
+    """The figure behind `contact_sheet`, for saving to a file."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -307,4 +312,4 @@ def contact_sheet(panels: list[dict], title: str, columns: int = 6) -> MetadataV
         ax.set_title(p.get("label", ""), fontsize=6)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    return png_markdown(fig, title)
+    return fig

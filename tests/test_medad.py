@@ -11,6 +11,7 @@ import numpy as np
 import polars as pl
 import pytest
 from dagster import AssetKey, DagsterInstance
+from scipy import ndimage as ndi
 
 from pipelines.definitions import build_definitions
 from quality.medad import answer_problems, balance_report, phi_hits, subject_leaks
@@ -36,6 +37,7 @@ from synth.medad.cases import (
     build_cases,
     center_names,
     center_profiles,
+    lesion_cnr,
 )
 from synth.medad.vqa import (
     COUNT_WORDS,
@@ -46,6 +48,7 @@ from synth.medad.vqa import (
     make_options,
     parse_claims,
     parse_completion,
+    prompt_text,
 )
 from train.medad_rewards import rewards
 from train.random_models import random_idefics3
@@ -309,14 +312,57 @@ def test_lesions_sit_where_the_mask_says_and_hidden_ones_are_rejected(small):
             assert (inside < outside) == (DIRECTION[r["finding"]] == "dark"), r["record_id"]
             assert lesion["cnr"] >= s.min_cnr
     assert balance_report(cases, s.abnormal_rate)["passed"]
-    # A center so noisy that no lesion stays visible: every abnormal case is rejected.
-    hidden, dropped, m = build_cases(
+    # Above what any spot can show, no lesion is drawn at all: the case says why.
+    unseen, dropped, m = build_cases(
         bases, CaseSettings(image_size=96, centers=2, cases_per_base=2, min_cnr=50.0)
     )
+    assert unseen.height + dropped.height == m
+    assert set(dropped["reason"]) == {"no_room_for_lesion"}
+    assert not unseen.filter(pl.col("lesion_count") > 0).height
+    assert all("where they show" in d and "min_cnr 50.0" in d for d in dropped["detail"])
+    # A center so noisy that lesions drawn where they showed are hidden again afterwards.
+    noisy = CaseSettings(image_size=96, centers=2, cases_per_base=2, shift_severity=6.0)
+    hidden, dropped, m = build_cases(bases, noisy)
     assert hidden.height + dropped.height == m
-    assert set(dropped["reason"]) == {"lesion_not_visible"}
-    assert not hidden.filter(pl.col("lesion_count") > 0).height
-    assert all("CNR" in d and "min_cnr 50.0" in d for d in dropped["detail"])
+    faint = dropped.filter(pl.col("reason") == "lesion_not_visible")
+    assert faint.height and all("< min_cnr 2.5" in d for d in faint["detail"])
+
+
+def test_ct_lesions_land_in_soft_tissue_not_in_bone(small):
+    bases, _, cases, _, _, _, _ = small
+    ct = next(b for b in bases if b.base_id == "pydicom_ct_small")
+    # The vertebra and the aorta on this window (bases.yaml), read on the smoothed image.
+    bone = ndi.gaussian_filter(ct.image, 1.0) > 0.62
+    assert bone.sum() > 200 and not (ct.tissue & bone).any()
+    drawn = cases.filter((pl.col("base_id") == ct.base_id) & (pl.col("lesion_count") > 0))
+    assert drawn.height
+    for r in drawn.to_dicts():
+        assert not (bone & (decode_png(r["mask_png"]) > 0)).any(), r["record_id"]
+
+
+def test_lesion_contrast_is_read_against_its_ring_in_grey_and_in_colour():
+    rng = np.random.default_rng(0)
+    side = 64
+    yy, xx = np.mgrid[0:side, 0:side]
+    lesion = (yy - 32) ** 2 + (xx - 32) ** 2 <= 36
+    tissue = np.ones((side, side), bool)
+    none = np.zeros((side, side), bool)
+    # Grey: a checkerboard of 0.45 / 0.55 (mean 0.5, deviation 0.05) around a flat lesion
+    # of 0.75: CNR 0.25 / (0.05 + the 0.001 guard) = 4.90.
+    checker = np.where((yy + xx) % 2, 0.55, 0.45)
+    grey = np.where(lesion, 0.75, checker)
+    assert lesion_cnr(grey, lesion, tissue, none) == pytest.approx(0.25 / 0.051, rel=0.02)
+    # Colour: a purple lesion on brown of the same luminance. Luminance alone sees
+    # nothing; CIELAB sees the hue.
+    brown = np.array([0.6, 0.4, 0.2])
+    purple = np.array([0.56, 0.35, 0.55])
+    pair = np.array([[brown, purple]], np.float32)
+    assert abs(float(np.diff(luminance(pair)[0])[0])) < 0.005
+    rgb = brown + rng.normal(0, 0.01, (side, side, 3))
+    rgb[lesion] = purple + rng.normal(0, 0.01, (int(lesion.sum()), 3))
+    lum = luminance(rgb.astype(np.float32))
+    assert lesion_cnr(lum, lesion, tissue, none) < 1.0
+    assert lesion_cnr(rgb, lesion, tissue, none) > 10.0
 
 
 def test_centers_are_seeded_and_the_heldout_one_shifts_more():
@@ -569,6 +615,60 @@ def test_grpo_loss_clips_the_ratio_and_adds_the_kl_on_hand_computed_values():
     assert kl == pytest.approx(1 - math.log(2.0)) and loss.item() == pytest.approx(
         0.5 * (1 - math.log(2.0))
     )
+
+
+def test_grpo_updates_raise_the_reward_the_policy_expects_and_the_sign_matters(small):
+    """The stage's update (`grpo_update`, at the stage's default settings) on a fixed group
+    per item: the right answer and the same reasoning with a wrong letter. The reward the
+    policy expects over the group, each completion weighted by its probability, rises
+    with every update; with the advantages negated it falls. (Sampled rewards on the CPU
+    default are too noisy over a few steps to show the rise: docs/medad.md.)"""
+    import torch
+
+    from train.medad import build_model, group_advantages, grpo_update, parser
+
+    _, _, cases, _, _, items, _ = small
+    images = dict(zip(cases["record_id"], cases["image_png"], strict=True))
+    rows = (
+        items.filter(pl.col("split") == "train")
+        .unique("question_type", keep="first", maintain_order=True)
+        .head(2)
+        .to_dicts()
+    )
+    texts, group = [], []
+    for r in rows:
+        r["facts"] = json.loads(r["facts_json"])
+        think, letter = parse_completion(r["completion"])
+        wrong = next(x for x in LETTERS[: len(r["options"])] if x != letter)
+        texts += [r["completion"], completion(think, wrong)]
+        group += [r, r]
+    reward = torch.tensor([rewards(t, r)["total"] for t, r in zip(texts, group, strict=True)])
+    reward = reward.view(len(rows), 2)
+    assert (reward[:, 0] > reward[:, 1]).all()
+    a = parser().parse_args(["--items", "-", "--cases", "-", "--output-dir", "-"])
+    vlm = build_model("", 32, 2, 4, 8, 0)
+    tok = vlm.tok
+    gen = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+    pngs = [images[r["case_id"]] for r in group]
+    prompts = [prompt_text(r["question"], r["options"]) for r in group]
+
+    def expected_reward() -> float:
+        with torch.no_grad():
+            sums, _ = vlm.completion_logprobs(pngs, prompts, gen)
+        return float((torch.softmax(sums.view(len(rows), 2), 1) * reward).sum(1).mean())
+
+    adv = group_advantages(reward).flatten()
+    start = {n: p.detach().clone() for n, p in vlm.named_trainable().items()}
+    for sign in (1.0, -1.0):
+        for n, p in vlm.named_trainable().items():
+            p.data.copy_(start[n])
+        opt = torch.optim.AdamW(vlm.trainable(), lr=a.grpo_learning_rate)
+        trace = [expected_reward()]
+        for _ in range(2):
+            grpo_update(vlm, opt, pngs, prompts, gen, sign * adv, None, a)
+            trace.append(expected_reward())
+        steps = np.diff(trace)
+        assert (steps > 0).all() if sign > 0 else (steps < 0).all(), trace
 
 
 def test_evaluation_samples_every_type_and_scores_the_baselines_by_hand():

@@ -397,6 +397,29 @@ def grpo_loss(lp, old_lp, ref_lp, mask, adv, epsilon: float, beta: float):
     return per_seq.mean(), kl_mean
 
 
+def grpo_update(vlm, opt, pngs, prompts, gen, adv, reference, a) -> tuple[float, float]:
+    """`a.grpo_updates` optimiser steps of `grpo_loss` on one batch of generations (token
+    ids `gen`, advantages `adv`), the ratio taken to the policy that generated them and
+    the KL to `reference` (trainable tensors; None = no KL). Returns (loss, KL) of the
+    last update."""
+    import torch
+
+    ref_lp = None
+    if reference is not None:
+        with torch.no_grad(), _weights(vlm, reference):
+            ref_lp, _ = vlm.token_logprobs(pngs, prompts, gen)
+    old_lp = None
+    for _ in range(a.grpo_updates):
+        lp, mask = vlm.token_logprobs(pngs, prompts, gen)
+        if old_lp is None:
+            old_lp = lp.detach()
+        loss, kl = grpo_loss(lp, old_lp, ref_lp, mask, adv.to(lp.device), a.epsilon, a.beta)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return loss.item(), kl
+
+
 class _weights:
     """Within the block, the model's trainable tensors hold `state` (the SFT policy, the
     KL reference); the current ones come back after."""
@@ -471,21 +494,9 @@ def train(a: argparse.Namespace, log) -> dict[str, Any]:
         total = torch.tensor([p["total"] for p in parts]).view(len(batch), a.num_generations)
         adv = group_advantages(total).flatten()
         gen = [g if g else [eos] for g in gen]
-        ref_lp = None
-        if reference is not None:
-            with torch.no_grad(), _weights(vlm, reference):
-                ref_lp, _ = vlm.token_logprobs(pngs, prompts, gen)
-        old_lp = None
-        for _ in range(a.grpo_updates):
-            lp, mask = vlm.token_logprobs(pngs, prompts, gen)
-            if old_lp is None:
-                old_lp = lp.detach()
-            loss, kl = grpo_loss(lp, old_lp, ref_lp, mask, adv.to(lp.device), a.epsilon, a.beta)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        loss, kl = grpo_update(vlm, opt, pngs, prompts, gen, adv, reference, a)
         completions_done += len(group)
-        entry = {"step": step, "loss": round(loss.item(), 5), "kl": round(kl, 5)}
+        entry = {"step": step, "loss": round(loss, 5), "kl": round(kl, 5)}
         entry |= {
             k: round(float(np.mean([p[k] for p in parts])), 4)
             for k in ("total", "format", "accuracy", "consistency")

@@ -546,8 +546,15 @@ def luminance(img: np.ndarray) -> np.ndarray:
 
 
 def tissue_mask(
-    img: np.ndarray, method: str, atlas: np.ndarray | None = None, level: float = 0.15
+    img: np.ndarray,
+    method: str,
+    atlas: np.ndarray | None = None,
+    level: float = 0.15,
+    exclude_above: float | None = None,
 ) -> np.ndarray:
+    """Where lesions may go. `exclude_above` removes what is brighter than that (bone and
+    contrast-filled vessels on a CT window), with a pixel of margin, so that a lesion
+    lands in soft tissue."""
     from scipy import ndimage as ndi
     from skimage.filters import threshold_otsu
 
@@ -572,6 +579,9 @@ def tissue_mask(
     if n and method != "nonwhite":
         sizes = ndi.sum(mask, labels, range(1, n + 1))
         mask = labels == (1 + int(np.argmax(sizes)))
+    if exclude_above is not None:
+        dense = ndi.gaussian_filter(lum, 1.0) > exclude_above
+        mask &= ~ndi.binary_dilation(dense, iterations=1)
     return ndi.binary_erosion(mask, iterations=2)
 
 
@@ -621,7 +631,9 @@ def _base(e: dict[str, Any], item: Loaded, base_id: str, size: int) -> BaseImage
     if role == "normal":
         atlas_sq = square(item.atlas, size) if item.atlas is not None else None
         spec = e["tissue"]
-        tissue = tissue_mask(img, spec["method"], atlas_sq, spec.get("level", 0.15))
+        tissue = tissue_mask(
+            img, spec["method"], atlas_sq, spec.get("level", 0.15), spec.get("exclude_above")
+        )
     return BaseImage(
         base_id=base_id,
         entry_id=e["id"],

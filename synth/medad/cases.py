@@ -2,9 +2,10 @@
 then each case passed through a seeded acquisition-center profile.
 
 The saved label mask (0 = background, k = lesion k) is the single source of truth for
-every answer downstream. A case is kept only if every lesion is still visible after the
-center transform: contrast-to-noise ratio against a surrounding ring of tissue at least
-`min_cnr`, measured on the saved 8-bit image.
+every answer downstream. A lesion is drawn only at a spot where it stands out, and a case
+is kept only if every lesion is still visible after the center transform: contrast-to-noise
+ratio against a surrounding ring of tissue at least `min_cnr`, measured on the saved 8-bit
+image.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import polars as pl
 from pydantic import BaseModel, Field
 from scipy import ndimage as ndi
 
-from synth.medad.bases import BaseImage, decode_png, encode_png, luminance
+from synth.medad.bases import BaseImage, decode_png, encode_png
 from synth.records import LINEAGE_SCHEMA, Provenance, Rejected, content_id, frame, rejected_frame
 
 # What a lesion looks like, per modality. Each finding: (name, direction of contrast).
@@ -86,7 +87,12 @@ class CaseSettings(BaseModel):
     max_lesions: int = 3
     shift_severity: float = Field(1.0, description="scales every center's departure from the base")
     heldout_severity: float = Field(1.5, description="severity of the held-out centers")
-    min_cnr: float = Field(1.0, description="a lesion must keep this contrast-to-noise ratio")
+    min_cnr: float = Field(
+        2.5,
+        description="a lesion must keep this contrast-to-noise ratio after the center "
+        "(2.5: where a reader sees it on the shipped bases, `python -m "
+        "benchmarks.medad_visibility`)",
+    )
     eval_subject_share: float = Field(
         0.34,
         description="share of each modality's subjects held out for evaluation (test, "
@@ -243,18 +249,24 @@ def paint(img: np.ndarray, alpha: np.ndarray, finding: str, rng: np.random.Gener
 
 
 def lesion_cnr(
-    lum: np.ndarray, lesion: np.ndarray, tissue: np.ndarray, others: np.ndarray
+    img: np.ndarray, lesion: np.ndarray, tissue: np.ndarray, others: np.ndarray
 ) -> float:
-    """|mean inside - mean of a surrounding tissue ring| / std of the ring."""
+    """Contrast-to-noise against a surrounding ring of tissue: the distance between the
+    mean inside and the ring's mean over the ring's RMS deviation. A grey image is read
+    as is; a colour one in CIELAB, so that a purple cluster on brown stain counts as the
+    contrast a reader sees although its luminance is close."""
+    if img.ndim == 3:
+        from skimage.color import rgb2lab
+
+        img = rgb2lab(np.clip(img, 0.0, 1.0))
+    else:
+        img = img[..., None]
     ring = ndi.binary_dilation(lesion, iterations=5) & ~ndi.binary_dilation(lesion, iterations=1)
-    ring &= tissue & ~others
-    if ring.sum() < 8:
-        ring = ndi.binary_dilation(lesion, iterations=5) & ~ndi.binary_dilation(
-            lesion, iterations=1
-        )
-    inside = lum[lesion]
-    bg = lum[ring]
-    return float(abs(inside.mean() - bg.mean()) / (bg.std() + 1e-3))
+    if (ring & tissue & ~others).sum() >= 8:
+        ring &= tissue & ~others
+    inside, bg = img[lesion], img[ring]
+    spread = np.sqrt(((bg - bg.mean(axis=0)) ** 2).sum(axis=1).mean())
+    return float(np.linalg.norm(inside.mean(axis=0) - bg.mean(axis=0)) / (spread + 1e-3))
 
 
 def lesion_facts(mask: np.ndarray, side: int) -> list[dict]:
@@ -370,12 +382,19 @@ def plan_cases(bases: list[BaseImage], s: CaseSettings) -> list[dict]:
     return plan
 
 
+# Where a drawn lesion must stand out before the center acts, as a multiple of min_cnr: the
+# center's blur and noise then take some of it, and the final check reads what is left.
+PLACEMENT_MARGIN = 1.5
+
+
 def _place_lesions(
-    base: BaseImage, n: int, rng: np.random.Generator, side: int
-) -> tuple[np.ndarray, list[np.ndarray]] | None:
-    """Label mask and alphas of `n` non-touching lesions inside the tissue, or None."""
+    base: BaseImage, n: int, finding: str, min_cnr: float, rng: np.random.Generator, side: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Label mask and painted image of `n` non-touching lesions of `finding` inside the
+    tissue, each at a spot where it shows (dark tissue hides a dark mass, bright tissue a
+    bright lesion), or None."""
     mask = np.zeros((side, side), np.int32)
-    alphas = []
+    img = base.image.copy()
     for label in range(1, n + 1):
         for _ in range(60):
             size = SIZE_CLASSES[rng.integers(3)]
@@ -388,13 +407,16 @@ def _place_lesions(
             alpha, lesion = lesion_shape(side, ys[j], xs[j], radius, rng)
             inside = (lesion & base.tissue).sum() / max(lesion.sum(), 1)
             clear = not (ndi.binary_dilation(lesion, iterations=3) & (mask > 0)).any()
-            if lesion.sum() >= 12 and inside >= 0.95 and clear:
+            if lesion.sum() < 12 or inside < 0.95 or not clear:
+                continue
+            painted = np.clip(paint(img, alpha, finding, rng), 0.0, 1.0)
+            if lesion_cnr(painted, lesion, base.tissue, mask > 0) >= PLACEMENT_MARGIN * min_cnr:
                 mask[lesion] = label
-                alphas.append(alpha)
+                img = painted
                 break
         else:
             return None
-    return mask, alphas
+    return mask, img
 
 
 def make_case(p: dict, s: CaseSettings, index: int) -> tuple[dict | None, Rejected | None]:
@@ -421,26 +443,25 @@ def make_case(p: dict, s: CaseSettings, index: int) -> tuple[dict | None, Reject
             mask = ndi.label(base.lesion)[0].astype(np.int32)
     elif p["abnormal"]:
         n = 1 + int(rng.choice(s.max_lesions, p=_count_probs(s.max_lesions)))
-        placed = _place_lesions(base, n, rng, side)
+        pool = finding_pool(base.modality, base.sequence)
+        finding = pool[rng.integers(len(pool))][0]
+        placed = _place_lesions(base, n, finding, s.min_cnr, rng, side)
         if placed is None:
             return reject(
                 "no_room_for_lesion",
-                f"case {case_id} ({base.base_id}): {n} lesions do not fit inside the tissue mask",
+                f"case {case_id} ({base.base_id}): {n} lesions of {finding} do not fit inside "
+                f"the tissue mask at spots where they show (CNR {PLACEMENT_MARGIN} x min_cnr "
+                f"{s.min_cnr} before the center)",
             )
-        mask, alphas = placed
-        pool = finding_pool(base.modality, base.sequence)
-        finding = pool[rng.integers(len(pool))][0]
-        for alpha in alphas:
-            img = np.clip(paint(img, alpha, finding, rng), 0.0, 1.0)
+        mask, img = placed
     if center is not None:
         img = center.apply(img, base.modality, rng)
     png = encode_png(img)
     saved = decode_png(png).astype(np.float32) / 255.0
     lesions = lesion_facts(mask, side)
-    lum = luminance(saved)
     tissue = base.tissue if base.tissue is not None else np.ones((side, side), bool)
     for f in lesions:
-        f["cnr"] = round(lesion_cnr(lum, mask == f["label"], tissue, mask > 0), 3)
+        f["cnr"] = round(lesion_cnr(saved, mask == f["label"], tissue, mask > 0), 3)
     # A real lesion is what the source marked, however faint: only drawn ones must show.
     faint = [f for f in lesions if f["cnr"] < s.min_cnr and base.role != "real_anomaly"]
     if faint:
