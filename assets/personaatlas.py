@@ -219,7 +219,7 @@ def personaatlas_trajectory_assets(
 @asset_check(
     asset="personaatlas_trajectories",
     blocking=True,
-    description="Recomputed from the stored turns: no empty assistant turn, and every conversation has exactly its target number of turns, within [min_turns, max_turns].",
+    description="Recomputed from the stored turns: no empty assistant turn, every target within [min_turns, max_turns], and every dialogue stopped where the protocol says: at the first satisfied verdict, else at its target.",
 )
 def personaatlas_turns_valid(
     context: AssetCheckExecutionContext, trajectories: pl.DataFrame
@@ -319,8 +319,8 @@ class PPOptConfig(LoraTrainingConfig):
     max_completion_length: int = 96
     w_profile: float = 0.3  # paper 0.3
     w_task: float = 0.7  # paper 0.7
-    kl_beta: float = 0.0
-    temperature: float = 1.0
+    kl_beta: float = 0.1  # paper 0.1
+    temperature: float = 0.7  # paper 0.7
     max_length: int = 1024
 
 

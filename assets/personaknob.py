@@ -54,6 +54,7 @@ from synth.personaknob.synthesis import (
 GROUP = "personaknob"
 # Fewer preference pairs than this teach nothing: the gate blocks training.
 MIN_TRAINING_PAIRS = 2
+MIN_DIMENSIONS = 2  # distinct persona dimensions the pairs must teach between them
 # Below this first-attempt pass rate a dimension mostly burns its regeneration budget.
 MIN_PASS_RATE = 0.25
 
@@ -248,7 +249,7 @@ def personaknob_order_verified(pairs: pl.DataFrame, nodes: pl.DataFrame) -> Asse
 
 @gate(
     "personaknob_pairs",
-    f"at least {MIN_TRAINING_PAIRS} pairs, all from curated records, none from a held-out scenario.",
+    f"at least {MIN_TRAINING_PAIRS} pairs teaching at least {MIN_DIMENSIONS} distinct dimensions (with one, the constrained multi-objective DPO is plain DPO), all from curated records, none from a held-out scenario.",
     ins={"scenarios": "personaknob_scenarios", "curated": "personaknob_curated"},
 )
 def personaknob_pairs_ready_for_training(
@@ -257,16 +258,25 @@ def personaknob_pairs_ready_for_training(
     heldout = set(scenarios.filter(pl.col("split") == "heldout")["record_id"].to_list())
     leaked = pairs.filter(pl.col("scenario_id").is_in(list(heldout))).height
     stray = len(set(first_parents(pairs)) - set(curated["record_id"].to_list()))
+    taught = sorted(set(pairs["dims"].explode().drop_nulls().to_list())) if pairs.height else []
     return gate_result(
-        pairs.height, MIN_TRAINING_PAIRS, "pairs", heldout_leaked=leaked, not_from_curated=stray
+        pairs.height,
+        MIN_TRAINING_PAIRS,
+        "pairs",
+        details={"dimensions_taught": ",".join(taught), "min_dimensions": MIN_DIMENSIONS},
+        holds=len(taught) >= MIN_DIMENSIONS,
+        heldout_leaked=leaked,
+        not_from_curated=stray,
     )
 
 
 class ConstrainedDPOConfig(LoraTrainingConfig):
     max_steps: int = 4
     beta: float = 0.1
-    epsilon: float = 0.5  # tolerance of each dimension's constraint (paper 0.5)
-    dual_lr: float = 1.0
+    # How far a dimension's DPO loss may sit above the best dimension's (paper 0.5 for all).
+    epsilon: float = 0.5
+    tolerances: str = ""  # per-dimension overrides, e.g. "A=0.3,C=1.0"
+    dual_lr: float = 1.0  # 0 = plain DPO
     max_length: int = 384
 
 
@@ -290,6 +300,12 @@ def personaknob_model(
     steps = [h["step"] for h in history]
     losses = {"primary": [h["primary"] for h in history]}
     multipliers = {d: [h["multipliers"][d] for h in history] for d in DIMENSIONS}
+    # A dimension absent from a step's batch has no margin that step.
+    margins = {
+        d: [h["margins"].get(d, float("nan")) for h in history]
+        for d in DIMENSIONS
+        if any(d in h["margins"] for h in history)
+    }
     row = {
         "final_loss": float(reported["final_loss"]),
         "steps": len(history),
@@ -303,6 +319,8 @@ def personaknob_model(
         "multiplier_curve": line_plot(
             steps, multipliers, "Lagrange multipliers (dual ascent)", "step"
         ),
+        "margin_curve": line_plot(steps, margins, "DPO reward margin per dimension", "step"),
+        "tolerances": MetadataValue.json(reported["tolerances"]),
     }
     return trained_output(reported, row, md)
 

@@ -40,6 +40,7 @@ from assets.status import latest_materialization_metadata
 from quality.curation import CurationSpec
 from quality.trace import (
     label_counts,
+    quantile_threshold_from_evidence,
     relabelled_share,
     trace_report,
     verify_labels,
@@ -190,14 +191,19 @@ def triage_settings(context: AssetCheckExecutionContext) -> TriageSettings:
 @asset_check(
     asset="trace_triage",
     blocking=True,
-    description="Every label re-derived from the judge's raw logprobs and the run's threshold, by a separate code path.",
+    description="Every label re-derived from the judge's raw logprobs and the run's threshold (with threshold_quantile, re-derived from the evidence of every judged pair), by a separate code path.",
+    additional_ins={"review": AssetIn("trace_triage_review")},
 )
 def trace_triage_labels_follow_verdicts(
-    context: AssetCheckExecutionContext, triaged: pl.DataFrame
+    context: AssetCheckExecutionContext, triaged: pl.DataFrame, review: pl.DataFrame
 ) -> AssetCheckResult:
-    threshold = triage_settings(context).threshold
+    settings = triage_settings(context)
+    threshold = settings.threshold
+    if settings.threshold_quantile is not None:
+        derived = quantile_threshold_from_evidence([triaged, review], settings.threshold_quantile)
+        threshold = threshold if derived is None else derived
     bad = verify_labels(triaged, threshold)
-    return problems_result(bad, verdict_threshold=threshold, checked=triaged.height)
+    return problems_result(bad, verdict_threshold=round(threshold, 6), checked=triaged.height)
 
 
 class LabelShiftBand:
@@ -239,15 +245,21 @@ trace_curated = curated_assets(
 
 @gate(
     "trace_curated",
-    f"at least {MIN_CONFLICT_PAIRS} INVERT+PUNISH pairs to re-align on.",
+    f"at least {MIN_CONFLICT_PAIRS} INVERT+PUNISH pairs to re-align on, and one RETAIN or INVERT pair: the impact scores are measured against a gold batch made of compliant responses.",
 )
-def trace_curated_enough_conflicts(triaged: pl.DataFrame) -> AssetCheckResult:
+def trace_curated_ready_for_training(triaged: pl.DataFrame) -> AssetCheckResult:
     counts = label_counts(triaged)
     conflicts = counts["INVERT"] + counts["PUNISH"]
+    compliant = counts["RETAIN"] + counts["INVERT"]
     return AssetCheckResult(
-        passed=conflicts >= MIN_CONFLICT_PAIRS,
+        passed=conflicts >= MIN_CONFLICT_PAIRS and compliant >= 1,
         severity=AssetCheckSeverity.ERROR,
-        metadata={"observed": conflicts, "threshold": MIN_CONFLICT_PAIRS, **counts},
+        metadata={
+            "observed": conflicts,
+            "threshold": MIN_CONFLICT_PAIRS,
+            "gold_batch_pairs": compliant,
+            **counts,
+        },
     )
 
 
@@ -387,7 +399,7 @@ def trace_weighted_is_a_distribution(weighted: pl.DataFrame) -> AssetCheckResult
 
 
 trace_curated_export = export_asset(
-    "trace", group="trace", checks=[trace_curated, trace_curated_enough_conflicts]
+    "trace", group="trace", checks=[trace_curated, trace_curated_ready_for_training]
 )
 
 
@@ -476,7 +488,7 @@ defs = family_definitions(
     trace_triage_labels_follow_verdicts,
     trace_triage_label_shift,
     trace_curated,
-    trace_curated_enough_conflicts,
+    trace_curated_ready_for_training,
     trace_model_assets,
     trace_weighted_is_a_distribution,
     trace_eval,

@@ -303,6 +303,7 @@ def run_all(a: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
         model=model_dir,
         max_steps=steps,
         epsilon=0.5,
+        tolerances="",
         dual_lr=1.0,
         batch_size=a.batch_size,
         learning_rate=1e-4,

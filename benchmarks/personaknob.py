@@ -21,6 +21,7 @@ import polars as pl
 import torch
 
 from quality.rasch import fit_rasch, simulate_ratings
+from synth.personaknob.spec import DIMENSIONS
 from train.paligner import add_lora_preference_args, trainer_args
 from train.personaknob import _pairs_dataset, constrained_dpo_trainer
 
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
             a,
             path,
             str(Path(tmp) / "constrained"),
-            epsilon=0.5,
+            tolerances=dict.fromkeys(DIMENSIONS, 0.5),
             dual_lr=1.0,
         )
     print(

@@ -43,7 +43,8 @@ KNOB_DEMO = {
 # an evaluation, on the embedded model. The ops' defaults are the `default` scale.
 DEMO_SCALE: dict[str, dict[str, Any]] = {
     "judged_responses_assets": {"limit": 8},
-    "trace_triage_assets": {"threshold": 0.3, "review_margin": 0.01},
+    # The embedded judge's p(violates) sit in a narrow band: flag the upper half.
+    "trace_triage_assets": {"threshold_quantile": 0.5, "review_margin": 0.005},
     "trace_model_assets": {"max_steps": 2, "max_length": 128, "gold_batch_size": 6},
     "trace_eval": {"max_new_tokens": 12, "max_length": 128},
     # The embedded classifier files most seeds under helpfulness: take enough of them.

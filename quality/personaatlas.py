@@ -39,27 +39,25 @@ def persona_problems(
 def turn_problems(
     trajectories: pl.DataFrame, min_turns: int, max_turns: int
 ) -> list[dict[str, Any]]:
-    """Empty assistant turns, turn counts off their target or outside the bounds."""
+    """Empty assistant turns, targets outside the bounds, and dialogues that did not stop
+    where the protocol says: at the first satisfied verdict, else at the target."""
     out = []
     for r in trajectories.select("record_id", "target_turns", "num_turns", "turns").to_dicts():
         rid = r["record_id"]
-        for t in r["turns"]:
+        problems = []
+        turns, n, target = r["turns"], r["num_turns"], r["target_turns"]
+        for t in turns:
             if not (t["assistant"] or "").strip():
-                out.append({"record_id": rid, "problem": f"turn {t['turn']}: empty assistant turn"})
-        if not min_turns <= r["num_turns"] <= max_turns:
-            out.append(
-                {
-                    "record_id": rid,
-                    "problem": f"{r['num_turns']} turns, outside [{min_turns}, {max_turns}]",
-                }
-            )
-        if r["num_turns"] != r["target_turns"] or len(r["turns"]) != r["num_turns"]:
-            out.append(
-                {
-                    "record_id": rid,
-                    "problem": f"{len(r['turns'])} turns stored, target {r['target_turns']}",
-                }
-            )
+                problems.append(f"turn {t['turn']}: empty assistant turn")
+        if not min_turns <= target <= max_turns:
+            problems.append(f"target {target} turns, outside [{min_turns}, {max_turns}]")
+        if len(turns) != n or not 1 <= n <= target:
+            problems.append(f"{len(turns)} turns stored, num_turns {n}, target {target}")
+        if early := [t["turn"] for t in turns[:-1] if t["satisfied"]]:
+            problems.append(f"satisfied at turn {early[0]} but the dialogue went on")
+        if turns and n < target and not turns[-1]["satisfied"]:
+            problems.append(f"stopped at turn {n} of {target} without a satisfied verdict")
+        out += [{"record_id": rid, "problem": p} for p in problems]
     return out
 
 

@@ -2,8 +2,8 @@
 
 `verify_labels` is deliberately a second path to each label: it reads the judge's raw
 evidence (the deciding token's top logprobs, or the reply text), turns it into p(violates)
-itself, applies the threshold of the run's settings, and looks the label up in its own
-table. It shares no code with the triage, so a bug in how the triage reads logprobs,
+itself, applies the threshold of the run's settings (re-derived from the evidence when it is
+a quantile of the batch), and looks the label up in its own table. It shares no code with the triage, so a bug in how the triage reads logprobs,
 applies the threshold or combines verdicts shows up here as a mismatch.
 """
 
@@ -44,6 +44,24 @@ def p_violates_from_evidence(evidence: str) -> float | None:
     return None if total <= 0 else mass["yes"] / total
 
 
+def quantile_threshold_from_evidence(judged: list[pl.DataFrame], q: float) -> float | None:
+    """The `threshold_quantile` threshold re-derived: the q-quantile (linear) of p(violates)
+    read from the raw evidence of both responses of every judged pair (kept and review)."""
+    probs = [
+        p_violates_from_evidence(e)
+        for frame in judged
+        for col in ("chosen_judge_evidence", "rejected_judge_evidence")
+        for e in frame[col].to_list()
+    ]
+    probs = sorted(p for p in probs if p is not None)
+    if not probs:
+        return None
+    pos = q * (len(probs) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(probs) - 1)
+    return probs[lo] + (pos - lo) * (probs[hi] - probs[lo])
+
+
 def verify_labels(triaged: pl.DataFrame, threshold: float, tol: float = 1e-6) -> pl.DataFrame:
     """Rows whose stored probability, verdicts or label disagree with the ones re-derived
     from the raw judge evidence under `threshold`, each with what was expected."""
@@ -52,6 +70,8 @@ def verify_labels(triaged: pl.DataFrame, threshold: float, tol: float = 1e-6) ->
         pc = p_violates_from_evidence(r["chosen_judge_evidence"])
         pr = p_violates_from_evidence(r["rejected_judge_evidence"])
         problems = []
+        if abs(r["verdict_threshold"] - threshold) > tol:
+            problems.append(f"verdict_threshold {r['verdict_threshold']} != {threshold}")
         if pc is None or pr is None:
             problems.append("no usable judge evidence")
         else:

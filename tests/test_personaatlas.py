@@ -23,7 +23,12 @@ from synth.personaatlas.personas import (
     load_schema,
     sample_personas,
 )
-from synth.personaatlas.ppopt import parse_output, render_history, render_output
+from synth.personaatlas.ppopt import (
+    parse_output,
+    render_history,
+    render_output,
+    target_and_history,
+)
 from synth.personaatlas.trajectories import (
     TRAJECTORY_SCHEMA,
     AtlasSettings,
@@ -141,9 +146,19 @@ def test_checks_catch_empty_turns_bad_counts_and_skewed_noise():
     empty = _trajectory("b", [_turn(0), _turn(1, assistant="  ")])
     long = _trajectory("c", [_turn(t) for t in range(6)])
     short = _trajectory("d", [_turn(0), _turn(1)], target=3)
-    problems = turn_problems(frame([good, empty, long, short], TRAJECTORY_SCHEMA), 2, 5)
-    assert {p["record_id"] for p in problems} == {"b", "c", "d"}
-    assert any("empty assistant turn" in p["problem"] for p in problems)
+    # satisfied at the first turn of three: the dialogue ends there, which is right
+    stopped = _trajectory("g", [{**_turn(0), "satisfied": True}], target=3)
+    # satisfied at the first turn, yet a second turn followed
+    went_on = _trajectory("h", [{**_turn(0), "satisfied": True}, _turn(1)], target=3)
+    frames = frame([good, empty, long, short, stopped, went_on], TRAJECTORY_SCHEMA)
+    problems = {}
+    for p in turn_problems(frames, 2, 5):
+        problems[p["record_id"]] = problems.get(p["record_id"], "") + p["problem"] + "; "
+    assert set(problems) == {"b", "c", "d", "h"}
+    assert "empty assistant turn" in problems["b"]
+    assert "target 6 turns, outside [2, 5]" in problems["c"]
+    assert "stopped at turn 2 of 3 without a satisfied verdict" in problems["d"]
+    assert "satisfied at turn 0 but the dialogue went on" in problems["h"]
     shares = layer_shares(load_noise())
     # 40 messages, 10 noised, mixed like the configuration: within tolerance.
     layers = ["surface_noise"] * 5 + ["incomplete_info"] * 3 + ["semantic_ambiguity"] * 2
@@ -154,6 +169,36 @@ def test_checks_catch_empty_turns_bad_counts_and_skewed_noise():
     skewed = [_turn(i, layer="surface_noise") for i in range(40)]
     bad = noise_report(frame([_trajectory("f", skewed)], TRAJECTORY_SCHEMA), 0.25, shares)
     assert not bad["passed"] and bad["rate"]["observed"] == 1.0
+
+
+def test_the_target_is_the_session_with_fewest_turns_and_the_rest_is_history():
+    def session(k, turns):
+        return {"session": k, "num_turns": turns}
+
+    # sessions 0..5 with turns 3 2 4 2 5 3: fewest is 2, the later of the tie is session 3
+    sessions = [session(k, n) for k, n in enumerate([3, 2, 4, 2, 5, 3])]
+    target, history = target_and_history(list(reversed(sessions)))
+    assert target["session"] == 3
+    # the latest four of the others, in session order
+    assert [h["session"] for h in history] == [1, 2, 4, 5]
+    target, history = target_and_history([session(0, 1), session(1, 3)])
+    assert target["session"] == 0 and [h["session"] for h in history] == [1]
+
+
+def test_the_user_simulator_reads_the_dialogue_so_far():
+    from synth.llm import Message
+    from synth.personaatlas.trajectories import USER_SIM_USER, render_dialogue
+
+    dialogue = render_dialogue(
+        [
+            Message("user", "Plan a trip."),
+            Message("assistant", "Where to?"),
+            Message("user", "Rome"),
+        ]
+    )
+    assert dialogue == "You: Plan a trip.\nAssistant: Where to?\nYou: Rome"
+    text = USER_SIM_USER.format(dialogue=dialogue, reply="Three days in Rome...", turn=2, target=3)
+    assert "You: Plan a trip." in text and "turn 2 of at most 3" in text
 
 
 def test_persona_checker_catches_twins_and_missing_constraints():
@@ -303,8 +348,12 @@ def test_personaatlas_job_end_to_end(tmp_path):
     trajectories = pl.read_parquet(storage / "personaatlas_trajectories.parquet")
     dropped = pl.read_parquet(storage / "personaatlas_trajectories_rejected.parquet")
     assert trajectories.height + dropped.height == 2 * personas.height
-    assert trajectories["num_turns"].is_between(2, 3).all()
-    assert (trajectories["num_turns"] == trajectories["target_turns"]).all()
+    assert trajectories["target_turns"].is_between(2, 3).all()
+    # each dialogue ends at its first satisfied verdict, else at its target
+    for r in trajectories.select("num_turns", "target_turns", "satisfaction").to_dicts():
+        said = r["satisfaction"]
+        ends = said.index(True) + 1 if True in said else r["target_turns"]
+        assert r["num_turns"] == len(said) == min(ends, r["target_turns"])
     turns = [t for ts in trajectories["turns"].to_list() for t in ts]
     assert all(t["assistant"].strip() for t in turns)
     noised = [t for t in turns if t["noise_layer"]]
@@ -342,6 +391,29 @@ def test_personaatlas_job_end_to_end(tmp_path):
     decode_png(eval_md["win_rates"].value)
 
 
+def test_a_copied_template_is_out_of_format_and_a_failed_judge_drops_the_sample():
+    from train.ppopt import ppopt_reward
+
+    assert parse_output("<REASONING>profile</REASONING><PROMPT>rewritten prompt</PROMPT>") is None
+    assert parse_output("<REASONING>Busy.</REASONING><PROMPT>The user's prompt.</PROMPT>") is None
+    assert parse_output("<REASONING>busy</REASONING><PROMPT>Short tips</PROMPT>") == (
+        "busy",
+        "Short tips",
+    )
+    formatted = [{"role": "assistant", "content": render_output("busy", "Three short tips")}]
+    with FaultyOpenAIServer("server_error") as server:
+        client = LLMClient(OpenAICompatBackend(server.base_url, "faulty", max_retries=0))
+        logged = {}
+        rewards = ppopt_reward(client, 0.3, 0.7)(
+            [formatted, [{"role": "assistant", "content": "no tags"}]],
+            persona=["p"] * 2,
+            query=["q"] * 2,
+            log_metric=logged.__setitem__,
+        )
+    # no verdict is not a bad rewrite: TRL leaves a None out of the group's baseline
+    assert rewards == [None, 0.0] and logged["judge_failed"] == 0.5
+
+
 def test_ppopt_reward_and_win_rate_score_formatted_rewrites_and_zero_the_rest(
     embedded_backend, tmp_path
 ):
@@ -368,7 +440,7 @@ def test_ppopt_reward_and_win_rate_score_formatted_rewrites_and_zero_the_rest(
     rewards = ppopt_reward(client, 0.3, 0.7)(
         completions, persona=[persona] * 2, query=[query] * 2, log_metric=logged.__setitem__
     )
-    assert rewards[1] == 0.0 and logged["format_ok"] == 0.5
+    assert rewards[1] == 0.0 and logged["format_ok"] == 0.5 and logged["judge_failed"] == 0
     profile = profile_scores(client, [persona], ["wants short bullet lists"])[0]
     original, rewritten = client.generate(answer_requests([query, rewrite]))
     task = task_scores(client, [persona], [query], [original.text], [rewritten.text], False)[0]

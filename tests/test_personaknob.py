@@ -8,6 +8,7 @@ import polars as pl
 import pytest
 from dagster import DagsterInstance
 
+from assets.personaknob import personaknob_pairs_ready_for_training
 from pipelines.definitions import build_definitions
 from quality.personaknob import pass_rates, verify_order, verify_records
 from quality.rasch import fit_rasch, simulate_ratings
@@ -210,6 +211,81 @@ def test_rasch_fit_recovers_simulated_parameters():
         fit_rasch(ratings.with_columns(pl.lit(2).alias("rating")))
 
 
+def test_the_constraint_is_the_gap_to_the_best_dimension_and_dual_ascent_follows_it():
+    tol = constrained_dpo.parse_tolerances("E=0.1", 0.5)
+    assert tol == {"A": 0.5, "T": 0.5, "E": 0.1, "C": 0.5}
+    # best loss 0.6 (A): g_A = 0 - 0.5, g_T = 0.3 - 0.5, g_E = 0.7 - 0.1
+    g = constrained_dpo.violations({"A": 0.6, "T": 0.9, "E": 1.3}, tol)
+    assert g == pytest.approx({"A": -0.5, "T": -0.2, "E": 0.6})
+    lam = constrained_dpo.dual_ascent({"A": 0.0, "T": 0.3, "E": 0.0, "C": 0.7}, g, lr=1.0)
+    # violated E rises by 0.6, satisfied T falls to max(0, 0.3 - 0.2), A stays at 0, C unmeasured
+    assert lam == pytest.approx({"A": 0.0, "T": 0.1, "E": 0.6, "C": 0.7})
+    # held violated, a multiplier keeps rising; once satisfied it decays to exactly 0
+    lam = {"A": 0.0, "T": 0.0, "E": 0.0, "C": 0.0}
+    for _ in range(3):
+        lam = constrained_dpo.dual_ascent(lam, {"C": 0.25}, lr=2.0)
+    assert lam["C"] == pytest.approx(1.5)
+    for _ in range(4):
+        lam = constrained_dpo.dual_ascent(lam, {"C": -0.5}, lr=1.0)
+    assert lam["C"] == 0.0
+    with pytest.raises(ValueError, match="'X=1' is not DIM=VALUE"):
+        constrained_dpo.parse_tolerances("A=0.2,X=1", 0.5)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """A 2-layer Llama, randomly initialised, with SmolLM2's tokenizer: the dual dynamics
+    take a few dozen steps, which this runs in seconds where the 135M model takes minutes."""
+    from train.random_models import random_causal_lm
+
+    return random_causal_lm("tiny", tmp_path_factory.mktemp("tiny_llama"), tie_word_embeddings=True)
+
+
+def test_constrained_dpo_keeps_the_traded_dimension_within_its_tolerance(tmp_path, tiny_llama):
+    # Three pairs teach A, T and E to prefer a reply opening "Sure!" to the same reply
+    # opening "Hmm."; one pair, on the same prompt, teaches C the opposite. No model can
+    # please both: plain DPO follows the majority and trades C away.
+    sure, hmm = "Sure! The Moon is rock.", "Hmm. The Moon is rock."
+    rows = [
+        {
+            "prompt": "Tell me about the Moon.",
+            "chosen": sure,
+            "rejected": hmm,
+            "dims": ["A", "T", "E"],
+        }
+    ] * 3 + [{"prompt": "Tell me about the Moon.", "chosen": hmm, "rejected": sure, "dims": ["C"]}]
+    pl.DataFrame(rows).write_parquet(tmp_path / "pairs.parquet")
+    args = [
+        *("--pairs", str(tmp_path / "pairs.parquet"), "--model", str(tiny_llama)),
+        *("--max-length", "64", "--max-steps", "20", "--batch-size", "4"),
+        *("--learning-rate", "1e-2", "--beta", "0.5", "--tolerances", "C=0.1"),
+    ]
+    plain = constrained_dpo.main([*args, "--output-dir", str(tmp_path / "plain"), "--dual-lr", "0"])
+    lagr = constrained_dpo.main([*args, "--output-dir", str(tmp_path / "lagr"), "--dual-lr", "0.4"])
+
+    def late(result):
+        """Mean over the second half of training of each dimension's gap to the best."""
+        hs = result["history"][len(result["history"]) // 2 :]
+        return {
+            d: sum(h["losses"][d] - min(h["losses"].values()) for h in hs) / len(hs)
+            for d in ("A", "C")
+        }
+
+    plain_gap, lagr_gap = late(plain), late(lagr)
+    # plain DPO: C's margin goes negative as the majority's grows, C lags past 0.1
+    last = plain["history"][-1]["margins"]
+    assert last["C"] < 0 < last["A"] and plain_gap["C"] > 0.1
+    assert set(plain["multipliers"].values()) == {0.0}
+    # the Lagrangian: C's multiplier rose and holds C within 0.1, A stays within its 0.5
+    assert lagr["multipliers"]["C"] > 0 and lagr_gap["C"] <= 0.1 and lagr_gap["A"] <= 0.5
+    assert lagr["history"][-1]["margins"]["C"] > last["C"]
+    print(
+        f"late gap of C: plain DPO {plain_gap['C']:.3f}, constrained {lagr_gap['C']:.3f}; "
+        f"final margin of C {last['C']:.3f} vs {lagr['history'][-1]['margins']['C']:.3f}; "
+        f"lambda_C {lagr['multipliers']['C']:.3f}"
+    )
+
+
 def test_constrained_dpo_moves_the_multipliers_only_when_violated(tmp_path):
     rows = []
     for i in range(4):
@@ -269,6 +345,30 @@ def _run_job(tmp_path, knob, model=None, evaluation=None):
             },
         )
     )
+
+
+def test_the_gate_needs_pairs_that_teach_two_dimensions():
+    scenarios = pl.DataFrame({"record_id": ["s1", "s2"], "split": ["train", "heldout"]})
+    curated = pl.DataFrame({"record_id": ["r1", "r2"]})
+
+    def pairs(*dims, scenario="s1"):
+        return pl.DataFrame(
+            {
+                "scenario_id": [scenario] * len(dims),
+                "parent_ids": [["r1"]] * len(dims),
+                "dims": [list(d) for d in dims],
+            }
+        )
+
+    ok = personaknob_pairs_ready_for_training(pairs("A", "TE"), scenarios, curated)
+    assert ok.passed and ok.metadata["dimensions_taught"].value == "A,E,T"
+    # three pairs, all teaching T: enough pairs, one dimension, nothing to balance
+    one = personaknob_pairs_ready_for_training(pairs("T", "T", "T"), scenarios, curated)
+    assert not one.passed and one.metadata["dimensions_taught"].value == "T"
+    leaked = personaknob_pairs_ready_for_training(
+        pairs("A", "T", scenario="s2"), scenarios, curated
+    )
+    assert not leaked.passed and leaked.metadata["heldout_leaked"].value == 2
 
 
 def test_failed_gate_stops_the_constrained_dpo(tmp_path):
@@ -338,8 +438,10 @@ def test_personaknob_job_end_to_end(tmp_path):
     decode_png(mats["personaknob_scenarios"]["mask_mix"].value)
     model = mats["personaknob_model"]
     assert model["trainable_tensors_changed"].value > 0 and np.isfinite(model["final_loss"].value)
-    # At the paper's tolerance a few steps from the reference never violate a constraint.
+    # Two steps from the reference no dimension lags the best by the paper's 0.5.
     assert set(model["multipliers"].value.values()) == {0.0}
+    assert model["tolerances"].value == dict.fromkeys("ATEC", 0.5)
+    decode_png(model["margin_curve"].value)
     abilities = pl.read_parquet(storage / "personaknob_eval.parquet")
     assert abilities.height == 8 and set(abilities["model"]) == {"base", "trained"}
     assert abilities["estimate"].is_finite().all() and (abilities["se"] > 0).all()

@@ -149,7 +149,7 @@ def test_training_waits_for_its_gates(tmp_path, gate_passes):
     first = evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=targets)
     assert first.total_requested == 0  # nothing to train on yet
     gates = {
-        "trace_model": ("trace_curated", "trace_curated_enough_conflicts"),
+        "trace_model": ("trace_curated", "trace_curated_ready_for_training"),
         "paligner_model": ("ultraprompt_curated", "ultraprompt_curated_ready_for_training"),
         "personaknob_model": ("personaknob_pairs", "personaknob_pairs_ready_for_training"),
         "personaatlas_model": ("personaatlas_ppopt", "personaatlas_ppopt_ready_for_training"),

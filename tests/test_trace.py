@@ -4,6 +4,7 @@ weights, hybrid-loss training through Dagster Pipes)."""
 import json
 import math
 
+import numpy as np
 import polars as pl
 import pytest
 import torch
@@ -12,11 +13,22 @@ from reference_server import ReferenceJudgeServer
 
 from assets.partitions import TRACE_POLICY_VERSIONS
 from assets.resources import LLMResource
-from assets.trace import trace_triage_label_shift, trace_weighted_is_a_distribution
+from assets.trace import (
+    trace_curated_ready_for_training,
+    trace_triage_label_shift,
+    trace_weighted_is_a_distribution,
+)
 from pipelines.definitions import build_definitions
-from quality.trace import verify_labels
+from quality.trace import quantile_threshold_from_evidence, verify_labels
+from synth.llm.judge import JudgeScore
 from synth.trace.policy import SHIPPED_POLICIES, PolicyError, load_policy
-from synth.trace.triage import TriageSettings, triage_label, triage_sample, violation_requests
+from synth.trace.triage import (
+    TriageSettings,
+    triage_label,
+    triage_sample,
+    verdict_threshold,
+    violation_requests,
+)
 from train.trace import (
     dpo_loss,
     gold_batch,
@@ -190,15 +202,42 @@ def test_the_verifier_rederives_labels_from_the_raw_judge_output():
     # a triage that read the wrong choice's probability: stored p no longer matches the judge
     swapped = good.with_columns((1 - pl.col("p_chosen_violates")).alias("p_chosen_violates"))
     assert verify_labels(swapped, 0.5).height == 3
-    # the run's threshold decides, not the one a row claims: at 0.65 PUNISH becomes INVERT
-    (moved,) = verify_labels(good, 0.65).to_dicts()
-    assert moved["label"] == "PUNISH" and "should be INVERT" in moved["problem"]
+    # the run's threshold decides, not the one a row claims: at 0.65 PUNISH becomes INVERT,
+    # and every row claiming 0.5 is flagged for it
+    moved = {r["label"]: r["problem"] for r in verify_labels(good, 0.65).to_dicts()}
+    assert all("verdict_threshold 0.5 != 0.65" in p for p in moved.values())
+    assert "should be INVERT" in moved["PUNISH"] and "should be" not in moved["RETAIN"]
     # a reply without logprobs: the first yes/no word of the text
     parsed = good.with_columns(
         pl.lit(json.dumps({"text": "No, it complies."})).alias("chosen_judge_evidence"),
         pl.lit(0.0).alias("p_chosen_violates"),
     )
     assert verify_labels(parsed.head(1), 0.5).height == 0
+
+
+def test_a_quantile_threshold_is_read_off_the_batch_and_rederived_from_the_evidence():
+    probs = [(0.1, 0.9), (0.8, 0.2), (0.7, 0.6)]  # pooled and sorted: .1 .2 .6 .7 .8 .9
+    scores = [
+        JudgeScore(("Yes", "No"), {"Yes": p, "No": 1 - p}, "logprobs", 1.0)
+        for pair in probs
+        for p in pair
+    ]
+    # linear quantile: the median sits halfway between 0.6 and 0.7, q=0.25 at 0.2 + 0.25 x 0.4
+    assert verdict_threshold(scores, TriageSettings(threshold_quantile=0.5)) == pytest.approx(0.65)
+    assert verdict_threshold(scores, TriageSettings(threshold_quantile=0.25)) == pytest.approx(0.3)
+    assert verdict_threshold(scores, TriageSettings(threshold=0.4)) == 0.4
+    # a pair with one failed verdict is rejected, so neither of its p's counts
+    failed = JudgeScore(("Yes", "No"), {}, "failed", 0.0, error="http_500")
+    assert verdict_threshold(
+        [*scores, failed, scores[0]], TriageSettings(threshold_quantile=0.5)
+    ) == pytest.approx(0.65)
+    kept = pl.DataFrame([_row("RETAIN", 0.1, 0.9, 0.65), _row("INVERT", 0.8, 0.2, 0.65)])
+    review = pl.DataFrame([_row("PUNISH", 0.7, 0.6, 0.65)])
+    assert quantile_threshold_from_evidence([kept, review], 0.5) == pytest.approx(0.65)
+    # without the review rows the median moves to (0.2 + 0.8) / 2: the check must read both
+    assert quantile_threshold_from_evidence([kept], 0.5) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="threshold_quantile"):
+        TriageSettings(threshold_quantile=1.0)
 
 
 def test_gold_batch_follows_algorithm_2():
@@ -344,7 +383,19 @@ def test_the_label_shift_check_fails_when_a_policy_relabels_nothing():
     assert trace_triage_label_shift(some).passed
 
 
-def _run_trace(tmp_path, threshold):
+def test_the_gate_needs_conflicts_and_a_compliant_response_for_the_gold_batch():
+    def labelled(*labels):
+        return pl.DataFrame({"label": list(labels)})
+
+    assert trace_curated_ready_for_training(labelled("RETAIN", "INVERT", "PUNISH")).passed
+    assert trace_curated_ready_for_training(labelled("INVERT", "INVERT")).passed
+    # every pair PUNISH: conflicts enough, but no compliant response to measure against
+    punished = trace_curated_ready_for_training(labelled("PUNISH", "PUNISH", "PUNISH"))
+    assert not punished.passed and punished.metadata["gold_batch_pairs"].value == 0
+    assert not trace_curated_ready_for_training(labelled("RETAIN", "RETAIN", "PUNISH")).passed
+
+
+def _run_trace(tmp_path, triage):
     defs, instance = build_definitions(tmp_path), DagsterInstance.ephemeral()
     return defs.resolve_job_def("trace").execute_in_process(
         instance=instance,
@@ -352,7 +403,7 @@ def _run_trace(tmp_path, threshold):
         raise_on_error=False,
         run_config={
             "ops": {
-                "trace_triage_assets": {"config": {"threshold": threshold, "review_margin": 0.01}},
+                "trace_triage_assets": {"config": {**triage, "review_margin": 0.01}},
                 "trace_model_assets": {
                     "config": {"max_steps": 2, "max_length": 128, "gold_batch_size": 6}
                 },
@@ -364,10 +415,10 @@ def _run_trace(tmp_path, threshold):
 
 def test_failed_gate_stops_training(tmp_path):
     # Nothing reaches p >= 0.99 with this judge: every pair is RETAIN, nothing to re-align on.
-    result = _run_trace(tmp_path, threshold=0.99)
+    result = _run_trace(tmp_path, {"threshold": 0.99})
     checks = {e.asset_check_key.name: e for e in result.get_asset_check_evaluations()}
-    assert not checks["trace_curated_enough_conflicts"].passed
-    assert checks["trace_curated_enough_conflicts"].metadata["observed"].value == 0
+    assert not checks["trace_curated_ready_for_training"].passed
+    assert checks["trace_curated_ready_for_training"].metadata["observed"].value == 0
     assert not checks["trace_triage_label_shift"].passed  # nothing relabelled: a WARN
     materialized = {e.asset_key.path[-1] for e in result.get_asset_materialization_events()}
     assert (
@@ -380,7 +431,7 @@ def test_failed_gate_stops_training(tmp_path):
 
 def test_trace_job_end_to_end(tmp_path):
     """Wiring on the embedded judge (its labels are noise): every asset and check runs."""
-    result = _run_trace(tmp_path, threshold=0.3)
+    result = _run_trace(tmp_path, {"threshold_quantile": 0.5})
     evals = result.get_asset_check_evaluations()
     # the embedded judge's labels are noise: only the ERROR checks must pass (WARN ones, the
     # drift suites and the label shift, report what noise looks like)
@@ -396,6 +447,10 @@ def test_trace_job_end_to_end(tmp_path):
     assert triaged.height + review.height + rejected.height == 11
     assert triaged["policy_version"].unique().to_list() == [version]
     assert set(triaged["label"]) <= {"RETAIN", "INVERT", "PUNISH"}
+    # threshold_quantile 0.5: the median of both responses' p over the kept and review pairs
+    judged = pl.concat([triaged, review])
+    pooled = judged["p_chosen_violates"].to_list() + judged["p_rejected_violates"].to_list()
+    assert triaged["verdict_threshold"].unique().to_list() == [pytest.approx(np.median(pooled))]
     (mat,) = [
         e for e in result.get_asset_materialization_events() if e.asset_key.path == ["trace_model"]
     ]

@@ -1,20 +1,24 @@
 """Tolerant constrained multi-objective DPO for PersonaKnob ("Dual Optimal", arXiv 2604.00979).
 
     python -m train.personaknob --pairs pairs.parquet --output-dir runs/personaknob
-        [--model PATH] [--max-steps 4] [--epsilon 0.5] [--dual-lr 1.0]
+        [--model PATH] [--max-steps 4] [--epsilon 0.5] [--tolerances A=0.3,C=0.5] [--dual-lr 1.0]
 
-Each pair carries the dimensions it teaches (A/T/E/C). The objective, our reading of the
-paper where its text is not available:
+Each pair carries the dimensions it teaches (A/T/E/C). The paper's text is not available;
+what is known is a Lagrangian multi-objective DPO that balances the four dimensions with
+one tolerance (0.5) for all. Our reading:
 
-    minimise    L_primary(theta)                       DPO loss over every pair
-    subject to  L_d(theta) <= L_d_ref + epsilon        for each dimension d
+    minimise    L(theta)                                   DPO loss over every pair
+    subject to  L_d(theta) - min_d' L_d'(theta) <= eps_d   for each dimension d
 
-where L_d is the DPO loss on the pairs that teach d and L_d_ref its value at the reference
-policy (log 2: with fresh LoRA adapters the policy is the reference). Training takes
-gradient steps on the Lagrangian L_primary + sum_d lambda_d (L_d - L_d_ref - epsilon)
-and, after each step, projected dual ascent on the multipliers:
-lambda_d <- max(0, lambda_d + dual_lr * (L_d - L_d_ref - epsilon)). A dimension whose
-pairs are not in a batch keeps its multiplier. The multipliers are logged every step.
+where L_d is the DPO loss on the pairs that teach d. No dimension may fall behind the best
+learnt one by more than its tolerance, which plain DPO breaks whenever the dimensions pull
+apart (a minority dimension whose pairs disagree with the rest is traded away). A gradient
+step is taken on L + sum_d lambda_d L_d (the min is the constraint's level, held fixed in
+the step), then projected dual ascent on the multipliers,
+lambda_d <- max(0, lambda_d + dual_lr * (L_d - min L - eps_d)): a violated constraint raises
+its multiplier, a satisfied one lowers it to 0. A dimension not in a batch keeps its
+multiplier. `--dual-lr 0` is plain DPO on the same pairs. Every step logs each dimension's
+loss, reward margin, violation and multiplier.
 
 Built on TRL's DPOTrainer: its loss on a subset of the batch is the per-dimension loss,
 so a step costs one forward over the batch plus one over each distinct set of rows that
@@ -34,16 +38,46 @@ from synth.personaknob.spec import DIMENSIONS
 from train.paligner import add_lora_preference_args, trainer_args
 from train.reporting import run_training
 
-REFERENCE_LOSS = math.log(2)  # sigmoid DPO loss when policy == reference
+
+def violations(losses: dict[str, float], tolerances: dict[str, float]) -> dict[str, float]:
+    """g_d = L_d - min over the batch's dimensions of L - eps_d; > 0 is a violation."""
+    if not losses:
+        return {}
+    best = min(losses.values())
+    return {d: ld - best - tolerances[d] for d, ld in losses.items()}
+
+
+def dual_ascent(
+    multipliers: dict[str, float], violation: dict[str, float], lr: float
+) -> dict[str, float]:
+    """Projected dual ascent: lambda_d <- max(0, lambda_d + lr * g_d) for the dimensions
+    measured this step; the others keep theirs."""
+    return {
+        d: max(0.0, lam + lr * violation[d]) if d in violation else lam
+        for d, lam in multipliers.items()
+    }
+
+
+def parse_tolerances(text: str, epsilon: float) -> dict[str, float]:
+    """'A=0.3,C=0.8' over the default epsilon for every dimension."""
+    out = dict.fromkeys(DIMENSIONS, epsilon)
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        d, sep, value = part.partition("=")
+        if not sep or d.strip() not in DIMENSIONS:
+            raise ValueError(f"--tolerances: {part!r} is not DIM=VALUE with DIM in {DIMENSIONS}")
+        out[d.strip()] = float(value)
+    return out
 
 
 def constrained_dpo_trainer(base: type) -> type:
     """A DPOTrainer subclass with per-dimension constraints (TRL imported lazily)."""
 
     class ConstrainedDPOTrainer(base):
-        def __init__(self, *a: Any, epsilon: float, dual_lr: float, **kw: Any) -> None:
+        def __init__(
+            self, *a: Any, tolerances: dict[str, float], dual_lr: float, **kw: Any
+        ) -> None:
             super().__init__(*a, **kw)
-            self.epsilon, self.dual_lr = epsilon, dual_lr
+            self.tolerances, self.dual_lr = tolerances, dual_lr
             self.multipliers = dict.fromkeys(DIMENSIONS, 0.0)
             self.dual_history: list[dict[str, Any]] = []
             collate = self.data_collator
@@ -74,40 +108,48 @@ def constrained_dpo_trainer(base: type) -> type:
                     out[k] = v
             return out
 
+        def _loss_and_margin(self, model, inputs) -> tuple[torch.Tensor, float]:
+            loss = super().compute_loss(model, inputs, return_outputs=False)
+            mode = "train" if model.training else "eval"
+            return loss, self._metrics[mode]["rewards/margins"][-1]
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             dim_mask = inputs.pop("dim_mask")
             n = dim_mask.shape[0]
-            primary = super().compute_loss(model, inputs, return_outputs=False)
+            primary, primary_margin = self._loss_and_margin(model, inputs)
             counted = self._total_train_tokens
-            loss, losses = primary, {}
+            loss, losses, margins = primary, {}, {}
             # Dimensions taught by the same rows share one forward pass (all rows: the primary's).
-            by_rows = {tuple(range(n)): primary}
+            by_rows = {tuple(range(n)): (primary, primary_margin)}
             for k, d in enumerate(DIMENSIONS):
                 rows = torch.nonzero(dim_mask[:, k] > 0).flatten()
                 if not len(rows):
                     continue
                 key = tuple(rows.tolist())
                 if key not in by_rows:
-                    by_rows[key] = super().compute_loss(model, self._rows(inputs, rows, n))
-                losses[d] = by_rows[key]
-                loss = loss + self.multipliers[d] * (losses[d] - REFERENCE_LOSS - self.epsilon)
+                    by_rows[key] = self._loss_and_margin(model, self._rows(inputs, rows, n))
+                losses[d], margins[d] = by_rows[key]
+                loss = loss + self.multipliers[d] * losses[d]
             # TRL counts tokens on every forward: count the batch once.
             self._total_train_tokens = counted
             if model.training:
-                for d, ld in losses.items():
-                    slack = float(ld.detach()) - REFERENCE_LOSS - self.epsilon
-                    self.multipliers[d] = max(0.0, self.multipliers[d] + self.dual_lr * slack)
+                measured = {d: float(v.detach()) for d, v in losses.items()}
+                violation = violations(measured, self.tolerances)
+                self.multipliers = dual_ascent(self.multipliers, violation, self.dual_lr)
                 metrics = self._metrics["train"]
                 metrics["primary_loss"].append(float(primary.detach()))
                 for d in DIMENSIONS:
                     metrics[f"lambda_{d}"].append(self.multipliers[d])
                     if d in losses:
-                        metrics[f"loss_{d}"].append(float(losses[d].detach()))
+                        metrics[f"loss_{d}"].append(measured[d])
+                        metrics[f"margin_{d}"].append(margins[d])
                 self.dual_history.append(
                     {
                         "step": len(self.dual_history) + 1,
                         "primary": float(primary.detach()),
-                        "losses": {d: float(v.detach()) for d, v in losses.items()},
+                        "losses": measured,
+                        "margins": margins,
+                        "violations": violation,
                         "multipliers": dict(self.multipliers),
                     }
                 )
@@ -147,6 +189,7 @@ def train(a: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     from train.models import load_lora_policy
 
     ds = _pairs_dataset(a.pairs)
+    tolerances = parse_tolerances(a.tolerances, a.epsilon)
     model, tok, cuda = load_lora_policy(a.model, a.lora_r, a.lora_alpha, 0.0, a.seed)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     args = DPOConfig(**trainer_args(a, cuda, "dpo", a.max_steps), beta=a.beta)
@@ -155,12 +198,12 @@ def train(a: argparse.Namespace, log: Any = print) -> dict[str, Any]:
         args=args,
         train_dataset=ds,
         processing_class=tok,
-        epsilon=a.epsilon,
+        tolerances=tolerances,
         dual_lr=a.dual_lr,
     )
     log(
         f"constrained DPO on {len(ds)} pairs for {a.max_steps} steps "
-        f"(epsilon {a.epsilon}, dual lr {a.dual_lr})"
+        f"(tolerances {tolerances}, dual lr {a.dual_lr})"
     )
     t0 = time.perf_counter()
     trainer.train()
@@ -176,6 +219,7 @@ def train(a: argparse.Namespace, log: Any = print) -> dict[str, Any]:
         "history": history,
         "final_loss": history[-1]["primary"] if history else math.nan,
         "multipliers": dict(trainer.multipliers),
+        "tolerances": tolerances,
         "pairs": len(ds),
         "pairs_per_dimension": {
             d: int(sum(r[k] for r in ds["dim_mask"])) for k, d in enumerate(DIMENSIONS)
@@ -197,7 +241,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", default="", help="local path or hub id; empty = embedded SmolLM2")
     ap.add_argument("--max-steps", type=int, default=4)
     ap.add_argument("--epsilon", type=float, default=0.5, help="tolerance (paper 0.5)")
-    ap.add_argument("--dual-lr", type=float, default=1.0, help="step of the dual ascent")
+    ap.add_argument(
+        "--tolerances", default="", help="per-dimension tolerances over --epsilon, e.g. A=0.3,C=1"
+    )
+    ap.add_argument(
+        "--dual-lr", type=float, default=1.0, help="step of the dual ascent; 0 = plain DPO"
+    )
     add_lora_preference_args(ap)
     return ap
 
@@ -208,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser,
         train,
         ("final_loss", "trainable_tensors_changed", "pairs", "device"),
-        ("multipliers", "pairs_per_dimension"),
+        ("multipliers", "tolerances", "pairs_per_dimension"),
     )
 
 

@@ -21,9 +21,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from train.paligner import add_lora_preference_args, chat_example, fit, trainer_args
+from train.paligner import (
+    add_lora_preference_args,
+    chat_example,
+    fit,
+    tensors_changed,
+    trainer_args,
+)
 from train.reporting import run_training
 
 
@@ -37,7 +41,9 @@ def ppopt_reward(client: Any, w_profile: float, w_task: float) -> Any:
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         parsed = [parse_output(t) for t in texts]
         ok = [i for i, p in enumerate(parsed) if p is not None]
-        rewards = [0.0] * len(texts)
+        # Out of format scores 0; a failed judge call scores None, which TRL leaves out of
+        # the group's baseline and gives no advantage (a 0 would read as a bad rewrite).
+        rewards: list[float | None] = [0.0] * len(texts)
         prof: list[float] = []
         task: list[float] = []
         if ok:
@@ -50,18 +56,16 @@ def ppopt_reward(client: Any, w_profile: float, w_task: float) -> Any:
                 both_orders=False,
             )
             for i, p, t in zip(ok, prof, task, strict=True):
-                rewards[i] = w_profile * _zero_nan(p) + w_task * _zero_nan(t)
+                failed = math.isnan(p) or math.isnan(t)
+                rewards[i] = None if failed else w_profile * p + w_task * t
         if log_metric is not None:
             log_metric("format_ok", len(ok) / max(len(texts), 1))
+            log_metric("judge_failed", sum(r is None for r in rewards) / max(len(texts), 1))
             log_metric("profile_score", _mean(prof))
             log_metric("task_score", _mean(task))
         return rewards
 
     return reward
-
-
-def _zero_nan(x: float) -> float:
-    return 0.0 if math.isnan(x) else x
 
 
 def _mean(xs: list[float]) -> float:
@@ -74,7 +78,7 @@ def train(a: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
-    from train.models import load_lora_policy
+    from train.models import freeze_as_reference, load_lora_policy, save_stages
 
     rows = pl.read_parquet(a.data).filter(pl.col("split") == "train").to_dicts()
     if not rows:
@@ -97,8 +101,16 @@ def train(a: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     )
     grpo_history: list[dict[str, float]] = []
     grpo_s, completions = 0.0, 0
+    out = Path(a.output_dir) / "adapter"
+    changed = tensors_changed(before, model)
+    stages: list[tuple[str, Any]] = [("sft", model)]
     if a.grpo_steps > 0:
         from synth.llm import client_from_spec
+
+        # GRPO's reference (what its KL term is to) is the SFT policy, not the base model.
+        model.save_pretrained(out / "sft")  # before its adapters are merged away
+        model = freeze_as_reference(model, model.peft_config["default"])
+        stages = [("sft", None), ("grpo", model)]
 
         client = client_from_spec(a.judge)
         prompts = Dataset.from_list(
@@ -139,12 +151,11 @@ def train(a: argparse.Namespace, log: Any = print) -> dict[str, Any]:
             for h in trainer.state.log_history
             if "reward" in h
         ]
-    changed = sum(
-        not torch.equal(before[n], p.detach()) for n, p in model.named_parameters() if n in before
-    )
-    out = Path(a.output_dir) / "adapter"
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    if len(stages) == 1:
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+    else:
+        save_stages(stages, out, tok)
     return {
         "history": {"sft": sft_history, "grpo": grpo_history},
         "final_sft_loss": sft_history[-1]["loss"] if sft_history else math.nan,
@@ -169,8 +180,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--grpo-steps", type=int, default=2)
     ap.add_argument("--num-generations", type=int, default=2)
     ap.add_argument("--max-completion-length", type=int, default=96)
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--kl-beta", type=float, default=0.0, help="GRPO's KL coefficient")
+    ap.add_argument("--temperature", type=float, default=0.7, help="sampling (paper 0.7)")
+    ap.add_argument("--kl-beta", type=float, default=0.1, help="GRPO's KL coefficient (paper 0.1)")
     ap.add_argument("--w-profile", type=float, default=0.3)
     ap.add_argument("--w-task", type=float, default=0.7)
     ap.add_argument(

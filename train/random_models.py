@@ -68,15 +68,16 @@ def embedded_tokenizer() -> Any:
     return tok
 
 
-def random_causal_lm(shape: str, path: str | Path, seed: int = 0) -> Path:
-    """A causal LM of `shape` with random weights, saved with the tokenizer at `path`."""
+def random_causal_lm(shape: str, path: str | Path, seed: int = 0, **overrides: Any) -> Path:
+    """A causal LM of `shape` (config fields in `overrides` replace the shape's) with
+    random weights, saved with the tokenizer at `path`."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if shape not in LM_SHAPES:
         raise ValueError(f"unknown shape {shape!r}: choose one of {', '.join(LM_SHAPES)}")
     tok = embedded_tokenizer()
-    spec = dict(LM_SHAPES[shape])
+    spec = dict(LM_SHAPES[shape]) | overrides
     config = AutoConfig.for_model(
         spec.pop("model_type"),
         vocab_size=len(tok),

@@ -64,12 +64,37 @@ def render_output(profile: str, prompt: str) -> str:
     return f"<REASONING>{profile.strip()}</REASONING><PROMPT>{prompt.strip()}</PROMPT>"
 
 
+# What the instructions put between the tags: a policy that copies them has written nothing.
+PLACEHOLDERS = frozenset(
+    {"profile", "inferred profile", "rewritten prompt", "prompt", "the user's prompt"}
+)
+
+
 def parse_output(text: str) -> tuple[str, str] | None:
-    """(profile, prompt) from a policy output, or None when it is not in the format."""
+    """(profile, prompt) from a policy output, or None when it is not in the format or
+    a tag holds only the instructions' placeholder."""
     m = OUTPUT_RE.search(text or "")
-    if not m or not m["profile"].strip() or not m["prompt"].strip():
+    if not m:
         return None
-    return m["profile"].strip(), m["prompt"].strip()
+    profile, prompt = m["profile"].strip(), m["prompt"].strip()
+    if any(_bare(x) in PLACEHOLDERS or not _bare(x) for x in (profile, prompt)):
+        return None
+    return profile, prompt
+
+
+def _bare(text: str) -> str:
+    return " ".join(text.lower().strip(" .:;!?\"'()[]").split())
+
+
+def target_and_history(
+    sessions: list[dict[str, Any]],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The paper's choice: the session with the fewest turns is the target (the latest of
+    a tie); the history is the latest MAX_HISTORY of the others, in session order."""
+    sessions = sorted(sessions, key=lambda r: r["session"])
+    k = min(range(len(sessions)), key=lambda i: (sessions[i]["num_turns"], -i))
+    others = sessions[:k] + sessions[k + 1 :]
+    return sessions[k], others[-MAX_HISTORY:]
 
 
 def render_history(sessions: list[dict[str, Any]], clean: bool) -> str:
@@ -110,8 +135,9 @@ def build_ppopt(
     max_tokens: int = 320,
     log: Callable[[str], None] | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame, int]:
-    """(rows, rejected, n_in) with one row per persona: its last session is the target,
-    up to MAX_HISTORY earlier ones the history. Personas with one session are rejected."""
+    """(rows, rejected, n_in) with one row per persona: its session with the fewest turns
+    is the target, up to MAX_HISTORY others the history. Personas with one session are
+    rejected."""
     views = []
     rejected: list[Rejected] = []
     by_persona = trajectories.sort("session").partition_by(
@@ -130,7 +156,7 @@ def build_ppopt(
                 )
             )
             continue
-        target, history = rows[-1], rows[-1 - MAX_HISTORY : -1]
+        target, history = target_and_history(rows)
         views.append((pid, target, history))
     train = [v for v in views if v[1]["split"] == "train"]
     params = GenerationParams(temperature=0.3, max_tokens=max_tokens, seed=seed)

@@ -54,10 +54,11 @@ USER_SIM_SYSTEM = (
     "assistant cannot see:\n{profile}"
 )
 USER_SIM_USER = (
-    "You asked:\n{request}\n\nThe assistant replied:\n{reply}\n\n"
-    "Given your profile, are you satisfied with this reply? Answer in JSON with "
-    '"satisfied" (true or false) and "feedback": your next message to the assistant, '
-    "in your own voice, saying what is missing or asking a follow-up."
+    "The conversation so far:\n{dialogue}\n\nThe assistant's latest reply:\n{reply}\n\n"
+    "This was turn {turn} of at most {target}. Given your profile, are you satisfied? "
+    'Answer in JSON with "satisfied" (true or false) and "feedback": your next message '
+    "to the assistant, in your own voice, saying what is missing or asking a follow-up. "
+    "At turn {target} you are satisfied."
 )
 USER_SIM_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -208,6 +209,12 @@ class Conversation:
     next_user: str = ""
     failed: tuple[str, str] | None = None  # (reason, detail)
     cache_keys: list[str] = field(default_factory=list)
+    ended: bool = False  # the simulated user said it was satisfied: no further turn
+
+
+def render_dialogue(messages: list[Message]) -> str:
+    """The conversation as the simulated user remembers it: its own turns and the replies."""
+    return "\n".join(f"{'You' if m.role == 'user' else 'Assistant'}: {m.content}" for m in messages)
 
 
 async def _gather(
@@ -311,7 +318,7 @@ def synthesize_trajectories(
 
     # 2. Turn by turn: distractor, assistant, user simulator.
     for t in range(max((c.target for c in convs), default=0)):
-        live = [c for c in convs if c.failed is None and t < c.target]
+        live = [c for c in convs if c.failed is None and not c.ended and t < c.target]
         if not live:
             break
         plans = {c.index: plan_noise(layers, s.noise_rate, s.seed, c.index, t) for c in live}
@@ -392,7 +399,12 @@ def synthesize_trajectories(
             simulator,
             [
                 LLMRequest.chat(
-                    USER_SIM_USER.format(request=c.initial, reply=replies[c.index].text),
+                    USER_SIM_USER.format(
+                        dialogue=render_dialogue([*c.messages, Message("user", sent[c.index][0])]),
+                        reply=replies[c.index].text,
+                        turn=t + 1,
+                        target=c.target,
+                    ),
                     USER_SIM_SYSTEM.format(profile=schema.describe(full[c.index])),
                     sim_params,
                     USER_SIM_SCHEMA,
@@ -431,6 +443,8 @@ def synthesize_trajectories(
                 }
             )
             c.messages += [Message("user", text), Message("assistant", reply)]
+            # A satisfied user ends the dialogue; its feedback is never sent.
+            c.ended = bool(obj["satisfied"])
             c.next_user = obj["feedback"].strip()
 
     params_json = s.model_dump_json()

@@ -15,8 +15,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import polars as pl
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from synth.llm import LLMClient, LLMRequest, Message, judge
 from synth.llm.judge import JUDGE_PARAMS
@@ -56,6 +57,10 @@ class TriageSettings(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     threshold: float = 0.5  # p(violates) at or above this is a violation
+    # For a judge whose probabilities are not calibrated (the embedded 135M model's sit in
+    # a narrow band around 0.4): the threshold is this quantile of every p(violates) the
+    # batch got, chosen and rejected pooled, instead of `threshold`. 0.5 flags half.
+    threshold_quantile: float | None = Field(default=None, gt=0, lt=1)
     review_margin: float = 0.05  # |p - threshold| below this is too close to call
     limit: int | None = None  # triage a sample of N pairs, stratified by category hint
     seed: int = 0  # of that sample
@@ -155,6 +160,7 @@ def triage_pairs(
         params_json=json.dumps(asdict(JUDGE_PARAMS), sort_keys=True),
         seed=JUDGE_PARAMS.seed,
     )
+    threshold = verdict_threshold(scores, settings)
     triaged, review, rejected = [], [], []
     for i, (r, cat) in enumerate(zip(rows, categories, strict=True)):
         sc, sr = scores[2 * i], scores[2 * i + 1]
@@ -175,7 +181,7 @@ def triage_pairs(
             )
             continue
         pc, pr = sc.p("Yes"), sr.p("Yes")
-        cv, rv = pc >= settings.threshold, pr >= settings.threshold
+        cv, rv = pc >= threshold, pr >= threshold
         label = triage_label(cv, rv)
         prov = asdict(prov_base) | {"cache_keys": [sc.cache_key, sr.cache_key]}
         row = {
@@ -197,11 +203,11 @@ def triage_pairs(
             "chosen_judge_evidence": sc.evidence,
             "rejected_judge_evidence": sr.evidence,
             "label": label,
-            "verdict_threshold": settings.threshold,
+            "verdict_threshold": threshold,
         }
         # Only the verdicts that decide the label need to be clear.
         deciding = [pc] if label == "RETAIN" else [pc, pr]
-        close = any(abs(p - settings.threshold) < settings.review_margin for p in deciding)
+        close = any(abs(p - threshold) < settings.review_margin for p in deciding)
         (review if close else triaged).append(row)
     return TriageResult(
         pl.DataFrame(triaged, schema=TRIAGE_SCHEMA),
@@ -209,6 +215,17 @@ def triage_pairs(
         rejected_frame(rejected),
         len(rows),
     )
+
+
+def verdict_threshold(scores: list[Any], settings: TriageSettings) -> float:
+    """The p(violates) at or above which a response violates: `threshold`, or with
+    `threshold_quantile` that quantile (numpy's linear one) of both responses' p of every
+    pair whose two verdicts came back (the pairs kept or sent to review)."""
+    if settings.threshold_quantile is None:
+        return settings.threshold
+    pairs = zip(scores[::2], scores[1::2], strict=True)
+    probs = [s.p("Yes") for sc, sr in pairs if sc.ok and sr.ok for s in (sc, sr)]
+    return float(np.quantile(probs, settings.threshold_quantile)) if probs else settings.threshold
 
 
 def _context(row: dict[str, Any]) -> str:
