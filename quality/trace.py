@@ -3,8 +3,9 @@
 `verify_labels` is deliberately a second path to each label: it reads the judge's raw
 evidence (the deciding token's top logprobs, or the reply text), turns it into p(violates)
 itself, applies the threshold of the run's settings (re-derived from the evidence when it is
-a quantile of the batch), and looks the label up in its own table. It shares no code with the triage, so a bug in how the triage reads logprobs,
-applies the threshold or combines verdicts shows up here as a mismatch.
+a quantile of the batch), and looks the label up in its own table. It shares no code with
+the triage, so a bug in how the triage reads logprobs, applies the threshold or combines
+verdicts shows up here as a mismatch.
 """
 
 from __future__ import annotations

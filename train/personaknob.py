@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from synth.personaknob.spec import DIMENSIONS
-from train.paligner import add_lora_preference_args, trainer_args
+from train.paligner import add_lora_preference_args, tensors_changed, trainer_args
 from train.reporting import run_training
 
 
@@ -209,9 +209,7 @@ def train(a: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     trainer.train()
     seconds = time.perf_counter() - t0
     history = trainer.dual_history
-    changed = sum(
-        not torch.equal(before[n], p.detach()) for n, p in model.named_parameters() if n in before
-    )
+    changed = tensors_changed(before, model)
     out = Path(a.output_dir) / "adapter"
     model.save_pretrained(out)
     tok.save_pretrained(out)

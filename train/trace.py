@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 from trl import DPOConfig
 
+from train.paligner import tensors_changed
 from train.reporting import reporter
 
 LABELS = ("RETAIN", "INVERT", "PUNISH")
@@ -392,9 +393,7 @@ def fit_adapter(
     )
     report(f"{objective}: {cfg.max_steps} steps on {len(rows)} pairs")
     trainer.train()
-    changed = sum(
-        not torch.equal(before[n], p.detach()) for n, p in model.named_parameters() if n in before
-    )
+    changed = tensors_changed(before, model)
     history = [h for h in trainer.state.log_history if "loss" in h]
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output_dir)

@@ -77,7 +77,7 @@ def parse_output(text: str) -> tuple[str, str] | None:
     if not m:
         return None
     profile, prompt = m["profile"].strip(), m["prompt"].strip()
-    if any(_bare(x) in PLACEHOLDERS or not _bare(x) for x in (profile, prompt)):
+    if any(not bare or bare in PLACEHOLDERS for bare in map(_bare, (profile, prompt))):
         return None
     return profile, prompt
 

@@ -209,7 +209,11 @@ class Conversation:
     next_user: str = ""
     failed: tuple[str, str] | None = None  # (reason, detail)
     cache_keys: list[str] = field(default_factory=list)
-    ended: bool = False  # the simulated user said it was satisfied: no further turn
+
+    @property
+    def ended(self) -> bool:
+        """The simulated user said it was satisfied: no further turn."""
+        return bool(self.turns) and self.turns[-1]["satisfied"]
 
 
 def render_dialogue(messages: list[Message]) -> str:
@@ -443,8 +447,7 @@ def synthesize_trajectories(
                 }
             )
             c.messages += [Message("user", text), Message("assistant", reply)]
-            # A satisfied user ends the dialogue; its feedback is never sent.
-            c.ended = bool(obj["satisfied"])
+            # A satisfied user ends the dialogue (`ended`); its feedback is never sent.
             c.next_user = obj["feedback"].strip()
 
     params_json = s.model_dump_json()
