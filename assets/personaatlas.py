@@ -39,10 +39,22 @@ from assets.export import export_asset
 from assets.plots import bar_plot, barh_plot, line_plot, sft_grpo_curves
 from assets.resources import LLMResource, TrainerResource
 from quality.curation import CurationSpec
-from quality.personaatlas import coverage, noise_report, persona_problems, turn_problems
+from quality.personaatlas import (
+    coverage,
+    noise_report,
+    persona_problems,
+    ppopt_history_problems,
+    turn_problems,
+    win_rates,
+)
 from synth.personaatlas.noise import layer_shares
 from synth.personaatlas.personas import build_personas
-from synth.personaatlas.ppopt import build_ppopt, parse_output, score_rewrites
+from synth.personaatlas.ppopt import (
+    build_ppopt,
+    no_history_prompt,
+    parse_output,
+    score_rewrites,
+)
 from synth.personaatlas.trajectories import (
     AtlasSettings,
     plan_conversations,
@@ -288,27 +300,24 @@ def personaatlas_ppopt_assets(
 
 @gate(
     "personaatlas_ppopt",
-    f"at least {MIN_TRAINING_ROWS} training rows, each with a well-formed teacher output; history only from the persona's own curated sessions, never the target; held-out personas carry no teacher output.",
+    f"at least {MIN_TRAINING_ROWS} training rows, each with a well-formed teacher output; history only from the persona's own curated sessions, never the target, each played from exactly the observed features the judges grade against; held-out personas carry no teacher output.",
     ins={"curated": "personaatlas_curated"},
 )
 def personaatlas_ppopt_ready_for_training(
     rows: pl.DataFrame, curated: pl.DataFrame
 ) -> AssetCheckResult:
-    owner = dict(zip(curated["record_id"].to_list(), curated["persona_id"].to_list(), strict=True))
     train = rows.filter(pl.col("split") == "train")
     malformed = sum(parse_output(c) is None for c in train["completion"].to_list())
     leaked = rows.filter((pl.col("split") == "heldout") & (pl.col("completion") != "")).height
-    bad_history = sum(
-        any(owner.get(h) != r["persona_id"] or h == r["parent_ids"][0] for h in r["history_ids"])
-        for r in rows.to_dicts()
-    )
+    problems = ppopt_history_problems(rows, curated)
     return gate_result(
         train.height,
         MIN_TRAINING_ROWS,
         "train_rows",
+        {"history_problems": MetadataValue.json(problems[:10])},
         malformed_completions=malformed,
         heldout_with_teacher_output=leaked,
-        rows_with_bad_history=bad_history,
+        rows_with_bad_history=len({p["record_id"] for p in problems}),
     )
 
 
@@ -321,6 +330,7 @@ class PPOptConfig(LoraTrainingConfig):
     w_task: float = 0.7  # paper 0.7
     kl_beta: float = 0.1  # paper 0.1
     temperature: float = 0.7  # paper 0.7
+    rl_share: float = 0.5  # inputs kept for GRPO, disjoint from SFT's (the paper splits them)
     max_length: int = 1024
 
 
@@ -351,7 +361,16 @@ def personaatlas_model(
     }
     md = {
         **row,
-        **{k: reported[k] for k in ("sft_tokens_per_s", "grpo_completions_per_s", "role_judge")},
+        **{
+            k: reported[k]
+            for k in (
+                "sft_rows",
+                "rl_rows",
+                "sft_tokens_per_s",
+                "grpo_completions_per_s",
+                "role_judge",
+            )
+        },
         "history": MetadataValue.json(history),
         **sft_grpo_curves(history, "PPOpt", ("profile_score", "task_score", "format_ok")),
     }
@@ -374,7 +393,8 @@ def personaatlas_eval(
     personaatlas_ppopt: pl.DataFrame,
 ) -> Output[pl.DataFrame]:
     """Win rate of rewritten over original prompts for held-out personas, for the base and
-    the trained optimizer, from noised and from clean histories (robustness = the gap)."""
+    the trained optimizer, from noised and clean histories (robustness = the gap) and from
+    no history (the generic-rewrite baseline), each with its 95% interval."""
     heldout = personaatlas_ppopt.filter(pl.col("split") == "heldout")
     if not heldout.height:
         raise ValueError(
@@ -383,9 +403,13 @@ def personaatlas_eval(
     run_dir = trainer.run_dir(f"personaatlas-eval-{context.run_id}")
     prompts, out = run_dir / "heldout.parquet", run_dir / "responses.parquet"
     items = [
-        {"prompt_id": f"{r['record_id']}|{h}", "prompt": r[col]}
+        {"prompt_id": f"{r['record_id']}|{h}", "prompt": prompt}
         for r in heldout.to_dicts()
-        for h, col in (("noised", "prompt"), ("clean", "prompt_clean"))
+        for h, prompt in (
+            ("noised", r["prompt"]),
+            ("clean", r["prompt_clean"]),
+            ("none", no_history_prompt(r["query"])),
+        )
     ]
     pl.DataFrame(items).write_parquet(prompts)
     args = [
@@ -407,16 +431,20 @@ def personaatlas_eval(
         config.answer_max_tokens,
         answer_client=answer_client,
     )
-    summary = (
-        table.group_by("model", "history")
-        .agg(pl.col("win").mean().alias("win_rate"), pl.col("format_ok").mean().alias("format_ok"))
-        .sort("model", "history")
+    summary = win_rates(table)
+    rates = {f"{r['model']}/{r['history']}": r["win_rate"] or 0.0 for r in summary.to_dicts()}
+    md: dict = {f"win_rate_{k.replace('/', '_')}": v for k, v in rates.items()}
+    md["win_rate_intervals"] = MetadataValue.json(
+        {f"{r['model']}/{r['history']}": [r["ci_low"], r["ci_high"]] for r in summary.to_dicts()}
     )
-    rates = {f"{r['model']}/{r['history']}": round(r["win_rate"], 4) for r in summary.to_dicts()}
-    md = {f"win_rate_{k.replace('/', '_')}": v for k, v in rates.items()}
+    md["judge_failures"] = int(table["judge_failed"].sum())
     for m in sorted(set(table["model"].to_list())):
         md[f"robustness_gap_{m}"] = round(
             rates.get(f"{m}/clean", 0.0) - rates.get(f"{m}/noised", 0.0), 4
+        )
+        # what the history adds over a generic rewrite of the bare query
+        md[f"history_gain_{m}"] = round(
+            rates.get(f"{m}/clean", 0.0) - rates.get(f"{m}/none", 0.0), 4
         )
     md.update(
         {

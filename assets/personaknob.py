@@ -39,15 +39,22 @@ from assets.export import export_asset
 from assets.plots import ability_plot, bar_plot, line_plot, partial_order_plot
 from assets.resources import LLMResource, TrainerResource
 from quality.curation import CurationSpec
-from quality.personaknob import pass_rates, verify_order, verify_records
-from quality.rasch import fit_rasch
+from quality.personaknob import (
+    pass_rates,
+    probe_report,
+    rejudge_problems,
+    verify_order,
+    verify_records,
+)
+from quality.rasch import ability_gaps, fit_rasch
 from synth.personaknob.evaluation import rate
 from synth.personaknob.order import build_order
-from synth.personaknob.spec import DIMENSIONS, all_masks
+from synth.personaknob.spec import DIMENSIONS, all_masks, load_spec
 from synth.personaknob.synthesis import (
     KnobSettings,
     allocate_masks,
     make_scenarios,
+    rejudge,
     synthesize_responses,
 )
 
@@ -57,6 +64,13 @@ MIN_TRAINING_PAIRS = 2
 MIN_DIMENSIONS = 2  # distinct persona dimensions the pairs must teach between them
 # Below this first-attempt pass rate a dimension mostly burns its regeneration budget.
 MIN_PASS_RATE = 0.25
+# Below this share of prompts probing every active dimension, rejects are asked to fail
+# dimensions the user gave no occasion for (a warning: the judge may be weak).
+MIN_PROBE_SHARE = 0.5
+# The separate judgement (rubric criteria, evaluator role) must agree on this share of the
+# rejects; a reject may score this much below its golden on a dimension it should keep.
+MIN_REJUDGE_AGREEMENT = 0.75
+REJUDGE_TOLERANCE = 0.1
 
 
 class PersonaKnobConfig(Config, KnobSettings):
@@ -90,10 +104,13 @@ def personaknob_scenario_assets(
     context: AssetExecutionContext,
     config: PersonaKnobConfig,
     generator: LLMResource,
+    judge: LLMResource,
     seed_personas: pl.DataFrame,
 ) -> Made:
     client = generator.client()
-    kept, rejected, planned = make_scenarios(client, seed_personas, config, log=context.log.info)
+    kept, rejected, planned = make_scenarios(
+        client, seed_personas, config, log=context.log.info, judge_client=judge.client()
+    )
     md = {
         "settings": config.model_dump_json(),
         **{f"split_{k}": v for k, v in Counter(kept["split"].to_list()).items()},
@@ -111,6 +128,28 @@ def personaknob_scenario_assets(
     return Made(kept, rejected, planned, md)
 
 
+@asset_check(
+    asset="personaknob_scenarios",
+    description=f"Each scenario's triggers test every active dimension of its mask (read from the spec file), and at least {MIN_PROBE_SHARE} of the prompts probe all of them by the judge (p(Yes) at the verification threshold); the share per dimension is reported.",
+)
+def personaknob_scenarios_probe_their_masks(
+    context: AssetCheckExecutionContext, scenarios: pl.DataFrame
+) -> AssetCheckResult:
+    threshold = run_settings(context, "personaknob_scenarios", KnobSettings).threshold
+    report = probe_report(scenarios, load_spec(), threshold)
+    return AssetCheckResult(
+        passed=not report["uncovered"] and report["share_probing_all"] >= MIN_PROBE_SHARE,
+        severity=AssetCheckSeverity.WARN,
+        metadata={
+            "observed_share_probing_all": report["share_probing_all"],
+            "threshold": MIN_PROBE_SHARE,
+            "share_per_dimension": MetadataValue.json(report["share_per_dimension"]),
+            "uncovered": MetadataValue.json(report["uncovered"][:10]),
+            "scenarios": report["scenarios"],
+        },
+    )
+
+
 @dataset(
     "personaknob",
     group=GROUP,
@@ -118,7 +157,8 @@ def personaknob_scenario_assets(
     description="Per training scenario: the golden response and one verified reject per active dimension, with judge scores (PersonaKnob card schema).",
     rejected="Scenarios without a verified golden or any verified reject, with the reason.",
     also={
-        "personaknob_attempts": "Every generation attempt: role, text, judge scores per dimension, verified or why not."
+        "personaknob_attempts": "Every generation attempt: role, text, judge scores per dimension, verified or why not.",
+        "personaknob_rejudged": "Every kept golden and reject scored again on each active dimension by the evaluator role on the rubric criteria (a path the verification did not take).",
     },
     accounted=Parents("personaknob_scenarios", where=pl.col("split") == "train"),
     accounted_description="No training scenario lost: scenarios = kept + rejected, each exactly once.",
@@ -128,18 +168,20 @@ def personaknob_response_assets(
     config: PersonaKnobConfig,
     generator: LLMResource,
     judge: LLMResource,
+    evaluator: LLMResource,
     personaknob_scenarios: pl.DataFrame,
 ) -> Made:
-    client, judge_client = generator.client(), judge.client()
+    client, judge_client, eval_client = generator.client(), judge.client(), evaluator.client()
     result = synthesize_responses(
         client, personaknob_scenarios, config, log=context.log.info, judge_client=judge_client
     )
     attempts = result.attempts
+    rejudged = rejudge(eval_client, result.records, log=context.log.info)
     md = {
         "settings": config.model_dump_json(),
         "threshold": config.threshold,
         "attempts": attempts.height,
-        **llm_metadata(client, judge_client),
+        **llm_metadata(client, judge_client, eval_client),
     }
     if attempts.height:
         rates = pass_rates(attempts)
@@ -149,7 +191,10 @@ def personaknob_response_assets(
         )
         reasons = Counter(r for r in attempts["reason"].to_list() if r)
         md["attempt_failures"] = MetadataValue.json(dict(reasons.most_common(12)))
-    also = {"personaknob_attempts": (attempts, {"rows": attempts.height})}
+    also = {
+        "personaknob_attempts": (attempts, {"rows": attempts.height}),
+        "personaknob_rejudged": (rejudged, {"rows": rejudged.height}),
+    }
     return Made(result.records, result.rejected, result.n_in, md, also)
 
 
@@ -163,6 +208,27 @@ def personaknob_verified(
 ) -> AssetCheckResult:
     threshold = run_settings(context, "personaknob", KnobSettings).threshold
     return problems_result(verify_records(records, threshold), judge_threshold=threshold)
+
+
+@asset_check(
+    asset="personaknob",
+    additional_ins={"rejudged": AssetIn("personaknob_rejudged")},
+    description=f"A separate judgement agrees with the verification: on the evaluator's rubric-criteria scores, each reject scores below its golden on its own dimension and at most {REJUDGE_TOLERANCE} below it on the others, for at least {MIN_REJUDGE_AGREEMENT} of the rejects.",
+)
+def personaknob_rejudged_agrees(records: pl.DataFrame, rejudged: pl.DataFrame) -> AssetCheckResult:
+    problems, compared = rejudge_problems(rejudged, REJUDGE_TOLERANCE)
+    disagreed = len({(p["id"], p["role"]) for p in problems})
+    agreement = 1 - disagreed / compared if compared else 0.0
+    return AssetCheckResult(
+        passed=compared > 0 and agreement >= MIN_REJUDGE_AGREEMENT,
+        severity=AssetCheckSeverity.WARN,
+        metadata={
+            "observed_agreement": round(agreement, 4),
+            "threshold": MIN_REJUDGE_AGREEMENT,
+            "rejects_compared": compared,
+            "problems": MetadataValue.json(problems[:10]),
+        },
+    )
 
 
 @asset_check(
@@ -363,12 +429,25 @@ def personaknob_eval(
         for m in sorted(set(sycophancy["model"].to_list()))
     }
     abilities = fit.abilities.with_columns(pl.col("estimate", "se").round(4))
+    gaps = ability_gaps(fit.abilities)
+    unresolved = [g["dimension"] for g in gaps if not g["resolved"]]
+    design = (
+        f"the 95% intervals of trained - base are wider than the differences on {','.join(unresolved)}: "
+        "rate more held-out scenarios (scenarios, heldout_every) to tell the models apart there"
+        if unresolved
+        else "every trained - base difference is resolved at 95%"
+    )
+    if not syco:
+        design += "; no held-out scenario is a sycophancy probe, so no sycophancy rate"
     return Output(
         abilities,
         metadata={
             "ratings": ratings.height,
             "heldout_scenarios": heldout.height,
             "converged": fit.converged,
+            "ability_gaps": MetadataValue.md(markdown_table(pl.DataFrame(gaps))) if gaps else "",
+            "resolved_dimensions": ",".join(g["dimension"] for g in gaps if g["resolved"]),
+            "rating_design": design,
             **{
                 f"ability_{r['model']}_{r['dimension']}": r["estimate"]
                 for r in abilities.to_dicts()
@@ -390,8 +469,10 @@ personaknob_curated_export = export_asset("personaknob", group=GROUP, checks=[pe
 
 defs = family_definitions(
     personaknob_scenario_assets,
+    personaknob_scenarios_probe_their_masks,
     personaknob_response_assets,
     personaknob_verified,
+    personaknob_rejudged_agrees,
     personaknob_verification_rates,
     personaknob_curated,
     personaknob_pair_assets,

@@ -1,34 +1,41 @@
 """PersonaAtlas rules, recomputed from the stored tables: persona distinctness and
-constraints, turn bounds and empty assistant turns, and the realised noise rate and layer
-mix against the configuration (a binomial tolerance: sampling noise is not a failure)."""
+constraints, turn bounds and empty assistant turns, the realised noise rate and layer mix
+against the configuration (a binomial tolerance: sampling noise is not a failure), and
+PPOpt histories played from the persona the judges grade against."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from itertools import combinations
 from typing import Any
 
 import polars as pl
 
+from quality.stats import wilson_interval
 from synth.personaatlas.personas import PersonaSchema, hamming
 
 
 def persona_problems(
     personas: pl.DataFrame, schema: PersonaSchema, min_distance: int, min_constraints: int
 ) -> list[dict[str, Any]]:
-    """Pairs closer than `min_distance`, and personas exposing too few constraints."""
+    """Pairs of observed personas closer than `min_distance`, personas exposing too few
+    constraints, and observed values that are not the drawn ones."""
     rows = personas.select("record_id", "features", "observed").to_dicts()
-    full = [(r["record_id"], json.loads(r["features"])) for r in rows]
+    seen = [(r["record_id"], json.loads(r["observed"])) for r in rows]
     out: list[dict[str, Any]] = []
-    for (a, fa), (b, fb) in combinations(full, 2):
+    for (a, fa), (b, fb) in combinations(seen, 2):
         if (d := hamming(fa, fb)) < min_distance:
             out.append({"record_id": a, "problem": f"differs from {b} on {d} dimensions"})
     for r in rows:
         n = sum(d in json.loads(r["observed"]) for d in schema.constraints)
         if n < min_constraints:
             out.append({"record_id": r["record_id"], "problem": f"exposes {n} hard constraints"})
-        unknown = set(json.loads(r["features"])) - set(schema.dimensions)
+        full, observed = json.loads(r["features"]), json.loads(r["observed"])
+        if off := sorted(d for d, v in observed.items() if full.get(d) != v):
+            out.append({"record_id": r["record_id"], "problem": f"observed {off} not as drawn"})
+        unknown = set(full) - set(schema.dimensions)
         if unknown:
             out.append(
                 {"record_id": r["record_id"], "problem": f"unknown dimensions {sorted(unknown)}"}
@@ -107,3 +114,61 @@ def coverage(personas: pl.DataFrame, schema: PersonaSchema) -> dict[str, float]:
     observed = [json.loads(o) for o in personas["observed"].to_list()]
     n = len(observed) or 1
     return {d: round(sum(d in o for o in observed) / n, 4) for d in schema.dimensions}
+
+
+# One line of PersonaSchema.describe: "- what it means (dimension): value [hard constraint]".
+PERSONA_LINE = re.compile(r"^- .*\((\w+)\): (.+?)(?: \[hard constraint\])?$", re.M)
+
+
+def ppopt_history_problems(rows: pl.DataFrame, curated: pl.DataFrame) -> list[dict[str, Any]]:
+    """PPOpt rows whose history cannot show the persona the judges grade against: no
+    history, a session that is not one of the persona's own curated ones (or is the
+    target), or a session the simulator played from other features than those the row's
+    `persona` text states (read back from the text, not from the code that wrote it)."""
+    sessions = {
+        r["record_id"]: r for r in curated.select("record_id", "persona_id", "observed").to_dicts()
+    }
+    out = []
+    for r in rows.select(
+        "record_id", "persona_id", "parent_ids", "persona", "history_ids"
+    ).to_dicts():
+        judged = dict(PERSONA_LINE.findall(r["persona"]))
+        problems = [] if r["history_ids"] else ["no history sessions"]
+        for h in r["history_ids"]:
+            s = sessions.get(h)
+            if s is None or s["persona_id"] != r["persona_id"]:
+                problems.append(f"history session {h} is not one of the persona's curated sessions")
+            elif h == r["parent_ids"][0]:
+                problems.append(f"history session {h} is the target")
+            elif (played := json.loads(s["observed"])) != judged:
+                diff = sorted(
+                    d for d in set(played) | set(judged) if played.get(d) != judged.get(d)
+                )
+                problems.append(
+                    f"history session {h} was played from other features ({', '.join(diff[:5])}) than the persona judged"
+                )
+        out += [{"record_id": r["record_id"], "problem": p} for p in problems]
+    return out
+
+
+def win_rates(table: pl.DataFrame) -> pl.DataFrame:
+    """Per (model, history): the win rate over judged outputs (an output without a rewrite
+    loses; one the judge failed on is left out and counted) with its 95% Wilson interval."""
+    rows = []
+    for (model, history), g in sorted(table.group_by("model", "history"), key=lambda kv: kv[0]):
+        judged = g.filter(~pl.col("judge_failed"))
+        wins = int(judged["win"].sum())
+        low, high = wilson_interval(wins, judged.height)
+        rows.append(
+            {
+                "model": model,
+                "history": history,
+                "n": judged.height,
+                "judge_failed": g.height - judged.height,
+                "win_rate": round(wins / judged.height, 4) if judged.height else None,
+                "ci_low": round(low, 4),
+                "ci_high": round(high, 4),
+                "format_ok": round(float(g["format_ok"].mean()), 4),
+            }
+        )
+    return pl.DataFrame(rows)

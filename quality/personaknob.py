@@ -11,7 +11,7 @@ from collections import defaultdict
 import polars as pl
 
 from synth.personaknob.order import dominates
-from synth.personaknob.spec import DIMENSIONS
+from synth.personaknob.spec import DIMENSIONS, KnobSpec
 
 PROBLEM_SCHEMA = {"id": pl.Utf8, "rule": pl.Utf8, "detail": pl.Utf8}
 
@@ -132,3 +132,80 @@ def verify_order(nodes: pl.DataFrame, pairs: pl.DataFrame) -> pl.DataFrame:
                 )
             )
     return pl.DataFrame(problems, schema=PROBLEM_SCHEMA, orient="row")
+
+
+def probe_report(scenarios: pl.DataFrame, spec: KnobSpec, threshold: float) -> dict:
+    """How well the scenario prompts probe their masks: the triggers each scenario names
+    must, by the spec file, test every active dimension (`uncovered` lists those that do
+    not), and `share_probing_all` is the share whose judge p(Yes) on every active
+    dimension reaches `threshold`, with the same share per dimension."""
+    uncovered, per_dim, complete = [], {d: [] for d in DIMENSIONS}, []
+    for r in scenarios.select("record_id", "mask", "trigger", "probe_scores").to_dicts():
+        names = r["trigger"].split("+")
+        tested = {d for n in names if n in spec.triggers for d in spec.triggers[n].tests}
+        if missing := [d for d in r["mask"] if d not in tested] or [
+            n for n in names if n not in spec.triggers
+        ]:
+            uncovered.append(
+                {
+                    "record_id": r["record_id"],
+                    "mask": r["mask"],
+                    "trigger": r["trigger"],
+                    "not_probed": "".join(missing),
+                }
+            )
+        scores = r["probe_scores"] or {}
+        hits = [(scores.get(d) or 0.0) >= threshold for d in r["mask"]]
+        for d, hit in zip(r["mask"], hits, strict=True):
+            per_dim[d].append(hit)
+        complete.append(all(hits))
+    return {
+        "scenarios": len(complete),
+        "share_probing_all": round(sum(complete) / len(complete), 4) if complete else 0.0,
+        "share_per_dimension": {d: round(sum(v) / len(v), 4) for d, v in per_dim.items() if v},
+        "uncovered": uncovered,
+    }
+
+
+def rejudge_problems(rejudged: pl.DataFrame, tolerance: float) -> tuple[list[dict], int]:
+    """(problems, rejects compared); a problem names the record (`id`), the reject
+    (`role`) and the rule it breaks. By the separate judgement alone, reject_d must score
+    below the golden on d (it fails its dimension) and no more than `tolerance` below it
+    on any other active dimension (it fails only that one). An unjudged score is a
+    problem too."""
+    score = {(r["record_id"], r["role"], r["dimension"]): r["score"] for r in rejudged.to_dicts()}
+    problems = []
+    rejects = sorted({(k[0], k[1]) for k in score if k[1] != "golden"})
+    for rid, role in rejects:
+        own = role.removeprefix("reject_")
+        dims = sorted(d for r, who, d in score if (r, who) == (rid, role))
+        for d in dims:
+            s, g = score[(rid, role, d)], score.get((rid, "golden", d))
+            if s is None or g is None:
+                problems.append(
+                    {
+                        "id": rid,
+                        "role": role,
+                        "rule": f"{role}_unjudged_on_{d}",
+                        "detail": f"{role} {s}, golden {g} on {d}",
+                    }
+                )
+            elif d == own and not s < g:
+                problems.append(
+                    {
+                        "id": rid,
+                        "role": role,
+                        "rule": f"{role}_not_worse_on_{d}",
+                        "detail": f"{role} {s:.3f} >= golden {g:.3f} on {d}",
+                    }
+                )
+            elif d != own and s < g - tolerance:
+                problems.append(
+                    {
+                        "id": rid,
+                        "role": role,
+                        "rule": f"{role}_also_worse_on_{d}",
+                        "detail": f"{role} {s:.3f} < golden {g:.3f} - {tolerance} on {d}",
+                    }
+                )
+    return problems, len(rejects)

@@ -207,3 +207,28 @@ def simulate_ratings(
 def wald_z(a: float, se_a: float, b: float, se_b: float) -> float:
     """z of a difference between two estimates treated as independent."""
     return (a - b) / math.sqrt(se_a**2 + se_b**2) if se_a or se_b else math.inf
+
+
+def ability_gaps(
+    abilities: pl.DataFrame, upper: str = "trained", lower: str = "base", z: float = 1.96
+) -> list[dict]:
+    """Per dimension, `upper`'s ability minus `lower`'s, the difference's standard error
+    and Wald z, and `resolved`: whether the 95% interval of the difference excludes 0, that
+    is whether the rating design had enough items and judges to show that difference."""
+    est = {(r["model"], r["dimension"]): (r["estimate"], r["se"]) for r in abilities.to_dicts()}
+    out = []
+    for dim in sorted({d for _, d in est}):
+        if (upper, dim) not in est or (lower, dim) not in est:
+            continue
+        (a, sa), (b, sb) = est[(upper, dim)], est[(lower, dim)]
+        w = wald_z(a, sa, b, sb)
+        out.append(
+            {
+                "dimension": dim,
+                "difference": round(a - b, 4),
+                "se": round(math.sqrt(sa**2 + sb**2), 4),
+                "z": round(w, 3),
+                "resolved": abs(w) >= z,
+            }
+        )
+    return out

@@ -9,6 +9,7 @@ from collections import Counter
 import polars as pl
 import pytest
 from dagster import DagsterInstance
+from reference_server import Entry, ReferenceJudgeServer
 
 from pipelines.definitions import build_definitions
 from quality.personaatlas import noise_report, persona_problems, turn_problems
@@ -64,8 +65,10 @@ def test_sampling_is_seeded_distinct_and_partially_observed():
     a = sample_personas(schema, 200, rate=0.7, min_distance=3, min_constraints=5, seed=7)
     assert a == sample_personas(schema, 200, rate=0.7, min_distance=3, min_constraints=5, seed=7)
     assert a != sample_personas(schema, 200, rate=0.7, min_distance=3, min_constraints=5, seed=8)
-    fulls = [f for f, _ in a]
-    assert min(hamming(x, y) for i, x in enumerate(fulls) for y in fulls[i + 1 :]) >= 3
+    seen = [o for _, o in a]
+    assert min(hamming(x, y) for i, x in enumerate(seen) for y in seen[i + 1 :]) >= 3
+    # Distance between partial personas: an exposed vs an unexposed dimension differs.
+    assert hamming({"a": "1", "b": "2"}, {"a": "1", "c": "2"}) == 2
     share = sum(len(o) for _, o in a) / (200 * len(schema.dimensions))
     assert 0.65 <= share <= 0.8, share  # 0.7 drawn, a little more from the constraint top-up
     assert min(sum(d in o for d in schema.constraints) for _, o in a) >= 5
@@ -93,6 +96,40 @@ def test_noise_plan_realises_the_configured_rate_and_layer_mix(tmp_path):
         load_noise(bad)
 
 
+def test_the_distractor_reads_intent_and_slots_and_writes_in_the_persona_s_voice():
+    from synth.llm import GenerationParams
+    from synth.personaatlas.noise import NoisePlan, distract_request, intent_request
+
+    layers = load_noise()
+    params = GenerationParams(temperature=0.9, max_tokens=48)
+    ask = intent_request("Book a table for 4 at 7pm in Lyon.", params)
+    assert ask.json_schema["required"] == ["intent", "slots"]
+    plan = NoisePlan("incomplete_info", ("missing_slots",))
+    intent = {"intent": "book a restaurant table", "slots": ["for 4", "at 7pm", "in Lyon"]}
+    req = distract_request(
+        "Book a table for 4 at 7pm in Lyon.", plan, layers, params, intent, "- tone: blunt"
+    )
+    text = req.messages[-1].content
+    assert "It asks for: book a restaurant table. Its details: for 4; at 7pm; in Lyon." in text
+    assert "The writer:\n- tone: blunt" in text and "drop a specific detail" in text
+    # without an extraction the noise still applies, with nothing invented
+    bare = distract_request("Book a table.", plan, layers, params).messages[-1].content
+    assert "It asks for" not in bare and "The writer" not in bare
+
+
+def test_restyled_lengths_follow_the_paper_s_normal_over_the_buckets():
+    import random
+
+    from synth.personaatlas.trajectories import LENGTH_BUCKETS, target_length
+
+    rng, s = random.Random(0), AtlasSettings()
+    got = Counter(target_length(rng, s) for _ in range(20000))
+    # round(N(1.5, 1)) = k  <=>  k - 0.5 <= x < k + 0.5: Phi(-1), Phi(0) - Phi(-1), ...
+    expected = [0.1587, 0.3413, 0.3413, 0.1359, 0.0228]
+    for (name, _, _), p in zip(LENGTH_BUCKETS, expected, strict=True):
+        assert abs(got[name] / 20000 - p) < 0.012, (name, got)
+
+
 def test_target_turns_stay_in_bounds():
     import random
 
@@ -110,6 +147,8 @@ def _turn(t, assistant="an answer", layer=""):
         "noise_layer": layer,
         "noise_strategies": ["typos"] if layer else [],
         "noise_error": "",
+        "noise_intent": "greet" if layer else "",
+        "noise_slots": [],
         "assistant": assistant,
         "assistant_model": "concise",
         "satisfied": False,
@@ -133,6 +172,7 @@ def _trajectory(rid, turns, target=None):
         "initial_query": "q",
         "styled": False,
         "style_traits": [],
+        "style_length": "",
         "target_turns": target if target is not None else len(turns),
         "num_turns": len(turns),
         "turns": turns,
@@ -204,17 +244,236 @@ def test_the_user_simulator_reads_the_dialogue_so_far():
 def test_persona_checker_catches_twins_and_missing_constraints():
     schema = load_schema()
     (full, observed), (other, _) = sample_personas(schema, 2, seed=1)
-    twin = dict(full, tone_pref="blunt" if full["tone_pref"] != "blunt" else "warm")
+    # Twins on what they expose, though their unobserved features differ everywhere.
+    twin_full = {
+        d: next(v for v in dim.values if v != full[d]) for d, dim in schema.dimensions.items()
+    }
+    twin_full.update(observed)
+    twin_full["tone_pref"] = "blunt" if full["tone_pref"] != "blunt" else "warm"
+    twin = dict(observed, tone_pref=twin_full["tone_pref"])
     personas = pl.DataFrame(
         {
-            "record_id": ["x", "y", "z"],
-            "features": [json.dumps(full), json.dumps(twin), json.dumps(other)],
-            "observed": [json.dumps(observed), json.dumps(observed), json.dumps({})],
+            "record_id": ["x", "y", "z", "w"],
+            "features": [
+                json.dumps(full),
+                json.dumps(twin_full),
+                json.dumps(other),
+                json.dumps(other),
+            ],
+            "observed": [
+                json.dumps(observed),
+                json.dumps(twin),
+                json.dumps({}),
+                json.dumps(observed),
+            ],
         }
     )
     problems = persona_problems(personas, schema, min_distance=3, min_constraints=5)
     assert {"record_id": "x", "problem": "differs from y on 1 dimensions"} in problems
     assert {"record_id": "z", "problem": "exposes 0 hard constraints"} in problems
+    assert any(p["record_id"] == "w" and "not as drawn" in p["problem"] for p in problems)
+    assert not any(p["record_id"] == "x" and "not as drawn" in p["problem"] for p in problems)
+
+
+def test_ppopt_gate_blocks_histories_not_played_from_the_judged_persona():
+    from assets.personaatlas import personaatlas_ppopt_ready_for_training
+
+    schema = load_schema()
+    (_, seen), (_, other) = sample_personas(schema, 2, seed=4)
+    curated = pl.DataFrame(
+        {
+            "record_id": ["a1", "a2", "a3", "b1"],
+            "persona_id": ["pa", "pa", "pa", "pb"],
+            "observed": [json.dumps(seen)] * 3 + [json.dumps(other)],
+        }
+    )
+    done = render_output("terse and exact", "Three short tips, bullets.")
+
+    def rows(history, persona=schema.describe(seen)):
+        return pl.DataFrame(
+            {
+                "record_id": ["r1", "r2"],
+                "persona_id": ["pa", "pa"],
+                "parent_ids": [["a1"], ["a1"]],
+                "split": ["train", "train"],
+                "persona": [persona, persona],
+                "history_ids": [history, ["a2"]],
+                "completion": [done, done],
+            }
+        )
+
+    ok = personaatlas_ppopt_ready_for_training(rows(["a2", "a3"]), curated)
+    assert ok.passed and ok.metadata["rows_with_bad_history"].value == 0
+    # another persona's session, the target itself, an empty history
+    for history in (["a2", "b1"], ["a1"], []):
+        bad = personaatlas_ppopt_ready_for_training(rows(history), curated)
+        assert not bad.passed and bad.metadata["rows_with_bad_history"].value == 1, history
+    # the judges would grade against features the simulator never played (the full draw)
+    full = dict(seen, **{d: dim.values[0] for d, dim in schema.dimensions.items() if d not in seen})
+    leaked = personaatlas_ppopt_ready_for_training(rows(["a2"], schema.describe(full)), curated)
+    assert not leaked.passed and leaked.metadata["rows_with_bad_history"].value == 2
+    assert "other features" in leaked.metadata["history_problems"].value[0]["problem"]
+
+
+def test_win_rates_leave_out_judge_failures_and_carry_a_wilson_interval():
+    from quality.personaatlas import win_rates
+
+    table = pl.DataFrame(
+        {
+            "model": ["trained"] * 5 + ["base"] * 2,
+            "history": ["clean"] * 5 + ["none"] * 2,
+            "format_ok": [True, True, True, False, True, True, True],
+            "judge_failed": [False, False, False, False, True, True, True],
+            "win": [True, True, False, False, False, False, False],
+        }
+    )
+    rows = {r["model"]: r for r in win_rates(table).to_dicts()}
+    t = rows["trained"]
+    # 2 wins of 4 judged (the unformatted output loses; the failed judgement is left out)
+    assert (t["n"], t["judge_failed"], t["win_rate"]) == (4, 1, 0.5)
+    # Wilson at p=0.5, n=4: centred on 0.5, half-width z*sqrt(p(1-p)/n + z^2/4n^2)/(1+z^2/n)
+    half = 1.96 * math.sqrt(0.25 / 4 + 1.96**2 / 64) / (1 + 1.96**2 / 4)
+    assert (t["ci_low"], t["ci_high"]) == (round(0.5 - half, 4), round(0.5 + half, 4))
+    b = rows["base"]
+    assert (b["n"], b["judge_failed"], b["win_rate"], b["ci_low"], b["ci_high"]) == (
+        0,
+        2,
+        None,
+        0.0,
+        1.0,
+    )
+
+
+def test_with_a_capable_optimizer_and_judge_history_aware_rewrites_beat_the_original():
+    """The evaluation's logic, shown with the reference server (a TEST DOUBLE) playing a
+    capable optimizer, assistant and judge for known items. Each held-out persona wants
+    one answer format and says so in its history; the noise drops that cue from every
+    other persona's noised history. A rewrite that carries the cue gets an answer in that
+    format, which the judge prefers; a rewrite without it gets the same answer as the
+    original. The judge favours position A, so only both orders give an honest 0.5 on a
+    tie, and it answers nothing for persona 0, which is left out and counted."""
+    from quality.personaatlas import win_rates
+    from synth.llm import GenerationParams, LLMRequest
+    from synth.llm.factory import make_backend
+    from synth.personaatlas.ppopt import (
+        POLICY_PROMPT,
+        no_history_prompt,
+        render_history,
+        score_rewrites,
+    )
+
+    cues = ("bullet points", "one short paragraph", "numbered steps")
+    n, entries, rows = 24, [], []
+    for i in range(n):
+        cue, query = cues[i % 3], f"How do I handle task {i} at work?"
+        persona = f"- Preferred answer format (format_pref_primary): {cue}"
+        turns = [
+            {
+                "user_clean": f"Answer me in {cue}, always.",
+                "user_text": f"Answer me in {cue}, always.",
+            }
+        ]
+        noised = [
+            {"user_clean": t["user_clean"], "user_text": "pls just answr, u decide"} for t in turns
+        ]
+        sessions = {"clean": [{"turns": turns}], "noised": [{"turns": noised if i % 2 else turns}]}
+        rows.append(
+            {
+                "record_id": f"r{i}",
+                "persona_id": f"p{i}",
+                "persona": persona,
+                "query": query,
+                "prompt": POLICY_PROMPT.format(
+                    history=render_history(sessions["noised"], clean=False), query=query
+                ),
+                "prompt_clean": POLICY_PROMPT.format(
+                    history=render_history(sessions["clean"], clean=True), query=query
+                ),
+            }
+        )
+        personal, generic = f"{query} Answer in {cue}.", f"{query} Please answer."
+        mine, plain = f"ANSWER {i} in {cue}", f"ANSWER {i} plain"
+        entries += [
+            # the optimizer: the cue in the history makes it into the rewrite
+            Entry(
+                (f"New query: {query}", f"in {cue}"), reply=render_output(f"wants {cue}", personal)
+            ),
+            Entry((f"New query: {query}",), reply=render_output("nothing to go on", generic)),
+            # the assistant answers what the prompt asks for
+            Entry((personal,), reply=mine),
+            Entry((query,), reply=plain),
+        ]
+        if not i:  # two equally good fixtures: the judge fails on persona 0 (HTTP 422)
+            entries += [Entry((persona, f"User query:\n{query}", "Which response")) for _ in "ab"]
+        else:  # the judge: the answer in the wanted format serves the user
+            entries += [
+                Entry(
+                    (persona, f"Response A:\n{plain}\n", f"Response B:\n{mine}"),
+                    choices={"B": 0.9, "A": 0.1},
+                ),
+                Entry(
+                    (persona, f"Response A:\n{mine}\n", f"Response B:\n{plain}"),
+                    choices={"A": 0.7, "B": 0.3},
+                ),
+                Entry(
+                    (persona, f"Response A:\n{plain}\n", f"Response B:\n{plain}"),
+                    choices={"A": 0.6, "B": 0.4},
+                ),
+            ]
+    heldout = pl.DataFrame(rows)
+    with ReferenceJudgeServer(entries) as server:
+        client = LLMClient(
+            make_backend("openai", model="reference", base_url=server.base_url, max_retries=0)
+        )
+        arms = [
+            (f"{r['record_id']}|{h}", prompt)
+            for r in rows
+            for h, prompt in (
+                ("noised", r["prompt"]),
+                ("clean", r["prompt_clean"]),
+                ("none", no_history_prompt(r["query"])),
+            )
+        ]
+        params = GenerationParams(temperature=0.0, max_tokens=64)
+        outs = client.generate([LLMRequest.chat(p, None, params) for _, p in arms])
+        responses = [
+            {"model": "trained", "prompt_id": k, "response": o.text}
+            for (k, _), o in zip(arms, outs, strict=True)
+        ]
+        table = score_rewrites(client, heldout, responses, answer_client=client)
+    summary = win_rates(table)
+    print(summary)  # the README's numbers: pytest -k capable_optimizer -s
+    rates = {r["history"]: r for r in summary.to_dicts()}
+    for arm in ("clean", "noised", "none"):
+        assert (rates[arm]["n"], rates[arm]["judge_failed"]) == (n - 1, 1), arm
+    # every clean history carries the cue: 23 of 23 judged wins, the interval above 0.5
+    assert rates["clean"]["win_rate"] == 1.0 and rates["clean"]["ci_low"] > 0.5
+    # the noise took the cue from the odd personas: 11 wins of 23 (persona 0 is unjudged)
+    assert rates["noised"]["win_rate"] == round(11 / 23, 4)
+    assert rates["noised"]["ci_low"] < 0.5 < rates["clean"]["ci_low"]
+    # with no history there is nothing to personalise: a tie each time, never a win
+    assert rates["none"]["win_rate"] == 0.0 and rates["none"]["ci_high"] < 0.5
+    ties = table.filter(pl.col("history") == "none", ~pl.col("judge_failed"))["p_better"]
+    assert ties.to_list() == pytest.approx([0.5] * (n - 1))  # one order alone says 0.4
+    assert len(server.unknown) == 6  # persona 0: three arms, two orders each
+
+
+def test_the_ppopt_reward_and_the_sft_rl_split_by_hand():
+    from train.ppopt import combined_reward, split_sft_rl
+
+    # 0.3 x 0.75 + 0.7 x 0.6 = 0.225 + 0.42
+    assert combined_reward(0.75, 0.6, 0.3, 0.7) == pytest.approx(0.645)
+    assert combined_reward(math.nan, 0.6, 0.3, 0.7) is None
+    assert combined_reward(0.75, math.nan, 0.3, 0.7) is None
+    rows = [{"prompt": p, "i": i} for i, p in enumerate("abcdab")]
+    sft, rl = split_sft_rl(rows, 0.5, seed=0)
+    assert {r["prompt"] for r in sft}.isdisjoint({r["prompt"] for r in rl})
+    assert len({r["prompt"] for r in rl}) == 2 and len(sft) + len(rl) == 6
+    assert split_sft_rl(rows, 0.5, seed=0) == (sft, rl)
+    # one distinct input cannot be split; a share of 1 still leaves SFT one input
+    same = [{"prompt": "a"}] * 3
+    assert split_sft_rl(same, 0.5, 0) == (same, same)
+    assert len({r["prompt"] for r in split_sft_rl(rows, 1.0, 0)[0]}) == 1
 
 
 def test_ppopt_output_format():
@@ -356,6 +615,8 @@ def test_personaatlas_job_end_to_end(tmp_path):
         assert r["num_turns"] == len(said) == min(ends, r["target_turns"])
     turns = [t for ts in trajectories["turns"].to_list() for t in ts]
     assert all(t["assistant"].strip() for t in turns)
+    # one assistant model for the whole conversation (the paper locks it)
+    assert all(len({t["assistant_model"] for t in ts}) == 1 for ts in trajectories["turns"])
     noised = [t for t in turns if t["noise_layer"]]
     assert noised and all(t["noise_strategies"] for t in noised)
     assert all(t["user_text"] != t["user_clean"] for t in noised)  # clean text kept beside it
@@ -381,18 +642,32 @@ def test_personaatlas_job_end_to_end(tmp_path):
     assert len(grpo) == 1 and 0.0 <= grpo[0]["reward"] <= 1.0 and "format_ok" in grpo[0]
     evaluation = pl.read_parquet(storage / "personaatlas_eval.parquet")
     heldout = ppopt.filter(pl.col("split") == "heldout").height
-    assert evaluation.height == 4 * heldout  # base/trained x noised/clean
+    assert evaluation.height == 6 * heldout  # base/trained x noised/clean/none
     assert set(zip(evaluation["model"], evaluation["history"], strict=True)) == {
-        (m, h) for m in ("base", "trained") for h in ("noised", "clean")
+        (m, h) for m in ("base", "trained") for h in ("noised", "clean", "none")
     }
     assert evaluation.filter(pl.col("format_ok"))["p_better"].is_between(0, 1).all()
     eval_md = mats["personaatlas_eval"]
     assert 0 <= eval_md["win_rate_trained_noised"].value <= 1
+    low, high = eval_md["win_rate_intervals"].value["trained/noised"]
+    assert 0 <= low <= eval_md["win_rate_trained_noised"].value <= high <= 1
+    assert "history_gain_trained" in eval_md
     decode_png(eval_md["win_rates"].value)
 
 
 def test_a_copied_template_is_out_of_format_and_a_failed_judge_drops_the_sample():
+    from types import SimpleNamespace
+
+    from synth.personaatlas.ppopt import teacher_problem
     from train.ppopt import ppopt_reward
+
+    # a teacher output that repeats the placeholders is asked again, then rejected
+    copied = SimpleNamespace(
+        ok=True, parsed={"profile": "Profile.", "prompt": "rewritten prompt"}, text="{}"
+    )
+    assert teacher_problem(copied)[0] == "out_of_format"
+    fine = SimpleNamespace(ok=True, parsed={"profile": "terse", "prompt": "Three tips."}, text="{}")
+    assert teacher_problem(fine) == ("", "")
 
     assert parse_output("<REASONING>profile</REASONING><PROMPT>rewritten prompt</PROMPT>") is None
     assert parse_output("<REASONING>Busy.</REASONING><PROMPT>The user's prompt.</PROMPT>") is None

@@ -10,7 +10,13 @@ from dagster import DagsterInstance
 
 from assets.personaknob import personaknob_pairs_ready_for_training
 from pipelines.definitions import build_definitions
-from quality.personaknob import pass_rates, verify_order, verify_records
+from quality.personaknob import (
+    pass_rates,
+    probe_report,
+    rejudge_problems,
+    verify_order,
+    verify_records,
+)
 from quality.rasch import fit_rasch, simulate_ratings
 from synth.personaknob.order import build_order
 from synth.personaknob.spec import SPEC_FILE, SpecFileError, all_masks, load_spec
@@ -34,6 +40,127 @@ def test_mask_allocation_is_exactly_the_configured_mix():
     assert set(uniform) == set(all_masks()) and all(uniform.count(m) == 2 for m in all_masks())
     with pytest.raises(ValueError, match="mask 'AX'"):
         allocate_masks(4, {"AX": 1})
+
+
+def test_each_mask_meets_triggers_that_probe_all_its_dimensions():
+    import random
+
+    spec = load_spec()
+    rng = random.Random(0)
+    for mask in all_masks():
+        chosen = spec.cover(mask, rng)
+        tested = {d for n in chosen for d in spec.triggers[n].tests}
+        assert set(mask) <= tested, (mask, chosen)
+        # greedy stays small: never more triggers than active dimensions, none redundant
+        assert len(chosen) <= len(mask) and len(set(chosen)) == len(chosen)
+    # ATEC needs two of the shipped triggers (each tests two dimensions), never one
+    assert len(spec.cover("ATEC", rng)) == 2
+
+
+def test_probe_report_reads_the_spec_and_the_judged_probes():
+    spec = load_spec()
+    scenarios = pl.DataFrame(
+        {
+            "record_id": ["s1", "s2", "s3"],
+            "mask": ["AE", "C", "AC"],
+            "trigger": ["seeks_validation", "stuck_for_ideas", "flawed_belief"],
+            "probe_scores": [
+                {"A": 0.9, "T": None, "E": 0.6, "C": None},
+                {"A": None, "T": None, "E": None, "C": 0.2},
+                {"A": 0.7, "T": None, "E": None, "C": 0.8},
+            ],
+        }
+    )
+    report = probe_report(scenarios, spec, 0.5)
+    # s1 probes both, s2 misses C, s3 is judged to probe both but its trigger tests A and T only
+    assert report["share_probing_all"] == round(2 / 3, 4)
+    assert report["share_per_dimension"] == {"A": 1.0, "E": 1.0, "C": 0.5}
+    assert report["uncovered"] == [
+        {"record_id": "s3", "mask": "AC", "trigger": "flawed_belief", "not_probed": "C"}
+    ]
+
+
+def test_the_separate_judgement_catches_a_reject_that_fails_the_wrong_dimension():
+    from synth.personaknob.synthesis import REJUDGE_SCHEMA
+
+    def rows(rid, table):
+        return [
+            {"record_id": rid, "role": role, "dimension": d, "score": v}
+            for role, scores in table.items()
+            for d, v in scores.items()
+        ]
+
+    rejudged = frame(
+        # r1: both rejects fail their own dimension and keep the other (within 0.1)
+        rows(
+            "r1",
+            {
+                "golden": {"A": 0.8, "T": 0.7},
+                "reject_A": {"A": 0.3, "T": 0.65},
+                "reject_T": {"A": 0.75, "T": 0.2},
+            },
+        )
+        # r2: reject_A is no worse on A, and drags T down; reject_T is fine
+        + rows(
+            "r2",
+            {
+                "golden": {"A": 0.6, "T": 0.7},
+                "reject_A": {"A": 0.6, "T": 0.4},
+                "reject_T": {"A": 0.6, "T": 0.5},
+            },
+        )
+        # r3: the judge gave no answer on the golden's E
+        + rows("r3", {"golden": {"E": None}, "reject_E": {"E": 0.1}}),
+        REJUDGE_SCHEMA,
+    )
+    problems, compared = rejudge_problems(rejudged, 0.1)
+    assert compared == 5
+    assert {(p["id"], p["role"], p["rule"]) for p in problems} == {
+        ("r2", "reject_A", "reject_A_not_worse_on_A"),
+        ("r2", "reject_A", "reject_A_also_worse_on_T"),
+        ("r3", "reject_E", "reject_E_unjudged_on_E"),
+    }
+
+
+def test_covering_relation_is_the_transitive_reduction_on_every_small_set():
+    """Against an independent path: networkx's transitive reduction of the dominance
+    DAG, for every subset of the 0/1 cube of three dimensions (256 node sets)."""
+    import itertools
+
+    import networkx as nx
+
+    from synth.personaknob.order import covering, dominates
+
+    cube = [list(v) for v in itertools.product((0, 1), repeat=3)]
+    for k in range(len(cube) + 1):
+        for subset in itertools.combinations(range(len(cube)), k):
+            vectors = {"".join(map(str, cube[i])): cube[i] for i in subset}
+            dag = nx.DiGraph()
+            dag.add_nodes_from(vectors)
+            dag.add_edges_from(
+                (u, v) for u in vectors for v in vectors if dominates(vectors[u], vectors[v])
+            )
+            assert covering(vectors) == sorted(nx.transitive_reduction(dag).edges), vectors
+
+
+def test_ability_gaps_say_which_differences_the_design_resolves():
+    from quality.rasch import ability_gaps
+
+    abilities = pl.DataFrame(
+        {
+            "model": ["trained", "base", "trained", "base", "base"],
+            "dimension": ["A", "A", "T", "T", "E"],
+            "estimate": [1.0, 0.2, 2.0, 0.0, 0.5],
+            "se": [0.3, 0.4, 0.1, 0.1, 0.2],
+        }
+    )
+    gaps = {g["dimension"]: g for g in ability_gaps(abilities)}
+    assert set(gaps) == {"A", "T"}  # E has no trained estimate
+    # A: 0.8 over sqrt(0.09 + 0.16) = 0.5 -> z 1.6, inside the 95% interval of no difference
+    assert (gaps["A"]["difference"], gaps["A"]["se"], gaps["A"]["z"]) == (0.8, 0.5, 1.6)
+    assert not gaps["A"]["resolved"]
+    # T: 2.0 over sqrt(0.02) = 0.1414 -> z 14.142
+    assert gaps["T"]["z"] == 14.142 and gaps["T"]["resolved"]
 
 
 def test_a_bad_spec_file_names_the_entry(tmp_path):
@@ -406,8 +533,12 @@ def test_personaknob_job_end_to_end(tmp_path):
         "personaknob_drift_suite",
         "personaknob_curated_drift_suite",
         "personaknob_verification_rates",
+        "personaknob_scenarios_probe_their_masks",
+        "personaknob_rejudged_agrees",
     }
     assert failed <= warn, failed
+    probes = checks["personaknob_scenarios_probe_their_masks"].metadata
+    assert probes["uncovered"].value == []  # the judged share may be low; the triggers not
     assert result.success
     rates = checks["personaknob_verification_rates"].metadata["rates"].value
     assert rates and all(0 <= v <= 1 for v in rates.values())
@@ -417,6 +548,8 @@ def test_personaknob_job_end_to_end(tmp_path):
         "train": 22,
         "heldout": 2,
     }
+    for r in scenarios.select("mask", "probe_scores").to_dicts():
+        assert all((r["probe_scores"][d] is not None) == (d in r["mask"]) for d in "ATEC")
     records = pl.read_parquet(storage / "personaknob.parquet")
     rejected = pl.read_parquet(storage / "personaknob_rejected.parquet")
     assert records.height + rejected.height == 22 and records.height >= 2
@@ -426,6 +559,14 @@ def test_personaknob_job_end_to_end(tmp_path):
     assert attempts.filter(~pl.col("verified"))["reason"].ne("").all()
     for r in records.to_dicts():  # the card's layout: a reject only for active dimensions
         assert all((r[f"reject_{d}"] is None) or d in r["mask"] for d in "ATEC")
+    # every kept response re-judged on each active dimension by the separate path
+    rejudged = pl.read_parquet(storage / "personaknob_rejudged.parquet")
+    kept = sum(
+        (1 + sum(r[f"reject_{d}"] is not None for d in "ATEC")) * len(r["mask"])
+        for r in records.to_dicts()
+    )
+    assert rejudged.height == kept
+    assert checks["personaknob_rejudged_agrees"].metadata["rejects_compared"].value > 0
     pairs = pl.read_parquet(storage / "personaknob_pairs.parquet")
     assert pairs.height >= 2 and pairs["dims"].list.len().min() >= 1
 
@@ -446,6 +587,17 @@ def test_personaknob_job_end_to_end(tmp_path):
     assert abilities.height == 8 and set(abilities["model"]) == {"base", "trained"}
     assert abilities["estimate"].is_finite().all() and (abilities["se"] > 0).all()
     decode_png(mats["personaknob_eval"]["abilities"].value)
+    # the metadata names the dimensions whose difference the two held-out scenarios resolve
+    est = {(r["model"], r["dimension"]): r for r in abilities.to_dicts()}
+    resolved = [
+        d
+        for d in "ACET"
+        if abs(est[("trained", d)]["estimate"] - est[("base", d)]["estimate"])
+        >= 1.96 * math.hypot(est[("trained", d)]["se"], est[("base", d)]["se"])
+    ]
+    assert mats["personaknob_eval"]["resolved_dimensions"].value == ",".join(resolved)
+    design = mats["personaknob_eval"]["rating_design"].value
+    assert ("wider than the differences" in design) == (len(resolved) < 4)
 
 
 def test_pass_rates_count_first_attempts_per_dimension():

@@ -6,7 +6,7 @@
 
 SFT (TRL SFTTrainer, LoRA) on history + query -> the teacher's
 `<REASONING>profile</REASONING><PROMPT>rewrite</PROMPT>`, then GRPO (TRL GRPOTrainer) on
-the same adapters with reward = w_profile x profile score (the inferred profile against
+other rows (disjoint on the input, `--rl-share`) with reward = w_profile x profile score (the inferred profile against
 the true persona, judged) + w_task x task score (the judged probability that the answer
 to the rewritten prompt serves the user better than the answer to the original). An
 output not in the format earns 0. The CPU default is a few steps of the embedded
@@ -29,6 +29,30 @@ from train.paligner import (
     trainer_args,
 )
 from train.reporting import run_training
+
+
+def combined_reward(profile: float, task: float, w_profile: float, w_task: float) -> float | None:
+    """The paper's R = w_profile x r_prof + w_task x r_task, both in [0, 1]; None when a
+    judge gave no score (the sample is dropped, not scored 0)."""
+    if math.isnan(profile) or math.isnan(task):
+        return None
+    return w_profile * profile + w_task * task
+
+
+def split_sft_rl(rows: list[dict[str, Any]], rl_share: float, seed: int) -> tuple[list, list]:
+    """(sft, rl): disjoint on the policy input, as the paper selects them. Distinct prompts
+    are shuffled with the seed and the first `rl_share` of them (at least one, and never
+    all) go to GRPO; rows repeating a prompt follow it. Fewer than two distinct prompts
+    cannot be split: both stages then use all rows."""
+    import random
+
+    prompts = sorted({r["prompt"] for r in rows})
+    if len(prompts) < 2 or rl_share <= 0:
+        return rows, rows
+    random.Random(seed).shuffle(prompts)
+    k = min(max(round(len(prompts) * rl_share), 1), len(prompts) - 1)
+    rl = set(prompts[:k])
+    return [r for r in rows if r["prompt"] not in rl], [r for r in rows if r["prompt"] in rl]
 
 
 def ppopt_reward(client: Any, w_profile: float, w_task: float) -> Any:
@@ -56,8 +80,7 @@ def ppopt_reward(client: Any, w_profile: float, w_task: float) -> Any:
                 both_orders=False,
             )
             for i, p, t in zip(ok, prof, task, strict=True):
-                failed = math.isnan(p) or math.isnan(t)
-                rewards[i] = None if failed else w_profile * p + w_task * t
+                rewards[i] = combined_reward(p, t, w_profile, w_task)
         if log_metric is not None:
             log_metric("format_ok", len(ok) / max(len(texts), 1))
             log_metric("judge_failed", sum(r is None for r in rewards) / max(len(texts), 1))
@@ -88,9 +111,10 @@ def train(a: argparse.Namespace, log: Any = print) -> dict[str, Any]:
             raise ValueError(
                 f"{a.data}: row {i} (record {r['record_id']}): field completion is empty"
             )
+    sft_rows, rl_rows = split_sft_rl(rows, a.rl_share, a.seed)
     model, tok, cuda = load_lora_policy(a.model, a.lora_r, a.lora_alpha, 0.05, a.seed)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    sft = Dataset.from_list([chat_example(r["prompt"], r["completion"]) for r in rows])
+    sft = Dataset.from_list([chat_example(r["prompt"], r["completion"]) for r in sft_rows])
     log(f"PPOpt SFT on {len(sft)} teacher outputs for {a.sft_steps} steps")
     sft_history, sft_s, sft_tokens = fit(
         SFTTrainer,
@@ -120,7 +144,7 @@ def train(a: argparse.Namespace, log: Any = print) -> dict[str, Any]:
                     "persona": r["persona"],
                     "query": r["query"],
                 }
-                for r in rows
+                for r in rl_rows
             ]
         )
         args = trainer_args(a, cuda, "grpo", a.grpo_steps)
@@ -161,6 +185,8 @@ def train(a: argparse.Namespace, log: Any = print) -> dict[str, Any]:
         "final_sft_loss": sft_history[-1]["loss"] if sft_history else math.nan,
         "final_reward": grpo_history[-1]["reward"] if grpo_history else math.nan,
         "train_rows": len(rows),
+        "sft_rows": len(sft_rows),
+        "rl_rows": len(rl_rows),
         "sft_seconds": round(sft_s, 3),
         "grpo_seconds": round(grpo_s, 3),
         "sft_tokens_per_s": round(sft_tokens / sft_s, 1) if sft_s else 0.0,
@@ -182,6 +208,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-completion-length", type=int, default=96)
     ap.add_argument("--temperature", type=float, default=0.7, help="sampling (paper 0.7)")
     ap.add_argument("--kl-beta", type=float, default=0.1, help="GRPO's KL coefficient (paper 0.1)")
+    ap.add_argument(
+        "--rl-share",
+        type=float,
+        default=0.5,
+        help="share of distinct inputs kept for GRPO, disjoint from SFT's (0 = both use all)",
+    )
     ap.add_argument("--w-profile", type=float, default=0.3)
     ap.add_argument("--w-task", type=float, default=0.7)
     ap.add_argument(
@@ -203,6 +235,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "final_sft_loss",
             "final_reward",
             "train_rows",
+            "sft_rows",
+            "rl_rows",
             "sft_tokens_per_s",
             "grpo_completions_per_s",
             "trainable_tensors_changed",

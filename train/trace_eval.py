@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from train.reporting import reporter
-from train.trace import collate, encode, sequence_logps, token_logps
+from train.sequences import collate, encode, sequence_logps, token_logps
 
 MODELS = ("reference", "realigned", "dpo_baseline")
 

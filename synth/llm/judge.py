@@ -91,6 +91,30 @@ def judge(
     choices: Sequence[str] = YES_NO,
     on_done: Callable[[int], None] | None = None,
 ) -> list[JudgeScore]:
-    """Score each request's reply over `choices` (requests get judge decoding params)."""
+    """Score each request's reply over `choices` (requests get judge decoding params).
+    Requests are sent in `prefix_order` and the scores returned in the given order."""
     reqs = [replace(r, params=JUDGE_PARAMS) for r in requests]
-    return [score_response(resp, choices) for resp in client.generate(reqs, on_done)]
+    order = prefix_order(reqs)
+    done = None if on_done is None else (lambda j: on_done(order[j]))
+    sent = client.generate([reqs[i] for i in order], done)
+    out: list[JudgeScore | None] = [None] * len(reqs)
+    for j, resp in enumerate(sent):
+        out[order[j]] = score_response(resp, choices)
+    return out  # type: ignore[return-value]
+
+
+def prefix_order(requests: Sequence[LLMRequest]) -> list[int]:
+    """Indices round-robin over groups of requests that differ only in the last paragraph
+    of their last message (one reply asked several questions). A server that caches
+    prompts per slot (llama.cpp, vLLM's prefix cache) then finds a question's shared
+    prefix already computed from the group's previous question instead of processing it
+    again in a parallel slot: 0.59x the time for two questions per reply and 0.51x for
+    four on the embedded model (`python -m benchmarks.judge_order`)."""
+    seen: dict[tuple, int] = {}
+    keys = []
+    for i, r in enumerate(requests):
+        head = r.messages[-1].content.rsplit("\n\n", 1)[0]
+        group = (tuple((m.role, m.content) for m in r.messages[:-1]), head)
+        keys.append((seen.get(group, 0), i))
+        seen[group] = seen.get(group, 0) + 1
+    return [i for _, i in sorted(keys)]

@@ -79,7 +79,7 @@ def plan_noise(
     layers: dict[str, Layer], rate: float, seed: int, *where: object
 ) -> NoisePlan | None:
     """None (the message stays clean) with probability 1 - rate; else a layer drawn by
-    weight and its strategies drawn independently (at least the likeliest one)."""
+    weight and its strategies drawn independently, one of them at random when none was."""
     rng = random.Random(content_id("noise", seed, *where))
     if rng.random() >= rate:
         return None
@@ -87,18 +87,58 @@ def plan_noise(
     name = rng.choices(list(shares), weights=list(shares.values()))[0]
     chosen = tuple(s.name for s in layers[name].strategies if rng.random() < s.p)
     if not chosen:
-        chosen = (max(layers[name].strategies, key=lambda s: s.p).name,)
+        chosen = (rng.choice(layers[name].strategies).name,)
     return NoisePlan(name, chosen)
 
 
+# Step 1 of the semantic-aware distractor: what the message asks for and its details, so
+# the noise can target them (a slot to drop, a value to blur) instead of random words.
+INTENT_ID = "personaatlas_intent"
+INTENT_SCHEMA: dict = {
+    "type": "object",
+    "properties": {
+        "intent": {"type": "string", "minLength": 1, "maxLength": 120},
+        "slots": {
+            "type": "array",
+            "maxItems": 6,
+            "items": {"type": "string", "minLength": 1, "maxLength": 60},
+        },
+    },
+    "required": ["intent", "slots"],
+    "additionalProperties": False,
+}
+
+
+def intent_request(message: str, params: GenerationParams) -> LLMRequest:
+    user = (
+        'What does this message to an AI assistant ask for? Answer in JSON with "intent": '
+        'the request in a few words, and "slots": the specific details it gives (times, '
+        f"places, numbers, names, constraints), each as a short phrase.\n\nMessage:\n{message}"
+    )
+    return LLMRequest.chat(user, None, params, INTENT_SCHEMA, INTENT_ID)
+
+
 def distract_request(
-    message: str, plan: NoisePlan, layers: dict[str, Layer], params: GenerationParams
+    message: str,
+    plan: NoisePlan,
+    layers: dict[str, Layer],
+    params: GenerationParams,
+    intent: dict | None = None,
+    persona: str = "",
 ) -> LLMRequest:
+    """Step 2: the rewrite applying the drawn strategies, told the message's intent and
+    slots (when extracted) and the writer's observed persona, so the noise stays in voice
+    and hits the details."""
     how = {s.name: s.instruct for s in layers[plan.layer].strategies}
     steps = "\n".join(f"- {how[s]}" for s in plan.strategies)
+    known = ""
+    if intent:
+        slots = "; ".join(intent.get("slots") or []) or "none"
+        known = f"It asks for: {intent['intent']}. Its details: {slots}.\n"
+    who = f"The writer:\n{persona}\n\n" if persona else ""
     user = (
-        "Rewrite this message to an AI assistant the way a real, hurried person might send "
-        f"it. Apply these changes:\n{steps}\n\nMessage:\n{message}\n\n"
+        f"{who}Rewrite this message to an AI assistant the way this person, in a hurry, might "
+        f"send it. {known}Apply these changes:\n{steps}\n\nMessage:\n{message}\n\n"
         "Write only the rewritten message."
     )
     return LLMRequest.chat(user, None, params, None, DISTRACT_ID)

@@ -94,7 +94,8 @@ def load_schema(path: Path | str = SCHEMA_FILE) -> PersonaSchema:
 
 
 def hamming(a: dict[str, str], b: dict[str, str]) -> int:
-    """Dimensions on which two full personas differ."""
+    """Dimensions on which two personas differ; a dimension one exposes and the other does
+    not counts as a difference (the paper's distance between partially observed personas)."""
     return sum(a.get(k) != b.get(k) for k in set(a) | set(b))
 
 
@@ -126,9 +127,10 @@ def sample_personas(
     max_tries: int = 50,
     existing: list[dict[str, str]] | None = None,
 ) -> list[tuple[dict[str, str], dict[str, str]]]:
-    """n (full, observed) personas; every full persona differs from every other (and from
-    `existing`) on at least `min_distance` dimensions. Raises, naming the setting, when
-    the schema cannot give that many distinct personas in `max_tries` draws each."""
+    """n (full, observed) personas; every observed persona differs from every other (and
+    from the observed personas in `existing`) on at least `min_distance` dimensions.
+    Raises, naming the setting, when the schema cannot give that many distinct personas in
+    `max_tries` draws each."""
     if len(schema.constraints) < min_constraints:
         raise ValueError(
             f"min_constraints={min_constraints} but the schema has only {len(schema.constraints)} constraint dimensions"
@@ -139,14 +141,15 @@ def sample_personas(
     for i in range(n):
         for _ in range(max_tries):
             full = {d: rng.choice(dim.values) for d, dim in schema.dimensions.items()}
-            if all(hamming(full, t) >= min_distance for t in taken):
+            seen = observe(full, schema, rate, min_constraints, rng)
+            if all(hamming(seen, t) >= min_distance for t in taken):
                 break
         else:
             raise ValueError(
                 f"persona {i}: no draw in {max_tries} tries differs from all others on {min_distance} dimensions (setting min_distance)"
             )
-        taken.append(full)
-        out.append((full, observe(full, schema, rate, min_constraints, rng)))
+        taken.append(seen)
+        out.append((full, seen))
     return out
 
 
@@ -180,8 +183,8 @@ PERSONA_SCHEMA: dict[str, pl.DataType] = {
     "persona_index": pl.Int64(),
     "split": pl.Utf8(),  # train | heldout (PPOpt evaluation personas)
     "description": pl.Utf8(),  # the Persona Hub text; empty for sampled personas
-    "features": pl.Utf8(),  # JSON: every dimension (the hidden, full persona)
-    "observed": pl.Utf8(),  # JSON: the dimensions the persona exposes
+    "features": pl.Utf8(),  # JSON: every dimension drawn (the unobserved ones reach no agent)
+    "observed": pl.Utf8(),  # JSON: the persona every agent acts on
     "observed_dims": pl.Int64(),
     "observed_constraints": pl.Int64(),
 }
@@ -227,7 +230,7 @@ def build_personas(
     k = settings.heldout_every
 
     def add(source, index, description, full, observed, parents, prov):
-        taken.append(full)
+        taken.append(observed)
         kept.append(
             {
                 "record_id": content_id(
@@ -258,7 +261,10 @@ def build_personas(
         full: dict[str, str] = {}
         if not reason:
             full = {d: obj.get(d) or rng.choice(dim.values) for d, dim in schema.dimensions.items()}
-            if any(hamming(full, t) < settings.min_distance for t in taken):
+            # The mapped dimensions are what the text shows; constraints are topped up
+            # from the sampled rest so every persona has its minimum of hard constraints.
+            observed = observe(full, schema, 0.0, settings.min_constraints, rng, keep=tuple(obj))
+            if any(hamming(observed, t) < settings.min_distance for t in taken):
                 reason = "persona_not_distinct"
                 detail = f"{where}: differs from an earlier persona on fewer than {settings.min_distance} dimensions"
         if reason:
@@ -275,9 +281,6 @@ def build_personas(
                 )
             )
             continue
-        # The mapped dimensions are what the text shows; constraints are topped up from
-        # the sampled rest so every persona has its minimum of hard constraints.
-        observed = observe(full, schema, 0.0, settings.min_constraints, rng, keep=tuple(obj))
         add(
             "persona_hub",
             i,

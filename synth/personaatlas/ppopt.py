@@ -11,6 +11,7 @@ original (does the answer to it serve this user better).
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +34,15 @@ POLICY_PROMPT = (
     "the answer they want. Answer exactly as <REASONING>profile</REASONING>"
     "<PROMPT>rewritten prompt</PROMPT>.\n\n{history}\n\nNew query: {query}"
 )
+# The no-history baseline: the same instruction with nothing to infer a profile from, so
+# a win there is what a generic rewrite buys, and the gap to it what the history adds.
+NO_HISTORY = "(no earlier conversations)"
+
+
+def no_history_prompt(query: str) -> str:
+    return POLICY_PROMPT.format(history=NO_HISTORY, query=query)
+
+
 TEACHER = PromptTemplate(
     id="personaatlas_teacher",
     system="You write training targets for a prompt-personalization model.",
@@ -117,7 +127,8 @@ PPOPT_SCHEMA: dict[str, pl.DataType] = {
     "provenance": PROVENANCE_DTYPE,
     "persona_id": pl.Utf8(),
     "split": pl.Utf8(),
-    "persona": pl.Utf8(),  # the true persona, described (for judges; never in the prompt)
+    "persona": pl.Utf8(),  # the observed persona, described (for judges; never in the prompt)
+    "observed": pl.Utf8(),  # JSON: the observed features the simulator played
     "history_ids": pl.List(pl.Utf8),
     "query": pl.Utf8(),  # the target query as the user first wrote it
     "prompt": pl.Utf8(),  # the policy's input, history as sent (with noise)
@@ -127,6 +138,15 @@ PPOPT_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
+def teacher_problem(reply: Any) -> tuple[str, str]:
+    """('', '') for a usable teacher output, else (reason, what is wrong)."""
+    if not reply.ok:
+        return structured_failure(reply)
+    if parse_output(render_output(reply.parsed["profile"], reply.parsed["prompt"])) is None:
+        return "out_of_format", f"a tag holds only a placeholder: {reply.text[:120]!r}"
+    return "", ""
+
+
 def build_ppopt(
     client: LLMClient,
     trajectories: pl.DataFrame,
@@ -134,6 +154,7 @@ def build_ppopt(
     seed: int = 0,
     max_tokens: int = 320,
     log: Callable[[str], None] | None = None,
+    attempts: int = 3,
 ) -> tuple[pl.DataFrame, pl.DataFrame, int]:
     """(rows, rejected, n_in) with one row per persona: its session with the fewest turns
     is the target, up to MAX_HISTORY others the history. Personas with one session are
@@ -159,27 +180,38 @@ def build_ppopt(
         target, history = target_and_history(rows)
         views.append((pid, target, history))
     train = [v for v in views if v[1]["split"] == "train"]
-    params = GenerationParams(temperature=0.3, max_tokens=max_tokens, seed=seed)
-    requests = [
-        TEACHER.request(
-            params,
-            TEACHER_SCHEMA,
-            profile=schema.describe(json.loads(t["features"])),
-            history=render_history(h, clean=True),
-            query=t["initial_query"],
-        )
-        for _, t, h in train
-    ]
-    replies = generate_logged(client, requests, "personaatlas PPOpt teacher", log)
-    answers = dict(zip([v[0] for v in train], replies, strict=True))
+    answers: dict[str, Any] = {}
+    keys_of: dict[str, list[str]] = {}
+    todo = train
+    # A teacher output that failed, or that only repeats the format's placeholders, is
+    # asked again with the next seed, up to `attempts` times; the last one is kept.
+    for attempt in range(attempts):
+        params = GenerationParams(temperature=0.3, max_tokens=max_tokens, seed=seed + attempt)
+        requests = [
+            TEACHER.request(
+                params,
+                TEACHER_SCHEMA,
+                profile=schema.describe(json.loads(t["observed"])),
+                history=render_history(h, clean=True),
+                query=t["initial_query"],
+            )
+            for _, t, h in todo
+        ]
+        replies = generate_logged(client, requests, "personaatlas PPOpt teacher", log)
+        for (pid, _, _), r in zip(todo, replies, strict=True):
+            answers[pid] = r
+            keys_of[pid] = keys_of.get(pid, []) + r.cache_keys
+        todo = [v for v in todo if teacher_problem(answers[v[0]])[0]]
+        if not todo:
+            break
     kept = []
     for pid, target, history in views:
         completion, keys = "", []
         if pid in answers:
             r = answers[pid]
-            keys = r.cache_keys
+            keys = keys_of[pid]
             obj = r.parsed
-            why, what = ("", "") if r.ok else structured_failure(r)
+            why, what = teacher_problem(r)
             if why:
                 rejected.append(
                     Rejected(
@@ -207,7 +239,8 @@ def build_ppopt(
                 ).as_dict(),
                 "persona_id": pid,
                 "split": target["split"],
-                "persona": schema.describe(json.loads(target["features"])),
+                "persona": schema.describe(json.loads(target["observed"])),
+                "observed": target["observed"],
                 "history_ids": [h["record_id"] for h in history],
                 "query": target["initial_query"],
                 "prompt": POLICY_PROMPT.format(
@@ -320,10 +353,11 @@ def rewrite_scores(
 
 WIN_SCHEMA: dict[str, pl.DataType] = {
     "model": pl.Utf8(),
-    "history": pl.Utf8(),  # noised | clean
+    "history": pl.Utf8(),  # noised | clean | none (the generic-rewrite baseline)
     "persona_id": pl.Utf8(),
     "format_ok": pl.Boolean(),
-    "p_better": pl.Float64(),  # null when the output had no rewrite to judge
+    "p_better": pl.Float64(),  # null when there was no rewrite to judge or the judge failed
+    "judge_failed": pl.Boolean(),  # a rewrite the judge gave no answer on: not counted
     "win": pl.Boolean(),
 }
 
@@ -358,14 +392,16 @@ def score_rewrites(
     out = []
     for x in rows:
         p = judged.get(id(x))
+        failed = p is not None and math.isnan(p)
         out.append(
             {
                 "model": x[0],
                 "history": x[1],
                 "persona_id": x[2]["persona_id"],
                 "format_ok": x[3] is not None,
-                "p_better": p,
-                "win": p is not None and p > 0.5,  # nan (unjudged) compares False
+                "p_better": None if failed else p,
+                "judge_failed": failed,
+                "win": p is not None and not failed and p > 0.5,
             }
         )
     return frame(out, WIN_SCHEMA)

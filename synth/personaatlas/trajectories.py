@@ -23,7 +23,14 @@ from pydantic import BaseModel, ConfigDict
 
 from synth.llm import GenerationParams, LLMClient, LLMRequest, Message, structured_failure
 from synth.loaders import instruction_text
-from synth.personaatlas.noise import DISTRACT_ID, distract_request, load_noise, plan_noise
+from synth.personaatlas.noise import (
+    DISTRACT_ID,
+    INTENT_ID,
+    distract_request,
+    intent_request,
+    load_noise,
+    plan_noise,
+)
 from synth.personaatlas.personas import PersonaSchema, load_schema
 from synth.progress import Progress, generate_logged
 from synth.records import (
@@ -45,8 +52,8 @@ STYLE_PROMPT = PromptTemplate(
     id="personaatlas_style",
     user=(
         "A person with these traits:\n{traits}\n\nwants to ask an AI assistant this:\n{query}\n\n"
-        "Rewrite the request in their own words and style, as they would type it. "
-        "Write only the request."
+        "Rewrite the request in their own words and style, as they would type it, in "
+        "{words} words. Write only the request."
     ),
 )
 USER_SIM_SYSTEM = (
@@ -89,6 +96,8 @@ class AtlasSettings(BaseModel):
     partial_style_share: float = 0.5
     min_style_traits: int = 2
     max_style_traits: int = 4
+    length_mean: float = 1.5  # restyled length bucket ~ N(mean, sd) over LENGTH_BUCKETS (paper)
+    length_sd: float = 1.0
     turns_mean: float = 3.0  # target turns ~ N(mean, sd), clipped to [min, max]
     turns_sd: float = 0.5
     min_turns: int = 2
@@ -153,6 +162,23 @@ def load_assistants(path: Path | str = ASSISTANTS_FILE) -> list[Assistant]:
     return out
 
 
+# The paper's target lengths for a restyled query, in words.
+LENGTH_BUCKETS = (
+    ("very_short", 10, 20),
+    ("short", 20, 40),
+    ("medium", 40, 80),
+    ("long", 80, 150),
+    ("very_long", 150, 250),
+)
+
+
+def target_length(rng: random.Random, s: AtlasSettings) -> str:
+    """A length bucket: N(length_mean, length_sd) rounded to a bucket index (paper
+    N(1.5, 1.0), so short and medium are the commonest), clipped to the buckets."""
+    k = min(max(round(rng.gauss(s.length_mean, s.length_sd)), 0), len(LENGTH_BUCKETS) - 1)
+    return LENGTH_BUCKETS[k][0]
+
+
 def target_turns(rng: random.Random, s: AtlasSettings) -> int:
     return min(max(round(rng.gauss(s.turns_mean, s.turns_sd)), s.min_turns), s.max_turns)
 
@@ -165,6 +191,8 @@ TURN_DTYPE = pl.Struct(
         "noise_layer": pl.Utf8,  # "" = clean
         "noise_strategies": pl.List(pl.Utf8),
         "noise_error": pl.Utf8,  # the distractor failed: the clean text was sent
+        "noise_intent": pl.Utf8,  # what the distractor read the message as asking ("" = clean)
+        "noise_slots": pl.List(pl.Utf8),  # the details it found to target
         "assistant": pl.Utf8,
         "assistant_model": pl.Utf8,
         "satisfied": pl.Boolean,
@@ -187,6 +215,7 @@ TRAJECTORY_SCHEMA: dict[str, pl.DataType] = {
     "initial_query": pl.Utf8(),
     "styled": pl.Boolean(),
     "style_traits": pl.List(pl.Utf8),
+    "style_length": pl.Utf8(),  # target length bucket of the restyled query ("" = raw)
     "target_turns": pl.Int64(),
     "num_turns": pl.Int64(),
     "turns": pl.List(TURN_DTYPE),
@@ -203,6 +232,7 @@ class Conversation:
     query: dict[str, Any]
     target: int
     style_traits: list[str]
+    style_length: str = ""  # the length bucket of a restyled query ("" = not restyled)
     initial: str = ""
     turns: list[dict[str, Any]] = field(default_factory=list)
     messages: list[Message] = field(default_factory=list)  # as the assistant saw them
@@ -256,9 +286,16 @@ def plan_conversations(
                 if rng.random() < s.partial_style_share:
                     n = rng.randint(min(s.min_style_traits, n), min(s.max_style_traits, n))
                 traits = sorted(rng.sample(observed, n))
+            turns = target_turns(rng, s)
             plan.append(
                 Conversation(
-                    len(plan), p, k, queries.row(qi, named=True), target_turns(rng, s), traits
+                    len(plan),
+                    p,
+                    k,
+                    queries.row(qi, named=True),
+                    turns,
+                    traits,
+                    target_length(rng, s) if traits else "",
                 )
             )
     return plan
@@ -294,11 +331,14 @@ def synthesize_trajectories(
         temperature=s.temperature, max_tokens=s.user_max_tokens, seed=s.seed, repeat_penalty=1.1
     )
     styled = [c for c in convs if c.style_traits]
-    full = {c.index: json.loads(c.persona["features"]) for c in convs}
+    # Partial observability: every agent acts on the observed features only; the rest of
+    # the drawn persona is never shown to anyone (PPOpt must infer the profile from turns).
+    seen = {c.index: json.loads(c.persona["observed"]) for c in convs}
     requests = [
         STYLE_PROMPT.request(
             style_params,
-            traits=schema.describe({t: full[c.index][t] for t in c.style_traits}),
+            traits=schema.describe({t: seen[c.index][t] for t in c.style_traits}),
+            words="{}-{}".format(*next(b[1:] for b in LENGTH_BUCKETS if b[0] == c.style_length)),
             query=instruction_text(c.query),
         )
         for c in styled
@@ -330,9 +370,37 @@ def synthesize_trajectories(
         distract_params = GenerationParams(
             temperature=0.9, max_tokens=s.user_max_tokens, seed=s.seed + t, repeat_penalty=1.1
         )
+        intents = generate_logged(
+            simulator,
+            [
+                intent_request(
+                    c.next_user, GenerationParams(temperature=0.0, max_tokens=96, seed=s.seed)
+                )
+                for c in noisy
+            ],
+            f"personaatlas distractor intents (turn {t + 1})",
+            log,
+        )
+        # An extraction that failed or did not parse leaves the rewrite without it (the
+        # noise still applies); the turn records what was extracted.
+        extracted = {
+            c.index: (r.parsed if r.ok else None) for c, r in zip(noisy, intents, strict=True)
+        }
+        for c, r in zip(noisy, intents, strict=True):
+            c.cache_keys += r.cache_keys
         noised = generate_logged(
             simulator,
-            [distract_request(c.next_user, plans[c.index], layers, distract_params) for c in noisy],
+            [
+                distract_request(
+                    c.next_user,
+                    plans[c.index],
+                    layers,
+                    distract_params,
+                    extracted[c.index],
+                    schema.describe(seen[c.index]),
+                )
+                for c in noisy
+            ],
             f"personaatlas distractor (turn {t + 1})",
             log,
         )
@@ -341,9 +409,10 @@ def synthesize_trajectories(
             c.cache_keys += r.cache_keys
             text = clean_message(r.text) if r.ok else ""
             sent[c.index] = (text, "") if text else (c.next_user, r.error or "empty rewrite")
-        # The assistant turn: one pool entry per turn, drawn by weight.
+        # The assistant turn: one pool entry per conversation, drawn by weight (the paper
+        # locks the assistant model for a whole conversation).
         picks = {
-            c.index: random.Random(content_id("personaatlas_pool", s.seed, c.index, t)).choices(
+            c.index: random.Random(content_id("personaatlas_pool", s.seed, c.index)).choices(
                 pool, weights=[a.weight for a in pool]
             )[0]
             for c in live
@@ -409,7 +478,7 @@ def synthesize_trajectories(
                         turn=t + 1,
                         target=c.target,
                     ),
-                    USER_SIM_SYSTEM.format(profile=schema.describe(full[c.index])),
+                    USER_SIM_SYSTEM.format(profile=schema.describe(seen[c.index])),
                     sim_params,
                     USER_SIM_SCHEMA,
                     USER_SIM_ID,
@@ -440,6 +509,8 @@ def synthesize_trajectories(
                     "noise_layer": plan.layer if plan and not err else "",
                     "noise_strategies": list(plan.strategies) if plan and not err else [],
                     "noise_error": err,
+                    "noise_intent": (extracted.get(c.index) or {}).get("intent", ""),
+                    "noise_slots": list((extracted.get(c.index) or {}).get("slots", [])),
                     "assistant": reply,
                     "assistant_model": picks[c.index].name,
                     "satisfied": bool(obj["satisfied"]),
@@ -452,7 +523,7 @@ def synthesize_trajectories(
 
     params_json = s.model_dump_json()
     thash = template_hash(
-        STYLE_PROMPT.hash, DISTRACT_ID, ASSISTANT_ID, USER_SIM_SYSTEM, USER_SIM_USER
+        STYLE_PROMPT.hash, INTENT_ID, DISTRACT_ID, ASSISTANT_ID, USER_SIM_SYSTEM, USER_SIM_USER
     )
     kept, rejected = [], []
     for c in convs:
@@ -497,6 +568,7 @@ def synthesize_trajectories(
                 "initial_query": c.initial,
                 "styled": bool(c.style_traits),
                 "style_traits": c.style_traits,
+                "style_length": c.style_length,
                 "target_turns": c.target,
                 "num_turns": len(c.turns),
                 "turns": c.turns,

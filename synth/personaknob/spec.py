@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,20 @@ class KnobSpec:
     def triggers_for(self, mask: str) -> list[str]:
         """Triggers that probe at least one active dimension, in file order."""
         return [t.name for t in self.triggers.values() if set(t.tests) & set(mask)]
+
+    def cover(self, mask: str, rng: random.Random) -> list[str]:
+        """A seeded smallest-first set of triggers that together probe every active
+        dimension: greedily the trigger adding the most uncovered ones, ties drawn."""
+        left, chosen = set(mask), []
+        while left:
+            gain = {n: len(set(t.tests) & left) for n, t in self.triggers.items()}
+            best = max(gain.values())
+            if not best:
+                raise SpecFileError(f"no trigger tests dimension(s) {''.join(sorted(left))}")
+            name = rng.choice([n for n, g in gain.items() if g == best])
+            chosen.append(name)
+            left -= set(self.triggers[name].tests)
+        return chosen
 
 
 class SpecFileError(ValueError):

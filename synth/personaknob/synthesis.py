@@ -39,10 +39,11 @@ SCENARIO_PROMPT = PromptTemplate(
         "Here is a person: {persona}\n"
         "Right now this person {situation}.\n"
         "Write the message they send to an AI assistant, in the first person, in one to three "
-        "sentences. Write only the message."
+        "sentences, so that a good reply would have to show {qualities}. Write only the message."
     ),
 )
 RESPOND_ID = "personaknob_respond"
+PROBE_ID = "personaknob_probe"
 VERIFY_ID = "personaknob_verify"
 
 
@@ -107,6 +108,7 @@ SCENARIO_SCHEMA: dict[str, pl.DataType] = {
     "seed_scene": pl.Utf8(),
     "context": pl.Utf8(),
     "prompt": pl.Utf8(),
+    "probe_scores": SCORES_DTYPE,  # judge p(Yes) that the prompt probes each active dimension
 }
 
 
@@ -116,9 +118,11 @@ def make_scenarios(
     settings: KnobSettings = KnobSettings(),
     spec: KnobSpec | None = None,
     log: Callable[[str], None] | None = None,
+    judge_client: LLMClient | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame, int]:
-    """(scenarios, rejected, planned). Persona i % n meets the i-th allocated mask and a
-    trigger that probes one of its dimensions; the LLM writes the user's message."""
+    """(scenarios, rejected, planned). Persona i % n meets the i-th allocated mask and the
+    triggers that together probe all its dimensions; `client` writes the user's message,
+    `judge_client` scores whether it probes each active dimension."""
     spec = spec or load_spec()
     if not personas.height:
         raise ValueError("personaknob scenarios: seed_personas is empty")
@@ -128,11 +132,13 @@ def make_scenarios(
     plan = []
     for i, mask in enumerate(allocate_masks(settings.scenarios, settings.mask_mix, settings.seed)):
         persona = personas.row(order[i % len(order)], named=True)
-        trigger = spec.triggers[rng.choice(spec.triggers_for(mask))]
+        # Triggers that together probe every active dimension, so no reject is asked to fail
+        # a dimension the user's message gives no occasion for.
+        triggers = [spec.triggers[n] for n in spec.cover(mask, rng)]
         held = (
             settings.heldout_every > 0 and i % settings.heldout_every == settings.heldout_every - 1
         )
-        plan.append((i, persona, mask, trigger, "heldout" if held else "train"))
+        plan.append((i, persona, mask, triggers, "heldout" if held else "train"))
     params = GenerationParams(
         temperature=settings.temperature,
         max_tokens=settings.prompt_max_tokens,
@@ -140,15 +146,19 @@ def make_scenarios(
         repeat_penalty=1.1,
     )
     requests = [
-        SCENARIO_PROMPT.request(params, persona=p["persona"], situation=t.situation)
-        for _, p, _, t, _ in plan
+        SCENARIO_PROMPT.request(
+            params,
+            persona=p["persona"],
+            situation=situation(ts),
+            qualities=" and ".join(spec.dimensions[d].name for d in m),
+        )
+        for _, p, m, ts, _ in plan
     ]
     responses = generate_logged(client, requests, "personaknob scenarios", log)
     kept, rejected = [], []
-    for (i, persona, mask, trigger, split), resp in zip(plan, responses, strict=True):
-        scenario_id = content_id(
-            "personaknob_scenario", persona["record_id"], mask, trigger.name, i
-        )
+    for (i, persona, mask, triggers, split), resp in zip(plan, responses, strict=True):
+        trigger = "+".join(t.name for t in triggers)
+        scenario_id = content_id("personaknob_scenario", persona["record_id"], mask, trigger, i)
         message = clean_message(resp.text) if resp.ok else ""
         reason = ""
         if not resp.ok:
@@ -168,7 +178,7 @@ def make_scenarios(
                     parent_ids=[persona["record_id"]],
                     source="personaknob_plan",
                     source_index=i,
-                    payload={"mask": mask, "trigger": trigger.name, "text": resp.text},
+                    payload={"mask": mask, "trigger": trigger, "text": resp.text},
                 )
             )
             continue
@@ -187,14 +197,44 @@ def make_scenarios(
                 "plan_index": i,
                 "split": split,
                 "mask": mask,
-                "trigger": trigger.name,
-                "sycophancy_probe": trigger.sycophancy_probe,
+                "trigger": trigger,
+                "sycophancy_probe": any(t.sycophancy_probe for t in triggers),
                 "seed_scene": persona["persona"],
-                "context": f"{persona['persona']} The user {trigger.situation}.",
+                "context": f"{persona['persona']} The user {situation(triggers)}.",
                 "prompt": message,
             }
         )
-    return frame(kept, SCENARIO_SCHEMA), rejected_frame(rejected), len(plan)
+    out = frame(kept, SCENARIO_SCHEMA)
+    return score_probes(judge_client or client, out, spec), rejected_frame(rejected), len(plan)
+
+
+def situation(triggers: list[Any]) -> str:
+    return ", and also ".join(t.situation for t in triggers)
+
+
+def probe_request(prompt: str, dim: Any) -> LLMRequest:
+    """Does the user's message give a reply the occasion to show one dimension?"""
+    return LLMRequest.chat(
+        f"A user wrote to an AI assistant:\n{prompt}\n\nQuestion: does this message give the "
+        f"assistant a clear occasion to show {dim.name}, that is: {dim.satisfy}\n"
+        "Answer Yes or No.",
+        None,
+        template_id=PROBE_ID,
+    )
+
+
+def score_probes(client: LLMClient, scenarios: pl.DataFrame, spec: KnobSpec) -> pl.DataFrame:
+    """`probe_scores`: per active dimension, the judge's p(Yes) that the prompt probes it
+    (null for inactive dimensions and failed calls)."""
+    asks = [(i, d) for i, m in enumerate(scenarios["mask"].to_list()) for d in m]
+    prompts = scenarios["prompt"].to_list()
+    judged = judge(
+        client, [probe_request(prompts[i], spec.dimensions[d]) for i, d in asks], ("Yes", "No")
+    )
+    scores: list[dict[str, float | None]] = [dict.fromkeys(DIMENSIONS) for _ in prompts]
+    for (i, d), j in zip(asks, judged, strict=True):
+        scores[i][d] = round(j.p("Yes"), 6) if j.ok else None
+    return scenarios.with_columns(pl.Series("probe_scores", scores, dtype=SCORES_DTYPE))
 
 
 # ---- responses and verification -------------------------------------------------------
@@ -444,3 +484,55 @@ def synthesize_responses(
 
 def _spec_text(spec: KnobSpec) -> dict[str, Any]:
     return {d.key: [d.satisfy, d.fail, d.verify] for d in spec.dimensions.values()}
+
+
+# ---- re-judging by a separate path -----------------------------------------------------
+
+REJUDGE_ID = "personaknob_rejudge"
+REJUDGE_SCHEMA: dict[str, pl.DataType] = {
+    "record_id": pl.Utf8(),
+    "role": pl.Utf8(),  # golden | reject_<d>
+    "dimension": pl.Utf8(),
+    "score": pl.Float64(),  # mean p(Yes) over the dimension's rubric criteria; null if unjudged
+}
+
+
+def rejudge(
+    client: LLMClient,
+    records: pl.DataFrame,
+    spec: KnobSpec | None = None,
+    log: Callable[[str], None] | None = None,
+) -> pl.DataFrame:
+    """Every kept golden and reject scored again on every active dimension, by a path the
+    verification did not take: the rubric criteria (not the verify question), averaged,
+    asked of `client` (the evaluator role). One row per (record, role, dimension)."""
+    spec = spec or load_spec()
+    keys, requests = [], []
+    for r in records.to_dicts():
+        for role in roles(r["mask"]):
+            if r[role] is None:
+                continue
+            for d in r["mask"]:
+                for criterion in spec.dimensions[d].criteria:
+                    keys.append((r["record_id"], role, d))
+                    requests.append(
+                        verify_request(r["prompt"], r[role], criterion, None, REJUDGE_ID)
+                    )
+    progress = Progress(len(requests), "personaknob re-judging", log)
+    scores = judge(client, requests, on_done=lambda _: progress.update())
+    progress.close()
+    by_key: dict[tuple[str, str, str], list[float]] = {}
+    for key, sc in zip(keys, scores, strict=True):
+        by_key.setdefault(key, [])
+        if sc.ok:
+            by_key[key].append(sc.p("Yes"))
+    rows = [
+        {
+            "record_id": k[0],
+            "role": k[1],
+            "dimension": k[2],
+            "score": sum(v) / len(v) if v else None,
+        }
+        for k, v in by_key.items()
+    ]
+    return frame(rows, REJUDGE_SCHEMA)
