@@ -27,6 +27,7 @@ ATLAS_DEMO = {
     "max_turns": 2,
     "assistant_max_tokens": 64,
     "user_max_tokens": 48,
+    "style_max_tokens": 96,  # the long length buckets are cut: speed over length here
 }
 # The embedded 135M judge's p(Yes) sits between 0.2 and 0.4 whatever it reads (median
 # 0.27): at the demo scale PersonaKnob verifies at that median and takes 10 scenarios, so

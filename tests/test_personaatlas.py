@@ -120,9 +120,12 @@ def test_the_distractor_reads_intent_and_slots_and_writes_in_the_persona_s_voice
 def test_restyled_lengths_follow_the_paper_s_normal_over_the_buckets():
     import random
 
-    from synth.personaatlas.trajectories import LENGTH_BUCKETS, target_length
+    from synth.personaatlas.trajectories import LENGTH_BUCKETS, style_budget, target_length
 
     rng, s = random.Random(0), AtlasSettings()
+    # the budget holds the bucket's upper word count, within the floor and the cap
+    assert [style_budget(b, s) for b, _, _ in LENGTH_BUCKETS] == [96, 96, 120, 225, 375]
+    assert style_budget("very_long", AtlasSettings(style_max_tokens=200)) == 200
     got = Counter(target_length(rng, s) for _ in range(20000))
     # round(N(1.5, 1)) = k  <=>  k - 0.5 <= x < k + 0.5: Phi(-1), Phi(0) - Phi(-1), ...
     expected = [0.1587, 0.3413, 0.3413, 0.1359, 0.0228]
@@ -531,6 +534,7 @@ ATLAS = {
     "max_turns": 3,
     "assistant_max_tokens": 64,
     "user_max_tokens": 64,
+    "style_max_tokens": 96,
     # Personas 1 and 3 are held out, 0, 2 and 4 train: a persona whose conversation the
     # 135M simulator spoils (an unparseable verdict) still leaves enough of each.
     "heldout_every": 2,

@@ -13,7 +13,7 @@ import asyncio
 import json
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,9 @@ class AtlasSettings(BaseModel):
     max_style_traits: int = 4
     length_mean: float = 1.5  # restyled length bucket ~ N(mean, sd) over LENGTH_BUCKETS (paper)
     length_sd: float = 1.0
+    # A restyled query's token budget follows its bucket up to this cap (a very_long one
+    # needs about 375); lower it to trade the long buckets for speed.
+    style_max_tokens: int = 384
     turns_mean: float = 3.0  # target turns ~ N(mean, sd), clipped to [min, max]
     turns_sd: float = 0.5
     min_turns: int = 2
@@ -170,6 +173,15 @@ LENGTH_BUCKETS = (
     ("long", 80, 150),
     ("very_long", 150, 250),
 )
+
+
+LENGTH_WORDS = {name: (lo, hi) for name, lo, hi in LENGTH_BUCKETS}
+
+
+def style_budget(bucket: str, s: AtlasSettings) -> int:
+    """Tokens for a restyled query: room for its bucket's upper word count (about 1.5
+    tokens a word), never below `user_max_tokens`, capped at `style_max_tokens`."""
+    return min(max(s.user_max_tokens, round(LENGTH_WORDS[bucket][1] * 1.5)), s.style_max_tokens)
 
 
 def target_length(rng: random.Random, s: AtlasSettings) -> str:
@@ -336,9 +348,9 @@ def synthesize_trajectories(
     seen = {c.index: json.loads(c.persona["observed"]) for c in convs}
     requests = [
         STYLE_PROMPT.request(
-            style_params,
+            replace(style_params, max_tokens=style_budget(c.style_length, s)),
             traits=schema.describe({t: seen[c.index][t] for t in c.style_traits}),
-            words="{}-{}".format(*next(b[1:] for b in LENGTH_BUCKETS if b[0] == c.style_length)),
+            words="{}-{}".format(*LENGTH_WORDS[c.style_length]),
             query=instruction_text(c.query),
         )
         for c in styled
