@@ -325,6 +325,7 @@ def test_rasch_fit_recovers_simulated_parameters():
         ):
             joined = truth[facet].join(getattr(fit, facet), on=key)
             err = (joined["estimate"] - joined["true"]).to_numpy()
+            print(f"seed {seed} {facet}: mean absolute error {np.abs(err).mean():.3f} logits")
             assert np.abs(err).mean() < 0.2, facet
             if facet != "severities":  # three close severities make a correlation noisy
                 assert np.corrcoef(joined["estimate"], joined["true"])[0, 1] > 0.95, facet
