@@ -347,6 +347,7 @@ def run_all(a: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
             max_completion_length=a.completion_length,
             temperature=0.7,
             kl_beta=0.1,
+            rl_share=0.0,  # both stages on every row, as the plain baseline trains
             w_profile=0.3,
             w_task=0.7,
             judge=a.judge,
