@@ -173,39 +173,24 @@ def rejudge_problems(rejudged: pl.DataFrame, tolerance: float) -> tuple[list[dic
     below the golden on d (it fails its dimension) and no more than `tolerance` below it
     on any other active dimension (it fails only that one). An unjudged score is a
     problem too."""
-    score = {(r["record_id"], r["role"], r["dimension"]): r["score"] for r in rejudged.to_dicts()}
+    score, dims_of = {}, defaultdict(list)
+    for r in rejudged.to_dicts():
+        score[(r["record_id"], r["role"], r["dimension"])] = r["score"]
+        dims_of[(r["record_id"], r["role"])].append(r["dimension"])
+    rejects = sorted(k for k in dims_of if k[1] != "golden")
     problems = []
-    rejects = sorted({(k[0], k[1]) for k in score if k[1] != "golden"})
     for rid, role in rejects:
         own = role.removeprefix("reject_")
-        dims = sorted(d for r, who, d in score if (r, who) == (rid, role))
-        for d in dims:
+        for d in sorted(dims_of[(rid, role)]):
             s, g = score[(rid, role, d)], score.get((rid, "golden", d))
             if s is None or g is None:
-                problems.append(
-                    {
-                        "id": rid,
-                        "role": role,
-                        "rule": f"{role}_unjudged_on_{d}",
-                        "detail": f"{role} {s}, golden {g} on {d}",
-                    }
-                )
+                rule, detail = f"unjudged_on_{d}", f"{role} {s}, golden {g} on {d}"
             elif d == own and not s < g:
-                problems.append(
-                    {
-                        "id": rid,
-                        "role": role,
-                        "rule": f"{role}_not_worse_on_{d}",
-                        "detail": f"{role} {s:.3f} >= golden {g:.3f} on {d}",
-                    }
-                )
+                rule, detail = f"not_worse_on_{d}", f"{role} {s:.3f} >= golden {g:.3f} on {d}"
             elif d != own and s < g - tolerance:
-                problems.append(
-                    {
-                        "id": rid,
-                        "role": role,
-                        "rule": f"{role}_also_worse_on_{d}",
-                        "detail": f"{role} {s:.3f} < golden {g:.3f} - {tolerance} on {d}",
-                    }
-                )
+                rule = f"also_worse_on_{d}"
+                detail = f"{role} {s:.3f} < golden {g:.3f} - {tolerance} on {d}"
+            else:
+                continue
+            problems.append({"id": rid, "role": role, "rule": f"{role}_{rule}", "detail": detail})
     return problems, len(rejects)

@@ -120,16 +120,16 @@ def test_the_distractor_reads_intent_and_slots_and_writes_in_the_persona_s_voice
 def test_restyled_lengths_follow_the_paper_s_normal_over_the_buckets():
     import random
 
-    from synth.personaatlas.trajectories import LENGTH_BUCKETS, style_budget, target_length
+    from synth.personaatlas.trajectories import LENGTH_WORDS, style_budget, target_length
 
     rng, s = random.Random(0), AtlasSettings()
     # the budget holds the bucket's upper word count, within the floor and the cap
-    assert [style_budget(b, s) for b, _, _ in LENGTH_BUCKETS] == [96, 96, 120, 225, 375]
+    assert [style_budget(b, s) for b in LENGTH_WORDS] == [96, 96, 120, 225, 375]
     assert style_budget("very_long", AtlasSettings(style_max_tokens=200)) == 200
     got = Counter(target_length(rng, s) for _ in range(20000))
     # round(N(1.5, 1)) = k  <=>  k - 0.5 <= x < k + 0.5: Phi(-1), Phi(0) - Phi(-1), ...
     expected = [0.1587, 0.3413, 0.3413, 0.1359, 0.0228]
-    for (name, _, _), p in zip(LENGTH_BUCKETS, expected, strict=True):
+    for name, p in zip(LENGTH_WORDS, expected, strict=True):
         assert abs(got[name] / 20000 - p) < 0.012, (name, got)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,6 @@ def split_sft_rl(rows: list[dict[str, Any]], rl_share: float, seed: int) -> tupl
     are shuffled with the seed and the first `rl_share` of them (at least one, and never
     all) go to GRPO; rows repeating a prompt follow it. Fewer than two distinct prompts
     cannot be split: both stages then use all rows."""
-    import random
-
     prompts = sorted({r["prompt"] for r in rows})
     if len(prompts) < 2 or rl_share <= 0:
         return rows, rows

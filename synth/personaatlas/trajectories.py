@@ -96,7 +96,7 @@ class AtlasSettings(BaseModel):
     partial_style_share: float = 0.5
     min_style_traits: int = 2
     max_style_traits: int = 4
-    length_mean: float = 1.5  # restyled length bucket ~ N(mean, sd) over LENGTH_BUCKETS (paper)
+    length_mean: float = 1.5  # restyled length bucket ~ N(mean, sd) over LENGTH_WORDS (paper)
     length_sd: float = 1.0
     # A restyled query's token budget follows its bucket up to this cap (a very_long one
     # needs about 375); lower it to trade the long buckets for speed.
@@ -166,16 +166,13 @@ def load_assistants(path: Path | str = ASSISTANTS_FILE) -> list[Assistant]:
 
 
 # The paper's target lengths for a restyled query, in words.
-LENGTH_BUCKETS = (
-    ("very_short", 10, 20),
-    ("short", 20, 40),
-    ("medium", 40, 80),
-    ("long", 80, 150),
-    ("very_long", 150, 250),
-)
-
-
-LENGTH_WORDS = {name: (lo, hi) for name, lo, hi in LENGTH_BUCKETS}
+LENGTH_WORDS = {
+    "very_short": (10, 20),
+    "short": (20, 40),
+    "medium": (40, 80),
+    "long": (80, 150),
+    "very_long": (150, 250),
+}
 
 
 def style_budget(bucket: str, s: AtlasSettings) -> int:
@@ -187,8 +184,9 @@ def style_budget(bucket: str, s: AtlasSettings) -> int:
 def target_length(rng: random.Random, s: AtlasSettings) -> str:
     """A length bucket: N(length_mean, length_sd) rounded to a bucket index (paper
     N(1.5, 1.0), so short and medium are the commonest), clipped to the buckets."""
-    k = min(max(round(rng.gauss(s.length_mean, s.length_sd)), 0), len(LENGTH_BUCKETS) - 1)
-    return LENGTH_BUCKETS[k][0]
+    buckets = list(LENGTH_WORDS)
+    k = min(max(round(rng.gauss(s.length_mean, s.length_sd)), 0), len(buckets) - 1)
+    return buckets[k]
 
 
 def target_turns(rng: random.Random, s: AtlasSettings) -> int:
@@ -382,24 +380,19 @@ def synthesize_trajectories(
         distract_params = GenerationParams(
             temperature=0.9, max_tokens=s.user_max_tokens, seed=s.seed + t, repeat_penalty=1.1
         )
+        intent_params = GenerationParams(temperature=0.0, max_tokens=96, seed=s.seed)
         intents = generate_logged(
             simulator,
-            [
-                intent_request(
-                    c.next_user, GenerationParams(temperature=0.0, max_tokens=96, seed=s.seed)
-                )
-                for c in noisy
-            ],
+            [intent_request(c.next_user, intent_params) for c in noisy],
             f"personaatlas distractor intents (turn {t + 1})",
             log,
         )
         # An extraction that failed or did not parse leaves the rewrite without it (the
         # noise still applies); the turn records what was extracted.
-        extracted = {
-            c.index: (r.parsed if r.ok else None) for c, r in zip(noisy, intents, strict=True)
-        }
+        extracted = {}
         for c, r in zip(noisy, intents, strict=True):
             c.cache_keys += r.cache_keys
+            extracted[c.index] = r.parsed if r.ok else None
         noised = generate_logged(
             simulator,
             [
