@@ -115,6 +115,13 @@ def test_the_separate_judgement_catches_a_reject_that_fails_the_wrong_dimension(
     )
     problems, compared = rejudge_problems(rejudged, 0.1)
     assert compared == 5
+    # the check: 2 of 5 rejects disagree, agreement 0.6 is under 0.75; r1 alone agrees fully
+    from assets.personaknob import personaknob_rejudged_agrees
+
+    check = personaknob_rejudged_agrees(pl.DataFrame(), rejudged)
+    assert not check.passed and check.metadata["observed_agreement"].value == 0.6
+    only_r1 = rejudged.filter(pl.col("record_id") == "r1")
+    assert personaknob_rejudged_agrees(pl.DataFrame(), only_r1).passed
     assert {(p["id"], p["role"], p["rule"]) for p in problems} == {
         ("r2", "reject_A", "reject_A_not_worse_on_A"),
         ("r2", "reject_A", "reject_A_also_worse_on_T"),
