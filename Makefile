@@ -56,11 +56,21 @@ demo: venv
 	mkdir -p $(DAGSTER_HOME)
 	$(PY) -m pipelines.demo
 
+# Test files run in TEST_WORKERS processes (pytest-xdist, a file's tests stay together so
+# its fixtures are built once). Each worker gets its share of the cores for torch and the
+# embedded model: their thread pools spin while waiting, and two of them on the same
+# cores slow each other down far more than they gain.
+TEST_WORKERS ?= 2
+NPROC := $(shell nproc 2>/dev/null || echo 2)
+TEST_THREADS := $(shell echo $$(( $(NPROC) / $(TEST_WORKERS) > 0 ? $(NPROC) / $(TEST_WORKERS) : 1 )))
+PYTEST := OMP_NUM_THREADS=$(TEST_THREADS) ALIGNFOUNDRY_EMBEDDED_THREADS=$(TEST_THREADS) \
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: venv browser services
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-fast: venv
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: venv
 	$(VENV)/bin/ruff check .

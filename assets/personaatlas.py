@@ -41,6 +41,7 @@ from assets.resources import LLMResource, TrainerResource
 from quality.curation import CurationSpec
 from quality.personaatlas import (
     coverage,
+    noise_effects,
     noise_report,
     persona_problems,
     ppopt_history_problems,
@@ -260,6 +261,23 @@ def personaatlas_noise_mix(
     )
 
 
+@asset_check(
+    asset="personaatlas_trajectories",
+    description="Read back from the text by rules of our own: noised user messages differ from their clean version, and where a drawn strategy has a visible effect it shows (missing_slots: a slot the intent step found lost a word; vague_values: a number is gone; punctuation: no final stop). WARN: a weak distractor model is reported, not blocked.",
+)
+def personaatlas_noise_took_effect(trajectories: pl.DataFrame) -> AssetCheckResult:
+    report = noise_effects(trajectories)
+    return AssetCheckResult(
+        passed=report["passed"],
+        severity=AssetCheckSeverity.WARN,
+        metadata={
+            k: MetadataValue.json(v) if isinstance(v, dict) else v
+            for k, v in report.items()
+            if v is not None
+        },
+    )
+
+
 personaatlas_curated = curated_assets(
     "personaatlas_curated",
     "personaatlas_trajectories",
@@ -475,6 +493,7 @@ defs = family_definitions(
     personaatlas_trajectory_assets,
     personaatlas_turns_valid,
     personaatlas_noise_mix,
+    personaatlas_noise_took_effect,
     personaatlas_curated,
     personaatlas_ppopt_assets,
     personaatlas_ppopt_ready_for_training,

@@ -31,14 +31,18 @@ ATLAS_DEMO = {
 }
 # The embedded 135M judge's p(Yes) sits between 0.2 and 0.4 whatever it reads (median
 # 0.27): at the demo scale PersonaKnob verifies at that median and takes 10 scenarios, so
-# that a few pairs pass the gate and training runs. With a real judge keep 0.5.
+# that a few pairs pass the gate and training runs. With a real judge keep 0.5. Against a
+# judge that is close to a coin, a golden must pass all k of its dimensions (about 0.5^k
+# per attempt): the demo takes one- and two-dimension masks only, which verify often
+# enough for the gate and cost fewer generations and judge calls.
 KNOB_DEMO = {
     "scenarios": 10,
+    "mask_mix": {m: 1.0 for m in ("A", "T", "E", "C", "AT", "EC", "AE", "TC")},
     "max_attempts": 3,
     "heldout_every": 5,
     "threshold": 0.27,
     "prompt_max_tokens": 64,
-    "response_max_tokens": 80,
+    "response_max_tokens": 56,
 }
 # Small settings per op: every family through its checks, gate, a few training steps and
 # an evaluation, on the embedded model. The ops' defaults are the `default` scale.
@@ -201,6 +205,15 @@ def run_family(
     return out
 
 
+def _fan_out(md: dict[str, Any]) -> str:
+    """A note for steps where one row in makes several out (a volume's slices, a case's
+    questions), so that kept above rows in does not read as rows appearing from nowhere."""
+    used = md["rows_in"] - md["rejected"] - (md.get("review") or 0)
+    if used > 0 and md["kept"] > used:
+        return f"  ({md['kept'] / used:.1f} rows out per row in)"
+    return ""
+
+
 def summary(result: FamilyResult) -> str:
     """Rows in / kept / rejected by reason, checks, and the training and evaluation numbers."""
     lines = [
@@ -219,7 +232,9 @@ def summary(result: FamilyResult) -> str:
                 part = f" [{ev.partition}]" if ev.partition else ""
                 datasets[name + part] = (
                     f"   {name + part:44} {md['rows_in']:>6} in {md['kept']:>6} kept {md['rejected']:>5} rejected"
+                    + (f" {md['review']:>3} for review" if md.get("review") else "")
                     + (f"  ({dropped})" if dropped else "")
+                    + _fan_out(md)
                 )
             for k, v in md.items():
                 if k.startswith(METRIC_PREFIXES) and isinstance(v, (int, float)):

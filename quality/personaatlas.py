@@ -109,6 +109,67 @@ def noise_report(
     return report
 
 
+WORD = re.compile(r"[a-z0-9']+")
+NUMBER = re.compile(r"\d+(?:[.:,]\d+)?")
+# Words a slot shares with any phrasing, so losing one says nothing.
+SLOT_STOPWORDS = frozenset(
+    ["a", "an", "and", "at", "by", "for", "from", "in", "of", "on", "or", "the", "to", "with"]
+)
+
+
+def _slot_words(slot: str) -> set[str]:
+    return {w for w in WORD.findall(slot.lower()) if w not in SLOT_STOPWORDS}
+
+
+def _effects(turn: dict[str, Any]) -> dict[str, bool]:
+    """For each drawn strategy whose effect the text can show, whether it shows: read from
+    the clean and noised messages by rules of our own, not by the model that noised them."""
+    clean, noised = turn["user_clean"], turn["user_text"]
+    words = set(WORD.findall(noised.lower()))
+    out: dict[str, bool] = {}
+    for strategy in turn["noise_strategies"]:
+        if strategy == "missing_slots":
+            # A slot the intent step found in the clean message that lost a content word.
+            present = [w for s in turn["noise_slots"] if (w := _slot_words(s))]
+            present = [w for w in present if w <= set(WORD.findall(clean.lower()))]
+            if present:
+                out[strategy] = any(not w <= words for w in present)
+        elif strategy == "vague_values":
+            if numbers := set(NUMBER.findall(clean)):
+                out[strategy] = not numbers <= set(NUMBER.findall(noised))
+        elif strategy == "punctuation":
+            out[strategy] = not noised.rstrip().endswith((".", "!", "?"))
+    return out
+
+
+def noise_effects(
+    trajectories: pl.DataFrame, min_changed: float = 0.8, min_effect: float = 0.5
+) -> dict[str, Any]:
+    """Whether the noise did what was drawn: the share of noised messages that differ from
+    the clean one, and per strategy with a visible effect (a dropped slot, a dropped number,
+    no final punctuation) the share of messages where it shows; `passed` when at least
+    `min_changed` changed and every such strategy shows in at least `min_effect`."""
+    noised = [t for ts in trajectories["turns"].to_list() for t in ts if t["noise_layer"]]
+    changed = sum(t["user_text"].strip() != t["user_clean"].strip() for t in noised)
+    per: dict[str, list[bool]] = {}
+    for t in noised:
+        for strategy, shown in _effects(t).items():
+            per.setdefault(strategy, []).append(shown)
+    report: dict[str, Any] = {
+        "noised": len(noised),
+        "changed": changed,
+        "changed_share": round(changed / len(noised), 4) if noised else None,
+        "strategies": {
+            s: {"checked": len(v), "shown": sum(v), "share": round(sum(v) / len(v), 4)}
+            for s, v in sorted(per.items())
+        },
+    }
+    report["passed"] = (not noised or changed / len(noised) >= min_changed) and all(
+        v["share"] >= min_effect for v in report["strategies"].values()
+    )
+    return report
+
+
 def coverage(personas: pl.DataFrame, schema: PersonaSchema) -> dict[str, float]:
     """Per dimension, the share of personas that expose it (partial observability)."""
     observed = [json.loads(o) for o in personas["observed"].to_list()]

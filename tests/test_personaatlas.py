@@ -12,7 +12,7 @@ from dagster import DagsterInstance
 from reference_server import Entry, ReferenceJudgeServer
 
 from pipelines.definitions import build_definitions
-from quality.personaatlas import noise_report, persona_problems, turn_problems
+from quality.personaatlas import noise_effects, noise_report, persona_problems, turn_problems
 from synth.llm import LLMClient, OpenAICompatBackend
 from synth.loaders import load_instructions, load_personas
 from synth.personaatlas.noise import NOISE_FILE, layer_shares, load_noise, plan_noise
@@ -212,6 +212,34 @@ def test_checks_catch_empty_turns_bad_counts_and_skewed_noise():
     skewed = [_turn(i, layer="surface_noise") for i in range(40)]
     bad = noise_report(frame([_trajectory("f", skewed)], TRAJECTORY_SCHEMA), 0.25, shares)
     assert not bad["passed"] and bad["rate"]["observed"] == 1.0
+
+
+def test_the_noise_verifier_reads_dropped_slots_and_numbers_back_from_the_text():
+    clean = "Book a table for 4 people at 7pm in Paris."
+    slots = ["4 people", "7pm", "in Paris"]
+
+    def noised(text, *strategies):
+        turn = {**_turn(0, layer="incomplete_info"), "user_clean": clean, "user_text": text}
+        return {**turn, "noise_strategies": list(strategies), "noise_slots": slots}
+
+    def report(*turns):
+        return noise_effects(frame([_trajectory("n", list(turns))], TRAJECTORY_SCHEMA))
+
+    dropped = noised("book a table for 4 people in paris, the usual time", "missing_slots")
+    vague = noised("Book a table for a few people at 7pm in Paris.", "vague_values")
+    ok = report(dropped, vague, noised("table for 4 people at 7pm in paris", "punctuation"))
+    assert ok["passed"] and ok["changed_share"] == 1.0
+    assert ok["strategies"]["missing_slots"] == {"checked": 1, "shown": 1, "share": 1.0}
+    assert ok["strategies"]["vague_values"]["shown"] == 1  # the 4 is gone
+    # A distractor that only lower-cased the words dropped no slot and no number.
+    kept = noised(clean.lower(), "missing_slots", "vague_values")
+    weak = report(dropped, kept, kept)
+    assert not weak["passed"] and weak["changed_share"] == 1.0
+    assert weak["strategies"]["missing_slots"]["share"] == round(1 / 3, 4)
+    assert weak["strategies"]["vague_values"] == {"checked": 2, "shown": 0, "share": 0.0}
+    # One that sent the message back unchanged: under the changed share.
+    copied = report(dropped, noised(clean, "typos"), noised(clean, "colloquial"))
+    assert not copied["passed"] and copied["changed"] == 1 and "typos" not in copied["strategies"]
 
 
 def test_the_target_is_the_session_with_fewest_turns_and_the_rest_is_history():
@@ -639,6 +667,8 @@ def test_personaatlas_job_end_to_end(tmp_path):
     decode_png(mats["personaatlas_trajectories"]["noise_mix"].value)
     noise = checks["personaatlas_noise_mix"].metadata
     assert noise["user_messages"].value == len(turns)
+    took = checks["personaatlas_noise_took_effect"].metadata
+    assert took["noised"].value == noise["noised"].value  # the same turns, read back
     model = mats["personaatlas_model"]
     assert model["trainable_tensors_changed"].value > 0
     assert math.isfinite(model["final_sft_loss"].value)

@@ -69,10 +69,10 @@ def load_causal_lm(model: str = "", device: str | None = None) -> tuple[Any, Any
             tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
             lm.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-            if cached.exists():  # another process saved it first
-                shutil.rmtree(tmp)
-            else:
+            try:
                 tmp.rename(cached)
+            except OSError:  # another process saved it first (a rename onto a folder fails)
+                shutil.rmtree(tmp)
             # Reload the plain copy: a GGUF-loaded model still looks quantized to Trainer.
             del lm
             tok = AutoTokenizer.from_pretrained(cached)

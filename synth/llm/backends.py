@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import logging
+import os
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -73,6 +74,10 @@ def start_llama_server(
     if alias:
         params.model_alias = {alias}
     params.verbosity = -1
+    # Processes sharing a few cores (the demo's workers) each take fewer threads: llama.cpp's
+    # threads spin while they wait, and two pools spinning on two cores slow both down.
+    if threads := int(os.environ.get("ALIGNFOUNDRY_EMBEDDED_THREADS") or 0):
+        params.cpuparams.n_threads = params.cpuparams_batch.n_threads = threads
     return xllamacpp.Server(params)
 
 
