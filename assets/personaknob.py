@@ -343,6 +343,8 @@ class ConstrainedDPOConfig(LoraTrainingConfig):
     epsilon: float = 0.5
     tolerances: str = ""  # per-dimension overrides, e.g. "A=0.3,C=1.0"
     dual_lr: float = 1.0  # 0 = plain DPO
+    # A plain-DPO baseline trained on the same pairs for the evaluation to compare (0 = none).
+    plain_dpo_steps: int = 4
     max_length: int = 384
 
 
@@ -372,13 +374,18 @@ def personaknob_model(
         for d in DIMENSIONS
         if any(d in h["margins"] for h in history)
     }
+    plain = reported["plain_dpo"]
     row = {
         "final_loss": float(reported["final_loss"]),
         "steps": len(history),
         **{f"lambda_{d}": float(v) for d, v in reported["multipliers"].items()},
+        "plain_dpo_adapter_dir": plain.get("output_dir", ""),
     }
     md = {
         "final_loss": row["final_loss"],
+        "plain_dpo_baseline": MetadataValue.json(
+            {k: v for k, v in plain.items() if k != "history"} or {"trained": False}
+        ),
         "multipliers": MetadataValue.json(reported["multipliers"]),
         "pairs_per_dimension": MetadataValue.json(reported["pairs_per_dimension"]),
         "loss_curve": line_plot(steps, losses, "constrained DPO: primary loss", "step"),
@@ -388,6 +395,17 @@ def personaknob_model(
         "margin_curve": line_plot(steps, margins, "DPO reward margin per dimension", "step"),
         "tolerances": MetadataValue.json(reported["tolerances"]),
     }
+    if plain.get("history"):
+        md["plain_dpo_margin_curve"] = line_plot(
+            [h["step"] for h in plain["history"]],
+            {
+                d: [h["margins"].get(d, float("nan")) for h in plain["history"]]
+                for d in DIMENSIONS
+                if any(d in h["margins"] for h in plain["history"])
+            },
+            "plain DPO baseline: reward margin per dimension",
+            "step",
+        )
     return trained_output(reported, row, md)
 
 
@@ -415,6 +433,9 @@ def personaknob_eval(
     prompts, out = run_dir / "heldout.parquet", run_dir / "responses.parquet"
     heldout.select(pl.col("record_id").alias("prompt_id"), "prompt").write_parquet(prompts)
     args = ["--adapter", personaknob_model["adapter_dir"][0], "--prompts", str(prompts)]
+    plain = personaknob_model.get_column("plain_dpo_adapter_dir", default=None)
+    if plain is not None and plain[0]:
+        args += ["--baseline-adapter", plain[0]]
     trainer.launch(
         context,
         "train.adapter_responses",
@@ -430,6 +451,8 @@ def personaknob_eval(
     }
     abilities = fit.abilities.with_columns(pl.col("estimate", "se").round(4))
     gaps = ability_gaps(fit.abilities)
+    # What the constraints bought over plain DPO on the same pairs, dimension by dimension.
+    vs_plain = ability_gaps(fit.abilities, "trained", "plain_dpo")
     unresolved = [g["dimension"] for g in gaps if not g["resolved"]]
     design = (
         f"the 95% intervals of trained - base are wider than the differences on {','.join(unresolved)}: "
@@ -447,6 +470,9 @@ def personaknob_eval(
             "converged": fit.converged,
             "ability_gaps": MetadataValue.md(markdown_table(pl.DataFrame(gaps))) if gaps else "",
             "resolved_dimensions": ",".join(g["dimension"] for g in gaps if g["resolved"]),
+            "ability_gaps_vs_plain_dpo": MetadataValue.md(markdown_table(pl.DataFrame(vs_plain)))
+            if vs_plain
+            else "no plain-DPO baseline (plain_dpo_steps 0)",
             "rating_design": design,
             **{
                 f"ability_{r['model']}_{r['dimension']}": r["estimate"]

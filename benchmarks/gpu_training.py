@@ -305,6 +305,7 @@ def run_all(a: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
         epsilon=0.5,
         tolerances="",
         dual_lr=1.0,
+        plain_dpo_steps=0,  # the row times the constrained trainer alone
         batch_size=a.batch_size,
         learning_rate=1e-4,
         beta=0.1,

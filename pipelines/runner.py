@@ -59,7 +59,7 @@ DEMO_SCALE: dict[str, dict[str, Any]] = {
     "paligner_eval": {"max_new_tokens": 24, "response_max_tokens": 24},
     "personaknob_scenario_assets": KNOB_DEMO,
     "personaknob_response_assets": KNOB_DEMO,
-    "personaknob_model": {"max_steps": 2, "max_length": 256},
+    "personaknob_model": {"max_steps": 2, "plain_dpo_steps": 2, "max_length": 256},
     "personaknob_eval": {"max_new_tokens": 16},
     "personaatlas_persona_assets": ATLAS_DEMO,
     "personaatlas_trajectory_shard_assets": ATLAS_DEMO,

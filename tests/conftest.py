@@ -21,6 +21,23 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+# The longest files first (CI's --durations): pytest-xdist hands its workers whole files in
+# collection order, so a long file collected last would run alone at the end.
+LONGEST_FILES = (
+    "test_trace.py",
+    "test_personaknob.py",
+    "test_personaatlas.py",
+    "test_cluster.py",
+    "test_ultraprompt.py",
+    "test_medad.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.exists():

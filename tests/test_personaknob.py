@@ -2,6 +2,7 @@
 fitter's parameter recovery, constrained DPO on SmolLM2, and the job end to end."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -395,8 +396,12 @@ def test_constrained_dpo_keeps_the_traded_dimension_within_its_tolerance(tmp_pat
         *("--max-length", "64", "--max-steps", "20", "--batch-size", "4"),
         *("--learning-rate", "1e-2", "--beta", "0.5", "--tolerances", "C=0.1"),
     ]
-    plain = constrained_dpo.main([*args, "--output-dir", str(tmp_path / "plain"), "--dual-lr", "0"])
-    lagr = constrained_dpo.main([*args, "--output-dir", str(tmp_path / "lagr"), "--dual-lr", "0.4"])
+    # One run trains both: the Lagrangian, then the plain-DPO baseline from the same start.
+    lagr = constrained_dpo.main(
+        [*args, "--output-dir", str(tmp_path), "--dual-lr", "0.4", "--plain-dpo-steps", "20"]
+    )
+    plain = lagr["plain_dpo"]
+    assert Path(plain["output_dir"]).name == "plain_dpo" and len(plain["history"]) == 20
 
     def late(result):
         """Mean over the second half of training of each dimension's gap to the best."""
@@ -410,7 +415,8 @@ def test_constrained_dpo_keeps_the_traded_dimension_within_its_tolerance(tmp_pat
     # plain DPO: C's margin goes negative as the majority's grows, C lags past 0.1
     last = plain["history"][-1]["margins"]
     assert last["C"] < 0 < last["A"] and plain_gap["C"] > 0.1
-    assert set(plain["multipliers"].values()) == {0.0}
+    assert {v for h in plain["history"] for v in h["multipliers"].values()} == {0.0}
+    assert plain["final_margins"] == last
     # the Lagrangian: C's multiplier rose and holds C within 0.1, A stays within its 0.5
     assert lagr["multipliers"]["C"] > 0 and lagr_gap["C"] <= 0.1 and lagr_gap["A"] <= 0.5
     assert lagr["history"][-1]["margins"]["C"] > last["C"]
@@ -474,7 +480,9 @@ def _run_job(tmp_path, knob, model=None, evaluation=None):
                 "ops": {
                     "personaknob_scenario_assets": {"config": knob},
                     "personaknob_response_assets": {"config": knob},
-                    "personaknob_model": {"config": model or {"max_steps": 2, "max_length": 256}},
+                    "personaknob_model": {
+                        "config": model or {"max_steps": 2, "plain_dpo_steps": 1, "max_length": 256}
+                    },
                     "personaknob_eval": {"config": evaluation or {"max_new_tokens": 48}},
                 }
             },
@@ -591,8 +599,14 @@ def test_personaknob_job_end_to_end(tmp_path):
     assert set(model["multipliers"].value.values()) == {0.0}
     assert model["tolerances"].value == dict.fromkeys("ATEC", 0.5)
     decode_png(model["margin_curve"].value)
+    plain = model["plain_dpo_baseline"].value
+    assert Path(plain["output_dir"]).name == "plain_dpo" and plain["trainable_tensors_changed"] > 0
+    decode_png(model["plain_dpo_margin_curve"].value)
     abilities = pl.read_parquet(storage / "personaknob_eval.parquet")
-    assert abilities.height == 8 and set(abilities["model"]) == {"base", "trained"}
+    # the constrained policy, its base and the plain-DPO baseline, on each dimension
+    assert abilities.height == 12
+    assert set(abilities["model"]) == {"base", "trained", "plain_dpo"}
+    assert "| dimension |" in mats["personaknob_eval"]["ability_gaps_vs_plain_dpo"].value
     assert abilities["estimate"].is_finite().all() and (abilities["se"] > 0).all()
     decode_png(mats["personaknob_eval"]["abilities"].value)
     # the metadata names the dimensions whose difference the two held-out scenarios resolve

@@ -3,8 +3,9 @@
     python -m train.adapter_responses --adapter runs/x/adapter --prompts heldout.parquet --out responses.parquet
 
 Writes one row per (model, prompt): `base` is the network with its LoRA adapters off,
-`trained` with them on. Judging the responses is the evaluating asset's job (PersonaKnob's
-Rasch ratings, PersonaAtlas' win rates).
+`trained` with them on, and `plain_dpo` with `--baseline-adapter` on instead when one is
+given. Judging the responses is the evaluating asset's job (PersonaKnob's Rasch ratings,
+PersonaAtlas' win rates).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from train.reporting import reporter
 from train.trace_eval import generate_off_and_on
 
 MODELS = ("base", "trained")
+BASELINE = "plain_dpo"
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -27,15 +29,22 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--out", required=True, help="Parquet of responses")
     ap.add_argument("--model", default="")
     ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--baseline-adapter", default="", help="a baseline's adapter (plain_dpo)")
     a = ap.parse_args(argv)
     items = pl.read_parquet(a.prompts).select("prompt_id", "prompt").to_dicts()
+    prompts = [s["prompt"] for s in items]
     with reporter() as report:
-        outs = generate_off_and_on(
-            a.adapter, [s["prompt"] for s in items], MODELS, a.model, a.max_new_tokens
-        )
+        outs = generate_off_and_on(a.adapter, prompts, MODELS, a.model, a.max_new_tokens)
+        if a.baseline_adapter:
+            from train.models import apply_adapters, load_causal_lm
+            from train.trace_eval import generate
+
+            base, tok = load_causal_lm(a.model)  # a fresh base: adapters merge into weights
+            baseline = apply_adapters(base, a.baseline_adapter).eval()
+            outs[BASELINE] = generate(baseline, tok, prompts, a.max_new_tokens)
         rows = [
             {"model": m, "prompt_id": s["prompt_id"], "response": o}
-            for m in MODELS
+            for m in outs
             for s, o in zip(items, outs[m], strict=True)
         ]
         pl.DataFrame(

@@ -2,6 +2,7 @@
 
     python -m train.personaknob --pairs pairs.parquet --output-dir runs/personaknob
         [--model PATH] [--max-steps 4] [--epsilon 0.5] [--tolerances A=0.3,C=0.5] [--dual-lr 1.0]
+        [--plain-dpo-steps 4]
 
 Each pair carries the dimensions it teaches (A/T/E/C). The paper's text is not available;
 what is known is a Lagrangian multi-objective DPO that balances the four dimensions with
@@ -17,8 +18,9 @@ step is taken on L + sum_d lambda_d L_d (the min is the constraint's level, held
 the step), then projected dual ascent on the multipliers,
 lambda_d <- max(0, lambda_d + dual_lr * (L_d - min L - eps_d)): a violated constraint raises
 its multiplier, a satisfied one lowers it to 0. A dimension not in a batch keeps its
-multiplier. `--dual-lr 0` is plain DPO on the same pairs. Every step logs each dimension's
-loss, reward margin, violation and multiplier.
+multiplier. `--dual-lr 0` is plain DPO on the same pairs; `--plain-dpo-steps N` trains that
+baseline too, beside the constrained policy, for the evaluation to compare. Every step
+logs each dimension's loss, reward margin, violation and multiplier.
 
 Built on TRL's DPOTrainer: its loss on a subset of the batch is the per-dimension loss,
 so a step costs one forward over the batch plus one over each distinct set of rows that
@@ -181,42 +183,77 @@ def _pairs_dataset(path: str) -> Any:
     )
 
 
-def train(a: argparse.Namespace, log: Any = print) -> dict[str, Any]:
+def _fit(
+    a: argparse.Namespace, ds: Any, tolerances: dict[str, float], dual_lr: float, steps: int
+) -> tuple[Any, Any, Any, int, int, float]:
+    """(trainer, model, tokenizer, tensors changed, trainable tensors, seconds) of one
+    run from the base model: dual ascent at `dual_lr` (0 = plain DPO)."""
     import time
 
     from trl import DPOConfig, DPOTrainer
 
     from train.models import load_lora_policy
 
-    ds = _pairs_dataset(a.pairs)
-    tolerances = parse_tolerances(a.tolerances, a.epsilon)
     model, tok, cuda = load_lora_policy(a.model, a.lora_r, a.lora_alpha, 0.0, a.seed)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    args = DPOConfig(**trainer_args(a, cuda, "dpo", a.max_steps), beta=a.beta)
+    args = DPOConfig(**trainer_args(a, cuda, "dpo", steps), beta=a.beta)
     trainer = constrained_dpo_trainer(DPOTrainer)(
         model=model,
         args=args,
         train_dataset=ds,
         processing_class=tok,
         tolerances=tolerances,
-        dual_lr=a.dual_lr,
-    )
-    log(
-        f"constrained DPO on {len(ds)} pairs for {a.max_steps} steps "
-        f"(tolerances {tolerances}, dual lr {a.dual_lr})"
+        dual_lr=dual_lr,
     )
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
-    history = trainer.dual_history
-    changed = tensors_changed(before, model)
+    return trainer, model, tok, tensors_changed(before, model), len(before), seconds
+
+
+def train(a: argparse.Namespace, log: Any = print) -> dict[str, Any]:
+    """The constrained policy into OUTPUT_DIR/adapter and, when `plain_dpo_steps` > 0, the
+    plain-DPO baseline on the same pairs into OUTPUT_DIR/plain_dpo (the paper's
+    comparison: what the constraints keep that plain DPO trades away)."""
+    from train.models import training_device
+
+    ds = _pairs_dataset(a.pairs)
+    tolerances = parse_tolerances(a.tolerances, a.epsilon)
+    log(
+        f"constrained DPO on {len(ds)} pairs for {a.max_steps} steps "
+        f"(tolerances {tolerances}, dual lr {a.dual_lr})"
+    )
+    trainer, model, tok, changed, trainable, seconds = _fit(
+        a, ds, tolerances, a.dual_lr, a.max_steps
+    )
+    history, multipliers = trainer.dual_history, dict(trainer.multipliers)
     out = Path(a.output_dir) / "adapter"
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    baseline: dict[str, Any] = {}
+    if getattr(a, "plain_dpo_steps", 0) > 0:
+        log(f"plain DPO baseline on the same pairs for {a.plain_dpo_steps} steps")
+        del trainer, model
+        plain, plain_model, plain_tok, plain_changed, _, plain_s = _fit(
+            a, ds, tolerances, 0.0, a.plain_dpo_steps
+        )
+        plain_out = Path(a.output_dir) / "plain_dpo"
+        plain_model.save_pretrained(plain_out)
+        plain_tok.save_pretrained(plain_out)
+        plain_history = plain.dual_history
+        baseline = {
+            "history": plain_history,
+            "output_dir": str(plain_out),
+            "final_loss": plain_history[-1]["primary"] if plain_history else math.nan,
+            # Its margins per dimension at the last step, beside the constrained ones'.
+            "final_margins": plain_history[-1]["margins"] if plain_history else {},
+            "trainable_tensors_changed": plain_changed,
+            "seconds": round(plain_s, 3),
+        }
     return {
         "history": history,
         "final_loss": history[-1]["primary"] if history else math.nan,
-        "multipliers": dict(trainer.multipliers),
+        "multipliers": multipliers,
         "tolerances": tolerances,
         "pairs": len(ds),
         "pairs_per_dimension": {
@@ -224,9 +261,10 @@ def train(a: argparse.Namespace, log: Any = print) -> dict[str, Any]:
         },
         "seconds": round(seconds, 3),
         "trainable_tensors_changed": changed,
-        "trainable_tensors": len(before),
+        "trainable_tensors": trainable,
         "output_dir": str(out),
-        "device": "cuda" if cuda else "cpu",
+        "plain_dpo": baseline,
+        "device": training_device(),
     }
 
 
@@ -245,6 +283,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--dual-lr", type=float, default=1.0, help="step of the dual ascent; 0 = plain DPO"
     )
+    ap.add_argument(
+        "--plain-dpo-steps",
+        type=int,
+        default=0,
+        help="also train a plain-DPO baseline on the same pairs for this many steps (0 = none)",
+    )
     add_lora_preference_args(ap)
     return ap
 
@@ -255,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser,
         train,
         ("final_loss", "trainable_tensors_changed", "pairs", "device"),
-        ("multipliers", "tolerances", "pairs_per_dimension"),
+        ("multipliers", "tolerances", "pairs_per_dimension", "plain_dpo"),
     )
 
 
