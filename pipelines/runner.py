@@ -60,7 +60,9 @@ DEMO_SCALE: dict[str, dict[str, Any]] = {
     "personaknob_scenario_assets": KNOB_DEMO,
     "personaknob_response_assets": KNOB_DEMO,
     "personaknob_model": {"max_steps": 2, "plain_dpo_steps": 2, "max_length": 256},
-    "personaknob_eval": {"max_new_tokens": 16},
+    # Rated at the same median as verification: at 0.5 the embedded judge rates every
+    # reply 0, and the Rasch fit has nothing to tell the three models apart by.
+    "personaknob_eval": {"max_new_tokens": 16, "threshold": 0.27},
     "personaatlas_persona_assets": ATLAS_DEMO,
     "personaatlas_trajectory_shard_assets": ATLAS_DEMO,
     "personaatlas_model": {

@@ -231,7 +231,7 @@ def train(a: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     baseline: dict[str, Any] = {}
-    if getattr(a, "plain_dpo_steps", 0) > 0:
+    if a.plain_dpo_steps > 0:
         log(f"plain DPO baseline on the same pairs for {a.plain_dpo_steps} steps")
         del trainer, model
         plain, plain_model, plain_tok, plain_changed, _, plain_s = _fit(
