@@ -348,6 +348,16 @@ class ConstrainedDPOConfig(LoraTrainingConfig):
     max_length: int = 384
 
 
+def _margin_series(history: list[dict]) -> dict[str, list[float]]:
+    """Each taught dimension's DPO reward margin per logged step; a dimension absent from a
+    step's batch has no margin that step (NaN)."""
+    return {
+        d: [h["margins"].get(d, float("nan")) for h in history]
+        for d in DIMENSIONS
+        if any(d in h["margins"] for h in history)
+    }
+
+
 @training("personaknob_model", group=GROUP, ins=("personaknob_pairs",))
 def personaknob_model(
     context: AssetExecutionContext,
@@ -368,12 +378,7 @@ def personaknob_model(
     steps = [h["step"] for h in history]
     losses = {"primary": [h["primary"] for h in history]}
     multipliers = {d: [h["multipliers"][d] for h in history] for d in DIMENSIONS}
-    # A dimension absent from a step's batch has no margin that step.
-    margins = {
-        d: [h["margins"].get(d, float("nan")) for h in history]
-        for d in DIMENSIONS
-        if any(d in h["margins"] for h in history)
-    }
+    margins = _margin_series(history)
     plain = reported["plain_dpo"]
     row = {
         "final_loss": float(reported["final_loss"]),
@@ -398,11 +403,7 @@ def personaknob_model(
     if plain.get("history"):
         md["plain_dpo_margin_curve"] = line_plot(
             [h["step"] for h in plain["history"]],
-            {
-                d: [h["margins"].get(d, float("nan")) for h in plain["history"]]
-                for d in DIMENSIONS
-                if any(d in h["margins"] for h in plain["history"])
-            },
+            _margin_series(plain["history"]),
             "plain DPO baseline: reward margin per dimension",
             "step",
         )

@@ -125,14 +125,13 @@ def _effects(turn: dict[str, Any]) -> dict[str, bool]:
     """For each drawn strategy whose effect the text can show, whether it shows: read from
     the clean and noised messages by rules of our own, not by the model that noised them."""
     clean, noised = turn["user_clean"], turn["user_text"]
-    words = set(WORD.findall(noised.lower()))
+    clean_words, words = set(WORD.findall(clean.lower())), set(WORD.findall(noised.lower()))
     out: dict[str, bool] = {}
     for strategy in turn["noise_strategies"]:
         if strategy == "missing_slots":
             # A slot the intent step found in the clean message that lost a content word.
-            present = [w for s in turn["noise_slots"] if (w := _slot_words(s))]
-            present = [w for w in present if w <= set(WORD.findall(clean.lower()))]
-            if present:
+            slots = [w for s in turn["noise_slots"] if (w := _slot_words(s))]
+            if present := [w for w in slots if w <= clean_words]:
                 out[strategy] = any(not w <= words for w in present)
         elif strategy == "vague_values":
             if numbers := set(NUMBER.findall(clean)):

@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             from train.models import apply_adapters, load_causal_lm
             from train.trace_eval import generate
 
-            base, tok = load_causal_lm(a.model)  # a fresh base: adapters merge into weights
+            # A fresh base: PEFT injected the trained adapter's layers into the first one.
+            base, tok = load_causal_lm(a.model)
             baseline = apply_adapters(base, a.baseline_adapter).eval()
             outs[BASELINE] = generate(baseline, tok, prompts, a.max_new_tokens)
         rows = [
