@@ -97,12 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.runner import FAMILIES
     from quality.expectations import write_index
 
-    home = home_dir(args.home)
-    os.environ.setdefault("DAGSTER_HOME", str(home / "dagster"))
-    ensure_instance_yaml()
     families = FAMILIES if args.families == "all" else tuple(args.families.split(","))
     if unknown := sorted(set(families) - set(FAMILIES)):
         ap.error(f"unknown families {unknown} (families: {', '.join(FAMILIES)})")
+    home = home_dir(args.home)
+    os.environ.setdefault("DAGSTER_HOME", str(home / "dagster"))
+    ensure_instance_yaml()
     order = sorted(families, key=lambda f: LONGEST_FIRST.index(f))
     workers = max(1, min(args.workers, len(order)))
     print(
